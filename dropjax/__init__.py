@@ -1,0 +1,10 @@
+"""dropjax: Dropping Pixels for Adversarial Robustness, in JAX/Flax.
+
+Reimplementation of Hosseini, Kannan and Poovendran, "Dropping Pixels for
+Adversarial Robustness" (CVPR Workshops 2019).
+"""
+from dropjax import backend as _backend
+
+_backend.configure_xla_flags()
+
+__version__ = "0.1.0"

@@ -1,0 +1,166 @@
+"""One function to load a dataset from tfds or from a local copy.
+
+``load_dataset(name, source=..., data_dir=...)`` returns a :class:`Dataset` of
+uint8 images ``(N, 32, 32, 3)`` and int32 labels for train / validation / test.
+Scaling to ``[-1, 1]`` happens on the device (:func:`dropjax.data.augment.to_float`).
+
+Sources:
+
+* ``"local"``: standard-format copies under ``data_dir`` (or ``$DROPJAX_DATA_DIR``),
+  see :mod:`dropjax.data.local`.
+* ``"tfds"``: ``tfds.load`` (downloads CIFAR-10; GTSRB via the manual-dir
+  builder in :mod:`dropjax.data.gtsrb_tfds`).
+* ``"auto"`` (default): local when a data dir is given or set, else tfds.
+
+The validation split is held out of the official training set,
+deterministically from ``seed``: random images for CIFAR-10 and whole tracks
+for GTSRB (frames of one track are near-duplicates).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from dropjax.data import local
+from dropjax.data.local import DataError
+
+DATA_DIR_ENV = "DROPJAX_DATA_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  name: str
+  num_classes: int
+  tfds_name: str
+  hflip: bool           # horizontal flips are label-preserving
+  val_size: int         # default number of held-out validation images
+  group_key: str | None = None  # hold out whole groups (tracks) for validation
+
+
+DATASETS = {
+    "cifar10": DatasetSpec("cifar10", 10, "cifar10", hflip=True, val_size=5000),
+    # Flipping traffic signs changes their meaning (keep left / keep right).
+    "gtsrb": DatasetSpec("gtsrb", 43, "gtsrb", hflip=False, val_size=3900,
+                         group_key="train_track"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  x: np.ndarray  # uint8 (N, H, W, C)
+  y: np.ndarray  # int32 (N,)
+
+  def __len__(self):
+    return len(self.y)
+
+  def take(self, n: int | None) -> "Split":
+    return self if n is None else Split(self.x[:n], self.y[:n])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  spec: DatasetSpec
+  train: Split
+  val: Split
+  test: Split
+
+  @property
+  def num_classes(self) -> int:
+    return self.spec.num_classes
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.train.x.shape[1:])
+
+
+def get_spec(name: str) -> DatasetSpec:
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+  return DATASETS[name]
+
+
+def resolve_data_dir(data_dir: str | None) -> str | None:
+  """``data_dir`` if given, else ``$DROPJAX_DATA_DIR``, else None."""
+  return data_dir or os.environ.get(DATA_DIR_ENV) or None
+
+
+def _load_local(spec: DatasetSpec, data_dir: str) -> dict:
+  if not os.path.isdir(data_dir):
+    raise DataError(f"data dir {data_dir} does not exist")
+  if spec.name == "cifar10":
+    return local.load_cifar10(data_dir)
+  return local.load_gtsrb_npz(data_dir, spec.num_classes)
+
+
+def _load_tfds(spec: DatasetSpec, data_dir: str | None) -> dict:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if spec.name == "gtsrb":
+    from dropjax.data import gtsrb_tfds  # noqa: F401  registers the builder
+  out = {}
+  for split in ("train", "test"):
+    ds = tfds.load(spec.tfds_name, split=split, batch_size=-1, data_dir=data_dir)
+    ds = tfds.as_numpy(ds)
+    out[f"x_{split}"] = np.asarray(ds["image"], np.uint8)
+    out[f"y_{split}"] = np.asarray(ds["label"], np.int32)
+    if split == "train" and "track" in ds:
+      out["train_track"] = np.asarray(ds["track"], np.int64)
+  return out
+
+
+def validation_indices(n: int, val_size: int, seed: int,
+                       groups: np.ndarray | None = None) -> np.ndarray:
+  """Indices held out for validation, deterministic in ``seed``.
+
+  With ``groups`` (e.g. GTSRB track ids) whole groups are taken, in a seeded
+  random order, until at least ``val_size`` images are held out.
+  """
+  if not 0 <= val_size < n:
+    raise ValueError(f"val_size must be in [0, {n}), got {val_size}")
+  rng = np.random.default_rng(seed)
+  if val_size == 0:
+    return np.zeros((0,), np.int64)
+  if groups is None:
+    return np.sort(rng.permutation(n)[:val_size])
+  uniq = rng.permutation(np.unique(groups))
+  sizes = np.array([np.sum(groups == g) for g in uniq])
+  take = uniq[:int(np.searchsorted(np.cumsum(sizes), val_size)) + 1]
+  return np.flatnonzero(np.isin(groups, take))
+
+
+def load_dataset(name: str, *, source: str = "auto", data_dir: str | None = None,
+                 val_size: int | None = None, seed: int = 0) -> Dataset:
+  """Loads ``name`` ("cifar10" or "gtsrb") with a held-out validation split.
+
+  Args:
+    name: dataset name.
+    source: "auto", "local" or "tfds".
+    data_dir: local root (``.data``) for "local", tfds data dir for "tfds";
+      defaults to ``$DROPJAX_DATA_DIR`` for "auto"/"local".
+    val_size: validation images (default: the dataset's spec); 0 for none.
+    seed: seed of the validation split.
+
+  Raises:
+    ValueError: unknown dataset or source.
+    DataError: missing or corrupt local data.
+  """
+  spec = get_spec(name)
+  if source not in ("auto", "local", "tfds"):
+    raise ValueError(f"unknown source {source!r}; use auto, local or tfds")
+  local_dir = resolve_data_dir(data_dir)
+  if source == "local" or (source == "auto" and local_dir):
+    if not local_dir:
+      raise DataError(f"--source local needs --data_dir or ${DATA_DIR_ENV}")
+    arrays = _load_local(spec, local_dir)
+  else:
+    arrays = _load_tfds(spec, data_dir)
+  x, y = arrays["x_train"], arrays["y_train"]
+  groups = arrays.get(spec.group_key) if spec.group_key else None
+  val_size = spec.val_size if val_size is None else val_size
+  val_size = min(val_size, len(y) // 2)
+  val_idx = validation_indices(len(y), val_size, seed, groups)
+  keep = np.ones(len(y), bool)
+  keep[val_idx] = False
+  return Dataset(spec=spec, train=Split(x[keep], y[keep]), val=Split(x[val_idx], y[val_idx]),
+                 test=Split(arrays["x_test"], arrays["y_test"]))

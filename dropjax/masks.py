@@ -1,0 +1,121 @@
+"""Pixel dropping: random Bernoulli masks applied to images.
+
+The paper's core operation: sample ``M ~ Bernoulli(1 - r)`` and return
+``M * x``.  Images are float arrays in ``[-1, 1]`` of shape ``(..., H, W, C)``
+(a dropped value becomes 0, the mid-grey of that range).
+
+Two granularities:
+
+* ``per_pixel=False`` (the paper's definition): each of the ``H*W*C`` values is
+  kept independently with probability ``1 - r``.
+* ``per_pixel=True``: all ``C`` channels of a pixel are kept or dropped together.
+
+The drop rate ``r`` is a scalar or an array whose shape is a prefix of the batch
+dimensions of ``x`` (typically ``(B,)``: one rate per example).  All functions
+take the PRNG key first and are pure, so they work under ``jit`` and ``vmap``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def _is_concrete(a) -> bool:
+  return not isinstance(a, jax.core.Tracer)
+
+
+def _check_rate(rate, x_shape) -> None:
+  """Raises ``ValueError`` for a bad drop rate (only for concrete values)."""
+  if not _is_concrete(rate):
+    shape = jnp.shape(rate)
+  else:
+    arr = np.asarray(rate)
+    shape = arr.shape
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+      raise ValueError(f"drop rate must be real numbers, got dtype {arr.dtype}")
+    if np.isnan(arr).any():
+      raise ValueError("drop rate contains NaN")
+    if (arr < 0).any() or (arr > 1).any():
+      raise ValueError(
+          f"drop rate must lie in [0, 1], got min {arr.min()} max {arr.max()}")
+  batch_shape = tuple(x_shape[:-3])
+  if len(shape) > len(batch_shape) or tuple(shape) != batch_shape[:len(shape)]:
+    raise ValueError(
+        f"drop rate shape {tuple(shape)} must be () or a prefix of the batch "
+        f"shape {batch_shape} of images with shape {tuple(x_shape)} "
+        "(..., H, W, C)")
+
+
+def _check_images(x) -> None:
+  if jnp.ndim(x) < 3:
+    raise ValueError(
+        f"images must have shape (..., H, W, C), got shape {jnp.shape(x)}")
+
+
+def _broadcast_rate(rate, ndim: int) -> Array:
+  rate = jnp.asarray(rate, jnp.float32)
+  return rate.reshape(rate.shape + (1,) * (ndim - rate.ndim))
+
+
+def sample_mask(key: Array, shape, rate, *, per_pixel: bool = False,
+                dtype=jnp.float32) -> Array:
+  """Samples a keep-mask ``M ~ Bernoulli(1 - rate)``.
+
+  Args:
+    key: PRNG key.
+    shape: image shape ``(..., H, W, C)``.
+    rate: drop rate in ``[0, 1]``; scalar or prefix of the batch shape.
+    per_pixel: drop all channels of a pixel together.
+    dtype: dtype of the returned mask.
+
+  Returns:
+    Array of ``shape`` and ``dtype`` holding 0 (dropped) and 1 (kept). With
+    ``per_pixel=True`` it is equal across the last (channel) axis.
+  """
+  shape = tuple(shape)
+  if len(shape) < 3:
+    raise ValueError(f"mask shape must be (..., H, W, C), got {shape}")
+  _check_rate(rate, shape)
+  draw_shape = shape[:-1] + (1,) if per_pixel else shape
+  u = jax.random.uniform(key, draw_shape)
+  # u in [0, 1): P(u >= r) = 1 - r; r = 0 keeps all, r = 1 drops all.
+  keep = u >= _broadcast_rate(rate, len(shape))
+  return jnp.broadcast_to(keep, shape).astype(dtype)
+
+
+def drop_pixels(key: Array, x: Array, rate, *, per_pixel: bool = False) -> Array:
+  """Returns ``M * x`` with ``M ~ Bernoulli(1 - rate)`` (see :func:`sample_mask`).
+
+  Args:
+    key: PRNG key.
+    x: images, float, shape ``(..., H, W, C)``, values in ``[-1, 1]``.
+    rate: drop rate, scalar or per-example array (prefix of ``x.shape[:-3]``).
+    per_pixel: drop whole pixels instead of single values.
+
+  Returns:
+    Array with the shape and dtype of ``x``.
+  """
+  _check_images(x)
+  return x * sample_mask(key, jnp.shape(x), rate, per_pixel=per_pixel,
+                         dtype=jnp.result_type(x))
+
+
+def sample_drop_rates(key: Array, num: int, *, low: float = 0.0,
+                      high: float = 1.0) -> Array:
+  """Draws one drop rate per example, ``r ~ U[low, high]``; shape ``(num,)``."""
+  if not 0.0 <= low <= high <= 1.0:
+    raise ValueError(f"need 0 <= low <= high <= 1, got low={low} high={high}")
+  return jax.random.uniform(key, (num,), minval=low, maxval=high)
+
+
+def drop_many(key: Array, x: Array, rate, num_masks: int, *,
+              per_pixel: bool = False) -> Array:
+  """``num_masks`` independently dropped copies of ``x``: shape ``(K, *x.shape)``.
+
+  Equivalent to ``vmap`` of :func:`drop_pixels` over ``jax.random.split(key, K)``.
+  """
+  keys = jax.random.split(key, num_masks)
+  return jax.vmap(lambda k: drop_pixels(k, x, rate, per_pixel=per_pixel))(keys)

@@ -1,0 +1,1 @@
+"""Training: state, the pure train step, device parallelism, checkpoints, loop."""

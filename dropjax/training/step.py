@@ -1,0 +1,136 @@
+"""The pure train step and the evaluation forward pass.
+
+Batches are dicts of host arrays: ``image`` uint8 ``(B, H, W, C)``, ``label``
+int32 ``(B,)`` and ``index`` int32 ``(B,)`` (each example's position in the
+global batch).  Every random draw for example ``i`` at step ``s`` comes from
+``fold_in(fold_in(key, s), index_i)``, so results do not depend on how the
+batch is split over devices, and a run is reproducible from its seed.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dropjax import masks, objectives
+from dropjax.config import TrainConfig
+from dropjax.data import augment
+from dropjax.training.state import TrainState
+
+Array = jax.Array
+
+
+def example_keys(key: Array, step: Array, index: Array) -> Array:
+  """Per-example keys ``fold_in(fold_in(key, step), index)``: shape (B,)."""
+  step_key = jax.random.fold_in(key, step)
+  return jax.vmap(jax.random.fold_in, (None, 0))(step_key, index)
+
+
+def drop_rates(config: TrainConfig, keys: Array) -> Array:
+  """Per-example drop rate (B,) for the run's drop mode."""
+  if config.drop == "random":
+    return jax.vmap(lambda k: jax.random.uniform(k))(keys)
+  rate = config.drop_rate if config.drop == "fixed" else 0.0
+  return jnp.full(keys.shape[:1], rate, jnp.float32)
+
+
+def prepare_inputs(config: TrainConfig, key: Array, step: Array, batch: dict):
+  """Scales, augments and drops pixels of a batch, on device.
+
+  Returns:
+    ``(x, x_dropped, masks_, ex_keys)``: the augmented images ``x`` in [-1, 1]
+    ``(B, H, W, C)`` float32, the model's input ``x_dropped = M * x`` (equal to
+    ``x`` with ``drop="none"``), the masks ``M`` and per-example keys for
+    further sampling.
+  """
+  ex_keys = example_keys(key, step, batch["index"])
+  k_aug, k_rate, k_mask, k_extra = (jax.vmap(lambda k: jax.random.split(k, 4))(ex_keys)
+                                    .transpose(1, 0, *range(2, ex_keys.ndim + 1)))
+  x = augment.to_float(batch["image"])
+  x = augment.augment_batch(k_aug, x, crop_pad=config.crop_pad, hflip=config.use_hflip)
+  if config.drop == "none":
+    return x, x, jnp.ones_like(x), k_extra
+  rates = drop_rates(config, k_rate)
+  m = jax.vmap(lambda k, r: masks.sample_mask(k, x.shape[1:], r, per_pixel=config.per_pixel))(
+      k_mask, rates)
+  return x, x * m, m, k_extra
+
+
+def per_example_loss(config: TrainConfig, apply_logits: Callable, x: Array,
+                     x_dropped: Array, m: Array, keys: Array, labels: Array):
+  """Per-example objective (B,) and the logits of the dropped images.
+
+  ``apply_logits(images) -> logits`` runs the model in training mode on one
+  batch; auxiliary inputs are concatenated into that single batch so that
+  batch norm sees them together.
+  """
+  if config.objective == "standard":
+    logits = apply_logits(x_dropped)
+    return objectives.cross_entropy(logits, labels), logits
+  if config.objective == "uniform_original":
+    aux_in = x
+  else:  # uniform_noisy
+    noisy = jax.vmap(lambda k, xi: objectives.noisy_images(k, xi, config.aux_eps))(keys, x)
+    aux_in = noisy * m
+  b = x.shape[0]
+  both = apply_logits(jnp.concatenate([x_dropped, aux_in]))
+  logits, aux_logits = both[:b], both[b:]
+  loss = (objectives.cross_entropy(logits, labels)
+          + config.aux_weight * objectives.uniform_cross_entropy(aux_logits))
+  return loss, logits
+
+
+def make_train_step(config: TrainConfig, model, tx, axis_name: str | None = None):
+  """Returns the pure ``train_step(state, batch, key) -> (state, metrics)``.
+
+  With ``axis_name`` (pmap) gradients, batch-norm statistics (through the
+  model's ``bn_axis_name``) and metrics are averaged over that axis.
+  """
+
+  def train_step(state: TrainState, batch: dict, key: Array):
+    x, x_dropped, m, keys = prepare_inputs(config, key, state.step, batch)
+
+    def loss_fn(params):
+      new_stats = {}
+
+      def apply_logits(images):
+        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                      images, train=True, mutable=["batch_stats"])
+        new_stats["batch_stats"] = updates["batch_stats"]
+        return logits
+
+      losses, logits = per_example_loss(config, apply_logits, x, x_dropped, m, keys,
+                                        batch["label"])
+      return jnp.mean(losses), (logits, new_stats["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "input_zero_fraction": jnp.mean(x_dropped == 0),
+    }
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+      metrics = jax.lax.pmean(metrics, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_logits_fn(model) -> Callable:
+  """``logits_fn(variables, x) -> logits``: inference-mode forward pass.
+
+  ``variables`` = ``{"params", "batch_stats"}``; ``x`` float ``(B, H, W, C)`` in
+  [-1, 1]; logits float32 ``(B, num_classes)``.  Attacks and the defense use
+  this signature.
+  """
+
+  def logits_fn(variables, x):
+    return model.apply(variables, x, train=False)
+
+  return logits_fn
