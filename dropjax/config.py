@@ -35,8 +35,8 @@ class TrainConfig:
                             "or tfds data dir; default $DROPJAX_DATA_DIR")
   val_size: int | None = _f(None, "images held out for validation (GTSRB: whole "
                             "tracks); default 5000 for CIFAR-10, 3900 for GTSRB")
-  train_examples: int | None = _f(None, "use only the first N training images "
-                                  "(quick runs); default all")
+  train_examples: int | None = _f(None, "train on a seeded random subset of N "
+                                  "training images (quick runs); default all")
   # Model.
   depth: int = _f(20, "ResNet depth 6n+2: 20, 56, 110, ...")
   width: int = _f(16, "filters of the first stage (He et al.: 16)")

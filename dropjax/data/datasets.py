@@ -56,7 +56,18 @@ class Split:
     return len(self.y)
 
   def take(self, n: int | None) -> "Split":
+    """The first ``n`` examples (all if None)."""
     return self if n is None else Split(self.x[:n], self.y[:n])
+
+  def subset(self, n: int | None, seed: int) -> "Split":
+    """``n`` examples drawn at random (seeded), in their original order.
+
+    Splits may be sorted by class (GTSRB is), so a prefix is no sample.
+    """
+    if n is None or n >= len(self):
+      return self
+    idx = np.sort(np.random.default_rng([seed, n]).permutation(len(self))[:n])
+    return Split(self.x[idx], self.y[idx])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +111,15 @@ def _load_tfds(spec: DatasetSpec, data_dir: str | None) -> dict:
     from dropjax.data import gtsrb_tfds  # noqa: F401  registers the builder
   out = {}
   for split in ("train", "test"):
-    ds = tfds.load(spec.tfds_name, split=split, batch_size=-1, data_dir=data_dir)
-    ds = tfds.as_numpy(ds)
-    out[f"x_{split}"] = np.asarray(ds["image"], np.uint8)
-    out[f"y_{split}"] = np.asarray(ds["label"], np.int32)
-    if split == "train" and "track" in ds:
-      out["train_track"] = np.asarray(ds["track"], np.int64)
+    # Batched iteration (batch_size=-1 aborts in some TF builds).
+    ds = tfds.load(spec.tfds_name, split=split, data_dir=data_dir).batch(4096)
+    parts = list(tfds.as_numpy(ds))
+    if not parts:
+      raise DataError(f"tfds dataset {spec.tfds_name!r} split {split!r} is empty")
+    out[f"x_{split}"] = np.concatenate([p["image"] for p in parts]).astype(np.uint8)
+    out[f"y_{split}"] = np.concatenate([p["label"] for p in parts]).astype(np.int32)
+    if split == "train" and "track" in parts[0]:
+      out["train_track"] = np.concatenate([p["track"] for p in parts]).astype(np.int64)
   return out
 
 

@@ -15,6 +15,7 @@ Features: ``image`` (32, 32, 3) uint8, ``label`` (43 classes), ``track``
 """
 from __future__ import annotations
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from dropjax.data import gtsrb_official
@@ -38,7 +39,7 @@ class Gtsrb(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(size, size, 3)),
             "label": tfds.features.ClassLabel(num_classes=gtsrb_official.NUM_CLASSES),
-            "track": tfds.features.Scalar(dtype="int64"),
+            "track": tfds.features.Scalar(dtype=np.int64),
         }),
         supervised_keys=("image", "label"),
         homepage="https://benchmark.ini.rub.de/gtsrb_news.html",

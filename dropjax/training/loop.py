@@ -83,7 +83,7 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
     ckpt_lib.check_compatible(ckpt_lib.load_config(workdir), config, workdir)
   data = load_dataset(config.dataset, source=config.source, data_dir=config.data_dir,
                       val_size=config.val_size, seed=config.seed)
-  train_split = data.train.take(config.train_examples)
+  train_split = data.train.subset(config.train_examples, config.seed)
   spe = steps_per_epoch(len(train_split), config.batch_size)
   skipped = len(train_split) - spe * config.batch_size
   if skipped:
