@@ -23,3 +23,39 @@ def real_data_dir():
 
 def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.devices()}"
+
+
+def write_tiny_gtsrb(root, n_train=96, n_test=40, num_labels=4, seed=0):
+  """A tiny learnable GTSRB-format npz: class = which quadrant is bright."""
+  import numpy as np
+  rng = np.random.RandomState(seed)
+
+  def make(n):
+    y = rng.randint(0, num_labels, n)
+    x = rng.randint(0, 60, (n, 32, 32, 3))
+    for i, c in enumerate(y):
+      r, q = divmod(int(c), 2)
+      x[i, r * 16:(r + 1) * 16, q * 16:(q + 1) * 16] += 180
+    return x.astype(np.uint8), y.astype(np.uint8)
+
+  x_train, y_train = make(n_train)
+  x_test, y_test = make(n_test)
+  os.makedirs(os.path.join(root, "gtsrb"), exist_ok=True)
+  np.savez(os.path.join(root, "gtsrb", "gtsrb32.npz"), x_train=x_train, y_train=y_train,
+           x_test=x_test, y_test=y_test,
+           train_track=np.repeat(np.arange(n_train // 8), 8).astype(np.int16))
+  return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+  return write_tiny_gtsrb(tmp_path_factory.mktemp("data"))
+
+
+def tiny_config(data_dir, **kw):
+  from dropjax.config import TrainConfig
+  base = dict(dataset="gtsrb", source="local", data_dir=data_dir, val_size=16, depth=8,
+              width=4, epochs=2, batch_size=16, lr=0.05, log_every=2,
+              eval_batch_size=32, drop="fixed", drop_rate=0.5)
+  base.update(kw)
+  return TrainConfig(**base).validate()

@@ -78,7 +78,8 @@ class PmapRunner:
                           donate_argnums=0)
 
   def put_state(self, state):
-    return jax.device_put_replicated(state, self.devices)
+    n = len(self.devices)
+    return jax.tree.map(lambda a: np.broadcast_to(np.asarray(a), (n, *np.shape(a))), state)
 
   def put_batch(self, local_batch: dict):
     n = len(self.devices)

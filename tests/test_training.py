@@ -1,0 +1,284 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from dropjax.config import from_preset, PRESETS, TrainConfig
+from dropjax.training import checkpoint as ckpt_lib
+from dropjax.training import loop, parallel, state as state_lib, step as step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tree_equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def make_step(config, axis_name=None, num_classes=4, image_shape=(8, 8, 3)):
+  model = state_lib.make_model(config, num_classes, bn_axis_name=axis_name)
+  tx = state_lib.make_optimizer(config, steps_per_epoch=10)
+  state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, image_shape)
+  return state, step_lib.make_train_step(config, model, tx, axis_name=axis_name)
+
+
+def fixed_batch(n=16, hw=8, seed=0):
+  rng = np.random.RandomState(seed)
+  return {"image": rng.randint(0, 256, (n, hw, hw, 3)).astype(np.uint8),
+          "label": rng.randint(0, 4, n).astype(np.int32),
+          "index": np.arange(n, dtype=np.int32)}
+
+
+def test_loss_decreases_on_fixed_batch():
+  cfg = TrainConfig(depth=8, width=8, drop="none", crop_pad=0, hflip=False, lr=0.05)
+  state, step = make_step(cfg)
+  step = jax.jit(step)
+  batch, key = fixed_batch(), jax.random.PRNGKey(1)
+  losses = []
+  for _ in range(15):
+    state, m = step(state, batch, key)
+    losses.append(float(m["loss"]))
+  assert losses[-1] < 0.5 * losses[0]
+  assert int(state.step) == 15
+
+
+@pytest.mark.parametrize("mode,rate", [("none", 0.0), ("fixed", 0.9), ("fixed", 0.3),
+                                       ("random", 0.5)])
+def test_drop_modes_change_what_the_model_sees(mode, rate):
+  cfg = TrainConfig(drop=mode, drop_rate=rate if mode == "fixed" else 0.9, crop_pad=0)
+  batch = fixed_batch(n=512, hw=8)
+  x, xd, m, _ = step_lib.prepare_inputs(cfg, jax.random.PRNGKey(0), jnp.int32(3), batch)
+  zero_frac = float(jnp.mean(xd == 0))
+  # random: mean of 512 U[0,1] rates, sd 0.013
+  assert abs(zero_frac - rate) < (0.05 if mode == "random" else 0.01)
+  np.testing.assert_array_equal(xd, x * m)
+  if mode == "random":  # per-image rates spread over [0, 1]
+    per_image = np.asarray(jnp.mean(xd == 0, axis=(1, 2, 3)))
+    assert per_image.min() < 0.2 and per_image.max() > 0.8
+
+
+def test_masks_fresh_every_step_and_independent_of_device_split():
+  cfg = TrainConfig(drop="fixed", drop_rate=0.5)
+  batch = fixed_batch()
+  key = jax.random.PRNGKey(0)
+  _, a, _, _ = step_lib.prepare_inputs(cfg, key, jnp.int32(0), batch)
+  _, b, _, _ = step_lib.prepare_inputs(cfg, key, jnp.int32(1), batch)
+  assert not np.array_equal(a, b)
+  half = {k: v[8:] for k, v in batch.items()}  # same example indices -> same draws
+  _, c, _, _ = step_lib.prepare_inputs(cfg, key, jnp.int32(0), half)
+  np.testing.assert_array_equal(a[8:], c)
+
+
+def test_jit_mesh_and_pmap_give_the_same_result():
+  assert jax.device_count() == 2
+  cfg = TrainConfig(depth=8, width=4, drop="fixed", drop_rate=0.5, lr=0.05)
+  state, step = make_step(cfg)
+  _, pstep = make_step(cfg, axis_name=parallel.PMAP_AXIS)
+  jr = parallel.JitRunner(step, 16)
+  pr = parallel.PmapRunner(pstep, 16)
+  sj, sp = jr.put_state(state), pr.put_state(state)
+  key = jax.random.PRNGKey(3)
+  for i in range(3):
+    batch = fixed_batch(seed=i)
+    sj, mj = jr.step(sj, jr.put_batch(batch), key)
+    sp, mp = pr.step(sp, pr.put_batch(batch), key)
+    np.testing.assert_allclose(mj["loss"], mp["loss"], rtol=1e-5)
+  hj, hp = jr.host_state(sj), pr.host_state(sp)
+  for a, b in zip(jax.tree.leaves(hj), jax.tree.leaves(hp)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+  # The batch really is sharded over both devices.
+  arr = jr.put_batch(fixed_batch())["image"]
+  assert len({s.device for s in arr.addressable_shards}) == 2
+
+
+def test_no_recompilation_between_steps():
+  cfg = TrainConfig(depth=8, width=4, drop="random")
+  state, step = make_step(cfg)
+  traces = []
+
+  def counted(*a):
+    traces.append(1)
+    return step(*a)
+
+  runner = parallel.JitRunner(counted, 16)
+  s = runner.put_state(state)
+  for i in range(4):
+    s, _ = runner.step(s, runner.put_batch(fixed_batch(seed=i)), jax.random.PRNGKey(0))
+  assert len(traces) == 1
+
+
+def test_batch_not_divisible_by_devices_is_an_error():
+  cfg = TrainConfig(depth=8, width=4)
+  _, step = make_step(cfg)
+  with pytest.raises(ValueError, match="not divisible by the 2 devices"):
+    parallel.JitRunner(step, 15)
+  with pytest.raises(ValueError, match="not divisible"):
+    parallel.PmapRunner(step, 15)
+
+
+def test_dataset_smaller_than_a_batch_is_an_error(tiny_data_dir, tmp_path):
+  cfg = tiny_config(tiny_data_dir, batch_size=128)
+  with pytest.raises(ValueError, match="fewer than one batch"):
+    loop.train(cfg, str(tmp_path / "w"), progress=False)
+
+
+def test_exact_resume_and_determinism(tiny_data_dir, tmp_path):
+  cfg = tiny_config(tiny_data_dir, drop="random", checkpoint_every=3)
+  straight = loop.train(cfg, str(tmp_path / "a"), progress=False)
+  assert straight["finished"] and straight["step"] == 10  # 80 train / 16 x 2 epochs
+  # Kill after 5 steps (last checkpoint at step 3; steps 4-5 are lost work).
+  part = loop.train(cfg, str(tmp_path / "b"), stop_after_steps=5, progress=False)
+  assert not part["finished"]
+  resumed = loop.train(cfg, str(tmp_path / "b"), progress=False)
+  assert resumed["finished"]
+  assert tree_equal(straight["state"], resumed["state"])  # bit-identical
+  again = loop.train(cfg, str(tmp_path / "c"), progress=False)
+  assert tree_equal(straight["state"], again["state"])
+  other = loop.train(cfg.replace(seed=1), str(tmp_path / "d"), progress=False)
+  assert not tree_equal(straight["state"].params, other["state"].params)
+  # Metric rows of the resumed run: no duplicates, same steps as straight.
+  def steps(d):
+    rows = [json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")]
+    return [r["step"] for r in rows if r["kind"] == "train"]
+  assert steps("b") == steps("a")
+  final = json.load(open(tmp_path / "a" / "final_eval.json"))
+  assert {"test_accuracy_clean", "test_accuracy_dropped"} <= set(final)
+  assert json.load(open(tmp_path / "a" / "config.json"))["drop"] == "random"
+  assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["10", "6", "9"]
+
+
+def test_epoch_resume_exact(tiny_data_dir, tmp_path):
+  cfg = tiny_config(tiny_data_dir, epochs=2)
+  straight = loop.train(cfg, str(tmp_path / "a"), progress=False)
+  loop.train(cfg, str(tmp_path / "b"), stop_after_steps=5, progress=False)  # 1 epoch
+  resumed = loop.train(cfg, str(tmp_path / "b"), progress=False)
+  assert tree_equal(straight["state"], resumed["state"])
+
+
+def test_pmap_training_loop_matches_jit(tiny_data_dir, tmp_path):
+  cfg = tiny_config(tiny_data_dir, epochs=1)
+  a = loop.train(cfg, str(tmp_path / "a"), progress=False)
+  b = loop.train(cfg.replace(parallel="pmap"), str(tmp_path / "b"), progress=False)
+  for x, y in zip(jax.tree.leaves(a["state"].params), jax.tree.leaves(b["state"].params)):
+    np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)
+
+
+def test_corrupt_checkpoint_clear_error_and_untouched(tiny_data_dir, tmp_path):
+  cfg = tiny_config(tiny_data_dir, epochs=1)
+  wd = tmp_path / "w"
+  loop.train(cfg, str(wd), progress=False)
+  step_dir = wd / "checkpoints" / "5"
+  damaged = []
+  for root, _, files in os.walk(step_dir):
+    for f in files:
+      p = os.path.join(root, f)
+      if os.path.getsize(p) > 0:
+        with open(p, "wb") as fh:
+          fh.write(b"garbage")
+        damaged.append(p)
+  before = sorted(os.listdir(step_dir))
+  with pytest.raises(ckpt_lib.CheckpointError, match=str(step_dir)):
+    loop.train(cfg.replace(epochs=2), str(wd), progress=False)
+  assert sorted(os.listdir(step_dir)) == before
+  assert open(damaged[0], "rb").read() == b"garbage"
+
+
+def test_incompatible_workdir_and_missing_config(tiny_data_dir, tmp_path):
+  cfg = tiny_config(tiny_data_dir, epochs=1)
+  loop.train(cfg, str(tmp_path / "w"), stop_after_steps=1, progress=False)
+  with pytest.raises(ckpt_lib.CheckpointError, match="different model"):
+    loop.train(cfg.replace(depth=14), str(tmp_path / "w"), progress=False)
+  with pytest.raises(ckpt_lib.CheckpointError, match="does not exist"):
+    ckpt_lib.load_config(str(tmp_path / "nope"))
+
+
+def test_presets_are_the_papers_runs():
+  assert {"cifar10-resnet20-normal", "cifar10-resnet56-fixed", "cifar10-resnet110-random",
+          "gtsrb-resnet20-fixed"} <= set(PRESETS)
+  c = from_preset("cifar10-resnet110-fixed")
+  assert (c.depth, c.drop, c.drop_rate, c.batch_size, c.momentum) == (110, "fixed", 0.9, 128, 0.9)
+  assert from_preset("gtsrb-resnet20-random").use_hflip is False
+  assert from_preset("cifar10-resnet20-normal", lr=0.2).lr == 0.2
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(drop="sometimes"), "drop must be"),
+                                    (dict(drop_rate=1.5), "drop_rate"),
+                                    (dict(depth=21), "6n\\+2"),
+                                    (dict(dataset="mnist"), "unknown dataset"),
+                                    (dict(parallel="xmap"), "parallel must be"),
+                                    (dict(objective="uniform_noisy"), "need pixel dropping")])
+def test_bad_config_raises(kw, msg):
+  with pytest.raises(ValueError, match=msg):
+    TrainConfig(**kw).validate()
+
+
+def run_train(*args, env=None, timeout=600):
+  e = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+  return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], env=e,
+                        capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_train_help_documents_every_flag():
+  out = run_train("--help")
+  assert out.returncode == 0
+  import dataclasses
+  for f in dataclasses.fields(TrainConfig):
+    assert f"--{f.name}" in out.stdout
+  assert "--preset" in out.stdout and "--workdir" in out.stdout
+
+
+def test_train_cli_bad_flags_clear_errors(tmp_path):
+  out = run_train("--workdir", str(tmp_path), "--dataset", "mnist")
+  assert out.returncode == 2 and "unknown dataset 'mnist'" in out.stderr
+  out = run_train("--workdir", str(tmp_path), "--dataset", "gtsrb", "--source", "local",
+                  "--data_dir", str(tmp_path / "missing"))
+  assert out.returncode == 2 and "does not exist" in out.stderr
+  out = run_train("--workdir", str(tmp_path), "--drop_rate", "abc")
+  assert out.returncode == 2 and "invalid float" in out.stderr
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_multi_host_two_processes_match_single_process(tiny_data_dir, tmp_path):
+  """Two CPU processes (gloo collectives) form one 2-device mesh and train the
+  same model as one process with 2 devices."""
+  common = ["--dataset", "gtsrb", "--source", "local", "--data_dir", tiny_data_dir,
+            "--val_size", "16", "--depth", "8", "--width", "4", "--epochs", "1",
+            "--batch_size", "16", "--drop", "fixed", "--drop_rate", "0.5",
+            "--no_progress"]
+  port = free_port()
+  one_dev = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "train.py"), "--workdir", str(tmp_path / "mh"),
+       *common, "--distributed", "--coordinator_address", f"127.0.0.1:{port}",
+       "--num_processes", "2", "--process_id", str(i)],
+      env={**os.environ, "JAX_PLATFORMS": "cpu", **one_dev}, cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (o, e) in zip(procs, outs):
+    assert p.returncode == 0, e[-3000:]
+  two_dev = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  single = run_train("--workdir", str(tmp_path / "sh"), *common, env=two_dev)
+  assert single.returncode == 0, single.stderr[-3000:]
+  a = json.load(open(tmp_path / "mh" / "final_eval.json"))
+  b = json.load(open(tmp_path / "sh" / "final_eval.json"))
+  assert a["step"] == b["step"] == 5
+  assert abs(a["test_accuracy_clean"] - b["test_accuracy_clean"]) <= 0.05
+  cfg = ckpt_lib.load_config(str(tmp_path / "mh"))
+  model = state_lib.make_model(cfg, 43)
+  tx = state_lib.make_optimizer(cfg, 5)
+  template = state_lib.create_state(jax.random.PRNGKey(0), model, tx, (32, 32, 3))
+  sa = ckpt_lib.Checkpointer(str(tmp_path / "mh")).restore(template)
+  sb = ckpt_lib.Checkpointer(str(tmp_path / "sh")).restore(template)
+  for x, y in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)
