@@ -9,6 +9,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import dropjax  # noqa: E402,F401  (applies the CPU XLA defaults)
 import jax  # noqa: E402
 import pytest  # noqa: E402
+import tempfile  # noqa: E402
+
+# Identical programs compiled by several tests (each training run builds its
+# own step) are compiled once: a persistent cache private to this test session.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="dropjax-jit-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 REAL_DATA_DIR = os.environ.get("DROPJAX_DATA_DIR")
 

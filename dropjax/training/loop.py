@@ -53,18 +53,23 @@ def local_batch(images, labels, config: TrainConfig, step: int, spe: int) -> dic
           "index": np.arange(lo, lo + lb, dtype=np.int32)}
 
 
-def evaluate_split(config, logits_fn, variables, split, key) -> dict:
-  """Clean accuracy and accuracy at the run's drop rate (single mask)."""
-  variables = jax.device_put(variables, jax.local_devices()[0])
+def make_evaluator(config: TrainConfig, logits_fn):
+  """``evaluate(variables, split, key) -> dict``: clean accuracy and accuracy at
+  the run's drop rate (single mask).  Compiled once per run."""
   clean = inference.make_predict(logits_fn)
-  out = {"accuracy_clean": inference.accuracy(clean, variables, split.x, split.y,
-                                               config.eval_batch_size, key)}
-  if config.drop != "none":
-    dropped = inference.make_predict(logits_fn, drop=config.drop, drop_rate=config.drop_rate,
-                                     per_pixel=config.per_pixel)
-    out["accuracy_dropped"] = inference.accuracy(dropped, variables, split.x, split.y,
-                                                 config.eval_batch_size, key)
-  return out
+  dropped = None if config.drop == "none" else inference.make_predict(
+      logits_fn, drop=config.drop, drop_rate=config.drop_rate, per_pixel=config.per_pixel)
+
+  def evaluate(variables, split, key) -> dict:
+    variables = jax.device_put(variables, jax.local_devices()[0])
+    out = {"accuracy_clean": inference.accuracy(clean, variables, split.x, split.y,
+                                                 config.eval_batch_size, key)}
+    if dropped is not None:
+      out["accuracy_dropped"] = inference.accuracy(dropped, variables, split.x, split.y,
+                                                   config.eval_batch_size, key)
+    return out
+
+  return evaluate
 
 
 def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = None,
@@ -96,7 +101,7 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
   bn_axis = parallel.PMAP_AXIS if config.parallel == "pmap" else None
   model = state_lib.make_model(config, data.num_classes, bn_axis_name=bn_axis)
   eval_model = state_lib.make_model(config, data.num_classes)
-  logits_fn = step_lib.make_logits_fn(eval_model)
+  evaluate = make_evaluator(config, step_lib.make_logits_fn(eval_model))
   tx = state_lib.make_optimizer(config, spe)
   host_state = state_lib.create_state(jax.random.fold_in(root, INIT_STREAM), model, tx,
                                       data.image_shape)
@@ -139,8 +144,7 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
       ckpt.save(done, runner.checkpoint_state(dstate))
     if (epoch_end and len(data.val) and config.eval_every_epochs
         and (done // spe) % config.eval_every_epochs == 0):
-      val = evaluate_split(config, logits_fn, runner.host_state(dstate).variables, data.val,
-                           eval_key)
+      val = evaluate(runner.host_state(dstate).variables, data.val, eval_key)
       writer.write({"kind": "val", "step": done, "epoch": done // spe, **val})
       bar.write(f"epoch {done // spe}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
     bar.update(1)
@@ -150,7 +154,7 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
   result = {"step": int(final_state.step), "total_steps": total_steps,
             "finished": int(final_state.step) == total_steps}
   if result["finished"]:
-    test = evaluate_split(config, logits_fn, final_state.variables, data.test, eval_key)
+    test = evaluate(final_state.variables, data.test, eval_key)
     result.update({f"test_{k}": v for k, v in test.items()})
     result["test_examples"] = len(data.test)
     if jax.process_index() == 0:

@@ -53,7 +53,13 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
 
 def create_state(key: jax.Array, model, tx: optax.GradientTransformation,
                  image_shape: tuple[int, int, int]) -> TrainState:
-  variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-  params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables["batch_stats"], opt_state=tx.init(params))
+  """Initial state (one compiled program, not op-by-op dispatch)."""
+
+  @jax.jit
+  def init(key):
+    variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(params))
+
+  return jax.device_get(init(key))
