@@ -1,0 +1,223 @@
+"""PGD with Expectation over Transformation (EOT) over pixel-drop masks.
+
+``make_pgd(logits_fn, config)`` returns a pure
+``attack(key, variables, x, y) -> x_adv``; the whole attack (random start and
+``num_steps`` steps) is one ``lax.fori_loop``, meant to be ``jax.jit``-ed once
+by its caller.  ``logits_fn(variables, x) -> logits`` is the model in
+inference mode (:func:`dropjax.training.step.make_logits_fn`).
+
+Units.  Images live in ``[-1, 1]``.  ``AttackConfig.eps`` and ``step_size``
+for L-inf and L2 are given on the paper's **[0, 1] pixel scale** and doubled
+internally (an L-inf budget of 16/255 moves each value by at most 32/255 in
+[-1, 1] units, the same change of the underlying 8-bit image).  For L0,
+``eps`` is the budget as a count (pixels by default, see
+:mod:`dropjax.attacks.norms`); ``l0_fraction`` gives it as a fraction of ``D``
+(``D = H*W`` for pixels, ``H*W*C`` for values), e.g. the paper's 0.03·D.
+
+EOT (the paper's estimator): at every step the gradient is the mean over
+``eot_samples`` fresh masks ``M_k`` of ``∇_x ℓ(f(x∘M_k), y)``, which by the
+chain rule equals ``∇ℓ(x∘M_k)∘M_k``.  It is written as ``vmap`` of ``grad``
+over ``K`` split keys, then a mean.  ``eot_samples = 0`` or ``drop_rate = 0``
+attacks the undefended model with plain PGD.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from dropjax import backend, masks
+from dropjax.attacks import losses, norms
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+  """One PGD attack.  See the module docstring for units."""
+  norm: str = "linf"
+  eps: float = 16 / 255
+  step_size: float = 2 / 255
+  num_steps: int = 20
+  loss: str = "ce"                # "ce" or "cw"
+  targeted: bool = False
+  random_start: bool = True
+  eot_samples: int = 10           # K masks per step; 0 = no EOT
+  drop_rate: float = 0.0          # r of the defended model's masks (or "random" via rate_random)
+  rate_random: bool = False       # masks with r ~ U[0, 1] (random-rate models)
+  per_pixel: bool = False
+  l0_unit: str = "pixel"          # what an L0 budget counts
+  l0_fraction: float | None = None  # budget as a fraction of D (overrides eps for L0)
+
+  def validate(self) -> "AttackConfig":
+    if self.norm not in norms.NORMS:
+      raise ValueError(f"unknown norm {self.norm!r}; choose one of {norms.NORMS}")
+    if not self.eps >= 0:
+      raise ValueError(f"eps must be >= 0, got {self.eps}")
+    if not self.step_size >= 0:
+      raise ValueError(f"step_size must be >= 0, got {self.step_size}")
+    if int(self.num_steps) != self.num_steps or self.num_steps < 1:
+      raise ValueError(f"num_steps must be an integer >= 1, got {self.num_steps}")
+    if self.loss not in losses.LOSSES:
+      raise ValueError(f"unknown attack loss {self.loss!r}; choose one of {losses.LOSSES}")
+    if self.eot_samples < 0:
+      raise ValueError(f"eot_samples must be >= 0, got {self.eot_samples}")
+    if not 0.0 <= self.drop_rate <= 1.0:
+      raise ValueError(f"drop_rate must be in [0, 1], got {self.drop_rate}")
+    if self.l0_unit not in norms.L0_UNITS:
+      raise ValueError(f"l0_unit must be one of {norms.L0_UNITS}, got {self.l0_unit!r}")
+    if self.l0_fraction is not None and not 0 <= self.l0_fraction <= 1:
+      raise ValueError(f"l0_fraction must be in [0, 1], got {self.l0_fraction}")
+    return self
+
+  @property
+  def uses_eot(self) -> bool:
+    return self.eot_samples > 0 and (self.drop_rate > 0 or self.rate_random)
+
+  def l0_budget(self, image_shape: Sequence[int]) -> int:
+    """The L0 budget as a count for images of shape (H, W, C)."""
+    h, w, c = image_shape[-3:]
+    if self.l0_fraction is None:
+      return int(self.eps)
+    d = h * w if self.l0_unit == "pixel" else h * w * c
+    return int(self.l0_fraction * d)
+
+  def replace(self, **kw) -> "AttackConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def eot_gradient(key: Array, objective: Callable[[Array], Array], x: Array, rate,
+                 num_masks: int, *, per_pixel: bool = False, rate_random: bool = False) -> Array:
+  """Mean over ``num_masks`` keyed masks of ``∇_x sum(objective(x∘M_k))``.
+
+  Args:
+    key: PRNG key; mask ``k`` uses ``split(key, num_masks)[k]``.
+    objective: images (B, H, W, C) -> per-example values (B,).
+    x: images (B, H, W, C).
+    rate: drop rate (scalar); ignored with ``rate_random`` (r ~ U[0,1] per
+      example and mask).
+    num_masks: K >= 1.
+
+  Returns:
+    Gradient with the shape of ``x``.  Per-example objectives make the gradient
+    of example ``i`` independent of the rest of the batch.
+  """
+
+  def one(k):
+    if rate_random:
+      k_rate, k = jax.random.split(k)
+      r = jax.random.uniform(k_rate, (x.shape[0],))
+    else:
+      r = rate
+    return jax.grad(lambda xx: jnp.sum(objective(masks.drop_pixels(k, xx, r,
+                                                                   per_pixel=per_pixel))))(x)
+
+  return jnp.mean(jax.vmap(one)(jax.random.split(key, num_masks)), axis=0)
+
+
+def random_targets(key: Array, labels: Array, num_classes: int) -> Array:
+  """A uniformly random class different from ``labels`` for every example."""
+  shift = jax.random.randint(key, labels.shape, 1, num_classes)
+  return (labels + shift) % num_classes
+
+
+def make_pgd(logits_fn: Callable, config: AttackConfig) -> Callable:
+  """Builds ``attack(key, variables, x, y, target=None) -> x_adv``.
+
+  Args:
+    logits_fn: ``(variables, x) -> logits (B, C)``.
+    config: the attack.
+
+  The returned function takes ``x`` float (B, H, W, C) in [-1, 1] and ``y``
+  int (B,).  For targeted attacks ``target`` (B,) is the class to reach; when
+  omitted a random wrong class is drawn from ``key``.  Returns ``x_adv`` with
+  the shape and dtype of ``x``, in [-1, 1] and within the budget.
+  """
+  config.validate()
+  objective_fn = losses.attack_objective(config.loss, config.targeted)
+  scale = 1.0 if config.norm == "l0" else 2.0  # [0,1] scale -> [-1,1] units
+  eps, step = scale * config.eps, scale * config.step_size
+  num_steps = int(config.num_steps)
+  unroll = backend.loop_unroll(num_steps)
+
+  def attack(key: Array, variables, x: Array, y: Array, target: Array | None = None) -> Array:
+    chex.assert_rank(x, 4)
+    chex.assert_rank(y, 1)
+    if y.shape[0] != x.shape[0]:
+      raise ValueError(f"labels shape {y.shape} does not match batch of images {x.shape}")
+    if target is not None and target.shape != y.shape:
+      raise ValueError(f"target shape {target.shape} does not match labels {y.shape}")
+    k_target, k_start, k_steps = jax.random.split(key, 3)
+    if config.targeted:
+      if target is None:
+        num_classes = jax.eval_shape(logits_fn, variables, x).shape[-1]
+        target = random_targets(k_target, y, num_classes)
+      labels = target
+    else:
+      labels = y
+    x0 = x.astype(jnp.float32)
+    l0_k = config.l0_budget(x.shape)
+
+    def objective(xx):
+      return objective_fn(logits_fn(variables, xx), labels)
+
+    def project(xx):
+      if config.norm == "linf":
+        return norms.linf_project(xx, x0, eps)
+      if config.norm == "l2":
+        return norms.l2_project(xx, x0, eps)
+      return norms.l0_project(xx, x0, l0_k, config.l0_unit)
+
+    def gradient(k, xx):
+      if config.uses_eot:
+        return eot_gradient(k, objective, xx, config.drop_rate, config.eot_samples,
+                            per_pixel=config.per_pixel, rate_random=config.rate_random)
+      return jax.grad(lambda v: jnp.sum(objective(v)))(xx)
+
+    def body(i, xx):
+      g = gradient(jax.random.fold_in(k_steps, i), xx)
+      if config.norm == "linf":
+        xx = norms.linf_step(xx, g, step)
+      elif config.norm == "l2":
+        xx = norms.l2_step(xx, g, step)
+      else:
+        xx = norms.l0_step(xx, g, step)
+      return project(xx)
+
+    start = (norms.random_start(k_start, x0, config.norm, eps, l0_k, config.l0_unit)
+             if config.random_start else x0)
+    x_adv = jax.lax.fori_loop(0, num_steps, body, start, unroll=unroll)
+    return x_adv.astype(x.dtype)
+
+  return attack
+
+
+def best_of(key: Array, attacks: Sequence[Callable], success_fn: Callable, variables,
+            x: Array, y: Array) -> tuple[Array, Array]:
+  """Runs several attacks and keeps, per example, the first that succeeds.
+
+  Args:
+    key: PRNG key; attack ``j`` uses ``fold_in(key, j)``.
+    attacks: functions ``(key, variables, x, y) -> x_adv`` (e.g. jitted
+      :func:`make_pgd` results with CE/CW, targeted/untargeted, restarts).
+    success_fn: ``(x_adv, y) -> bool (B,)``, e.g. "the defended model
+      misclassifies".
+    variables, x, y: as for the attacks.
+
+  Returns:
+    ``(x_adv, winner)``: per example the output of the first successful attack
+    (or of the last attack if none succeeds), and the index of that attack
+    (-1 where none succeeded).  Python drives the few configurations; each
+    attack is one compiled call.
+  """
+  best = None
+  winner = jnp.full(y.shape, -1, jnp.int32)
+  for j, attack in enumerate(attacks):
+    x_adv = attack(jax.random.fold_in(key, j), variables, x, y)
+    open_ = winner < 0  # no success yet: take this attack's output
+    best = x_adv if best is None else jnp.where(open_[:, None, None, None], x_adv, best)
+    winner = jnp.where(open_ & success_fn(x_adv, y), j, winner)
+  return best, winner
