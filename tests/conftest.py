@@ -13,8 +13,11 @@ import tempfile  # noqa: E402
 
 # Identical programs compiled by several tests (each training run builds its
 # own step) are compiled once: a persistent cache private to this test session.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="dropjax-jit-cache-"))
+_CACHE = tempfile.mkdtemp(prefix="dropjax-jit-cache-")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE  # subprocesses share it
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 REAL_DATA_DIR = os.environ.get("DROPJAX_DATA_DIR")
 
@@ -65,3 +68,12 @@ def tiny_config(data_dir, **kw):
               eval_batch_size=32, drop="fixed", drop_rate=0.5)
   base.update(kw)
   return TrainConfig(**base).validate()
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tiny_data_dir, tmp_path_factory):
+  """A briefly trained tiny checkpoint (fixed r = 0.5)."""
+  from dropjax.training import loop
+  wd = str(tmp_path_factory.mktemp("run"))
+  loop.train(tiny_config(tiny_data_dir, epochs=2, eval_every_epochs=0), wd, progress=False)
+  return wd

@@ -112,8 +112,14 @@ def _load_tfds(spec: DatasetSpec, data_dir: str | None) -> dict:
   out = {}
   for split in ("train", "test"):
     # Batched iteration (batch_size=-1 aborts in some TF builds).
-    ds = tfds.load(spec.tfds_name, split=split, data_dir=data_dir).batch(4096)
-    parts = list(tfds.as_numpy(ds))
+    try:
+      ds = tfds.load(spec.tfds_name, split=split, data_dir=data_dir).batch(4096)
+      parts = list(tfds.as_numpy(ds))
+    except Exception as e:  # tfds raises many types (network, manual dir, ...)
+      raise DataError(
+          f"tfds could not load {spec.tfds_name!r} ({type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''}). Offline? Point --data_dir or "
+          f"${DATA_DIR_ENV} at a local copy (see README, 'Data').") from e
     if not parts:
       raise DataError(f"tfds dataset {spec.tfds_name!r} split {split!r} is empty")
     out[f"x_{split}"] = np.concatenate([p["image"] for p in parts]).astype(np.uint8)

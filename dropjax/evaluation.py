@@ -1,0 +1,317 @@
+"""Robustness evaluation of a trained checkpoint: rows per example, summaries.
+
+For every *setting* (norm, eps, test-time drop rate) the test examples are
+processed in chunks of ``batch_size``.  Chunk ``c`` draws all its randomness
+from ``fold_in(PRNGKey(seed), c)``, and its rows are written atomically to
+``<out>/<setting>/chunk_<c>.jsonl``; a killed evaluation therefore resumes
+where it stopped and produces exactly the rows of an uninterrupted run.  When
+all chunks exist they are merged into ``<out>/<setting>/rows.jsonl`` and one
+summary row -- an aggregate of those rows -- replaces the setting's row in
+``<out>/summary.jsonl``.
+
+Per example: clean predictions (no mask, one mask, K-mask average), the
+attack's adversarial predictions (one mask, K-mask average), entropies,
+rejection flags and the perturbation's L-inf / L2 norms ([0, 1] scale) and L0
+pixel count.  The entropy thresholds are calibrated on the validation split
+(:func:`dropjax.defense.calibrate_threshold`) and saved in the summary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from dropjax import defense, inference
+from dropjax.attacks import AttackConfig, best_of, make_pgd, paper_attack
+from dropjax.attacks import norms as norms_lib
+from dropjax.config import TrainConfig
+from dropjax.data import augment, load_dataset
+from dropjax.training import checkpoint as ckpt_lib
+from dropjax.training import state as state_lib, step as step_lib
+
+ATTACK_NORMS = ("linf", "l2", "l0", "none")
+SUMMARY_FILE = "summary.jsonl"
+
+
+@dataclasses.dataclass
+class EvalConfig:
+  """One evaluation run (possibly a sweep over drop rates and eps)."""
+  norm: str = "linf"
+  eps: Sequence[float] | None = None       # None: paper preset; l0: fraction of D
+  step_size: float | None = None           # None: paper preset
+  steps: int = 20
+  eot_samples: int = 10
+  losses: Sequence[str] = ("ce",)          # several = best of
+  targeted: bool = False
+  restarts: int = 1
+  random_start: bool = True
+  drop_rates: Sequence[float] | None = None  # None: the model's own rate
+  num_masks: int = 10
+  max_drop: float = 0.01                   # calibration: allowed clean accuracy loss
+  num_examples: int | None = 1000          # None: the whole test split
+  batch_size: int = 100
+  seed: int = 0
+
+  def validate(self) -> "EvalConfig":
+    if self.norm not in ATTACK_NORMS:
+      raise ValueError(f"unknown norm {self.norm!r}; choose one of {ATTACK_NORMS}")
+    if self.steps < 1:
+      raise ValueError(f"steps must be >= 1, got {self.steps}")
+    if self.num_masks < 1:
+      raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
+    if self.batch_size < 1 or (self.num_examples is not None and self.num_examples < 1):
+      raise ValueError("batch_size and num_examples must be >= 1")
+    if self.restarts < 1:
+      raise ValueError("restarts must be >= 1")
+    for r in self.drop_rates or ():
+      if not 0 <= r <= 1:
+        raise ValueError(f"drop rates must be in [0, 1], got {r}")
+    for e in self.eps or ():
+      if e < 0:
+        raise ValueError(f"eps must be >= 0, got {e}")
+    return self
+
+
+def default_drop_rate(train_cfg: TrainConfig) -> float:
+  """Test-time drop rate: the training rate (fixed), 0.5 (random), 0 (normal)."""
+  return {"fixed": train_cfg.drop_rate, "random": 0.5, "none": 0.0}[train_cfg.drop]
+
+
+def setting_id(norm: str, eps: float, rate: float) -> str:
+  return f"{norm}_eps{eps:.6g}_r{rate:.6g}"
+
+
+def load_model(workdir: str, data_dir: str | None = None, source: str | None = None):
+  """(train config, variables, logits_fn, dataset) of the run in ``workdir``."""
+  cfg = ckpt_lib.load_config(workdir)
+  if data_dir is not None:
+    cfg = cfg.replace(data_dir=data_dir)
+  if source is not None:
+    cfg = cfg.replace(source=source)
+  data = load_dataset(cfg.dataset, source=cfg.source, data_dir=cfg.data_dir,
+                      val_size=cfg.val_size, seed=cfg.seed)
+  model = state_lib.make_model(cfg, data.num_classes)
+  tx = state_lib.make_optimizer(cfg, 1)
+  template = state_lib.create_state(jax.random.PRNGKey(0), model, tx, data.image_shape)
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  try:
+    state = checkpointer.restore(template)
+  finally:
+    checkpointer.close()
+  return cfg, state.variables, step_lib.make_logits_fn(model), data
+
+
+def make_defense_fn(logits_fn, rate: float, num_masks: int, per_pixel: bool):
+  """Jitted ``defend(key, variables, x) -> dict`` of (B, C) probabilities."""
+
+  @jax.jit
+  def defend(key, variables, x):
+    k_single, k_avg = jax.random.split(key)
+    return {
+        "plain": jax.nn.softmax(logits_fn(variables, x), -1),
+        "single": defense.masked_probs(k_single, logits_fn, variables, x, rate,
+                                       per_pixel=per_pixel),
+        "avg": defense.mask_average_probs(k_avg, logits_fn, variables, x, rate, num_masks,
+                                          per_pixel=per_pixel),
+    }
+
+  return defend
+
+
+def calibrate(defend, variables, val_x, val_y, batch_size: int, key, max_drop: float) -> dict:
+  """Entropy thresholds for the single-mask and the averaged prediction."""
+  out = inference.map_batches(
+      lambda b: defend(jax.random.fold_in(key, int(b["index"][0])), variables,
+                       augment.to_float(b["image"])),
+      {"image": val_x}, batch_size)
+  th = {}
+  for kind in ("single", "avg"):
+    p = out[kind]
+    th[kind] = defense.calibrate_threshold(np.asarray(defense.entropy(p)),
+                                           p.argmax(-1) == val_y, max_drop)
+  return th
+
+
+def attack_configs(ev: EvalConfig, dataset: str, eps: float, rate: float,
+                   per_pixel: bool) -> list[AttackConfig]:
+  base = paper_attack(dataset, ev.norm)
+  kw = dict(num_steps=ev.steps, targeted=ev.targeted, random_start=ev.random_start,
+            eot_samples=ev.eot_samples, drop_rate=rate, per_pixel=per_pixel)
+  if ev.norm == "l0":
+    kw["l0_fraction"] = eps
+  else:
+    kw["eps"] = eps
+  if ev.step_size is not None:
+    kw["step_size"] = ev.step_size
+  return [base.replace(loss=loss, **kw).validate()
+          for loss in ev.losses for _ in range(ev.restarts)]
+
+
+def perturbation_norms(x_adv: np.ndarray, x: np.ndarray) -> dict[str, np.ndarray]:
+  """L-inf and L2 on the [0, 1] pixel scale, L0 in pixels; each (B,)."""
+  d = (np.asarray(x_adv, np.float64) - np.asarray(x, np.float64)) / 2.0
+  flat = d.reshape(d.shape[0], -1)
+  return {"linf": np.abs(flat).max(1), "l2": np.sqrt((flat ** 2).sum(1)),
+          "l0": np.asarray(norms_lib.l0_count(jnp.asarray(d), "pixel"))}
+
+
+def summarize(rows: list[dict], thresholds: dict) -> dict:
+  """The summary of a setting, computed from its rows only."""
+  r = {k: np.array([row[k] for row in rows]) for k in rows[0]}
+  y = r["label"]
+  s = {"num_examples": len(rows),
+       "threshold_single": thresholds["single"], "threshold_avg": thresholds["avg"],
+       "clean_accuracy_plain": float(np.mean(r["pred_plain"] == y)),
+       "clean_accuracy_single": float(np.mean(r["pred_single"] == y)),
+       "clean_accuracy_avg": float(np.mean(r["pred_avg"] == y))}
+  for kind in ("single", "avg"):
+    s[f"clean_accuracy_{kind}_with_rejection"] = defense.accuracy_with_rejection(
+        r[f"pred_{kind}"], y, r[f"rejected_{kind}"])
+    s[f"clean_rejection_rate_{kind}"] = float(np.mean(r[f"rejected_{kind}"]))
+  if "adv_pred_avg" in r:
+    s["robust_accuracy_plain"] = float(np.mean(r["adv_pred_plain"] == y))
+    for kind in ("single", "avg"):
+      s[f"robust_accuracy_{kind}"] = float(np.mean(r[f"adv_pred_{kind}"] == y))
+      s[f"robust_accuracy_{kind}_with_rejection"] = defense.robust_accuracy_with_rejection(
+          r[f"adv_pred_{kind}"], y, r[f"adv_rejected_{kind}"])
+      s[f"adv_rejection_rate_{kind}"] = float(np.mean(r[f"adv_rejected_{kind}"]))
+    for n in ("linf", "l2", "l0"):
+      s[f"max_perturbation_{n}"] = float(np.max(r[f"norm_{n}"]))
+  return s
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def update_summary(out_dir: str, row: dict) -> None:
+  """Replaces the row of ``row["setting"]`` in ``summary.jsonl``."""
+  path = os.path.join(out_dir, SUMMARY_FILE)
+  rows = [r for r in (_read_jsonl(path) if os.path.exists(path) else [])
+          if r["setting"] != row["setting"]]
+  rows.append(row)
+  _write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
+             data_dir: str | None = None, source: str | None = None,
+             stop_after_chunks: int | None = None, progress: bool | None = None) -> list[dict]:
+  """Runs every setting of ``ev`` on the checkpoint in ``workdir``.
+
+  Returns the summary rows of the settings completed by this call.
+  """
+  ev.validate()
+  train_cfg, variables, logits_fn, data = load_model(workdir, data_dir, source)
+  out_dir = out_dir or os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  test = data.test.take(ev.num_examples)
+  rates = list(ev.drop_rates) if ev.drop_rates else [default_drop_rate(train_cfg)]
+  if ev.norm == "none":
+    eps_list = [0.0]
+  else:
+    preset = paper_attack(train_cfg.dataset, ev.norm)
+    default_eps = preset.l0_fraction if ev.norm == "l0" else preset.eps
+    eps_list = list(ev.eps) if ev.eps else [default_eps]
+  root = jax.random.PRNGKey(ev.seed)
+  chunks_done_here = 0
+  summaries = []
+  for rate in rates:
+    defend = make_defense_fn(logits_fn, rate, ev.num_masks, train_cfg.per_pixel)
+    thresholds = calibrate(defend, variables, data.val.x, data.val.y, ev.batch_size,
+                           jax.random.fold_in(root, 10**6), ev.max_drop) if len(data.val) else {
+                               "single": float("inf"), "avg": float("inf")}
+    for eps in eps_list:
+      sid = setting_id(ev.norm, eps, rate)
+      sdir = os.path.join(out_dir, sid)
+      os.makedirs(sdir, exist_ok=True)
+      attacks = []
+      if ev.norm != "none":
+        attacks = [jax.jit(make_pgd(logits_fn, c))
+                   for c in attack_configs(ev, train_cfg.dataset, eps, rate, train_cfg.per_pixel)]
+      n_chunks = -(-len(test) // ev.batch_size)
+      bar = tqdm(total=n_chunks, desc=sid, unit="chunk", dynamic_ncols=True,
+                 disable=None if progress is None else not progress)
+      attack_seconds, attacked = 0.0, 0
+      for c, (batch, n_valid) in enumerate(inference.padded_batches(
+          {"image": test.x, "label": test.y}, ev.batch_size)):
+        path = os.path.join(sdir, f"chunk_{c:05d}.jsonl")
+        if os.path.exists(path):
+          bar.update(1)
+          continue
+        if stop_after_chunks is not None and chunks_done_here >= stop_after_chunks:
+          bar.close()
+          return summaries
+        key = jax.random.fold_in(root, c)
+        k_attack, k_select, k_clean, k_adv = jax.random.split(key, 4)
+        x = augment.to_float(jnp.asarray(batch["image"]))
+        y = jnp.asarray(batch["label"], jnp.int32)
+        clean = jax.device_get(defend(k_clean, variables, x))
+        rows = {"index": batch["index"], "label": batch["label"]}
+        for kind in ("plain", "single", "avg"):
+          rows[f"pred_{kind}"] = clean[kind].argmax(-1)
+        for kind in ("single", "avg"):
+          h = np.asarray(defense.entropy(clean[kind]))
+          rows[f"entropy_{kind}"] = h
+          rows[f"rejected_{kind}"] = h > thresholds[kind]
+        if attacks:
+          t0 = time.perf_counter()
+          fooled = lambda xa, yy: jnp.argmax(defend(k_select, variables, xa)["avg"], -1) != yy
+          if len(attacks) == 1:
+            x_adv = attacks[0](k_attack, variables, x, y)
+          else:
+            x_adv, _ = best_of(k_attack, attacks, fooled, variables, x, y)
+          x_adv = jax.block_until_ready(x_adv)
+          attack_seconds += time.perf_counter() - t0
+          attacked += n_valid
+          adv = jax.device_get(defend(k_adv, variables, x_adv))
+          for kind in ("plain", "single", "avg"):
+            rows[f"adv_pred_{kind}"] = adv[kind].argmax(-1)
+          for kind in ("single", "avg"):
+            h = np.asarray(defense.entropy(adv[kind]))
+            rows[f"adv_entropy_{kind}"] = h
+            rows[f"adv_rejected_{kind}"] = h > thresholds[kind]
+          for n, v in perturbation_norms(x_adv, x).items():
+            rows[f"norm_{n}"] = v
+        lines = []
+        for i in range(n_valid):
+          row = {k: np.asarray(v)[i].item() for k, v in rows.items()}
+          lines.append(json.dumps(row, sort_keys=True) + "\n")
+        _write_atomic(path, "".join(lines))
+        chunks_done_here += 1
+        bar.update(1)
+      bar.close()
+      rows_all = []
+      for c in range(n_chunks):
+        rows_all += _read_jsonl(os.path.join(sdir, f"chunk_{c:05d}.jsonl"))
+      _write_atomic(os.path.join(sdir, "rows.jsonl"),
+                    "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows_all))
+      summary = {"setting": sid, "workdir": os.path.abspath(workdir),
+                 "dataset": train_cfg.dataset, "depth": train_cfg.depth,
+                 "train_drop": train_cfg.drop, "train_drop_rate": train_cfg.drop_rate,
+                 "norm": ev.norm, "eps": eps, "drop_rate": rate, "num_masks": ev.num_masks,
+                 "steps": ev.steps, "eot_samples": ev.eot_samples, "losses": list(ev.losses),
+                 "targeted": ev.targeted, "restarts": ev.restarts, "seed": ev.seed,
+                 **summarize(rows_all, thresholds)}
+      if attacked:
+        summary["attack_seconds_this_run"] = attack_seconds
+        summary["attack_images_per_s"] = attacked / max(attack_seconds, 1e-9)
+      update_summary(out_dir, summary)
+      summaries.append(summary)
+  return summaries

@@ -1,0 +1,169 @@
+import json
+import os
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dropjax import defense, evaluation
+from dropjax.training.checkpoint import CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = jax.random.PRNGKey(0)
+
+
+def linear_logits(v, x):
+  return x.reshape(x.shape[0], -1) @ v
+
+
+def test_one_mask_at_rate_zero_is_the_plain_model():
+  v = jax.random.normal(KEY, (48, 5))
+  x = jax.random.uniform(KEY, (7, 4, 4, 3), minval=-1, maxval=1)
+  p = defense.mask_average_probs(KEY, linear_logits, v, x, 0.0, 1)
+  np.testing.assert_allclose(p, jax.nn.softmax(linear_logits(v, x)), rtol=1e-6)
+  p10 = defense.mask_average_probs(KEY, linear_logits, v, x, 0.0, 10)
+  np.testing.assert_allclose(p10, p, rtol=1e-6)
+
+
+def test_mask_average_equals_loop_over_keys():
+  v = jax.random.normal(KEY, (48, 5))
+  x = jax.random.uniform(KEY, (3, 4, 4, 3), minval=-1, maxval=1)
+  got = defense.mask_average_probs(KEY, linear_logits, v, x, 0.6, 4)
+  ref = np.mean([defense.masked_probs(k, linear_logits, v, x, 0.6)
+                 for k in jax.random.split(KEY, 4)], axis=0)
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
+  np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_entropy_known_values():
+  p = jnp.array([[1.0, 0, 0, 0], [0.25] * 4, [0.5, 0.5, 0, 0]])
+  np.testing.assert_allclose(defense.entropy(p), [0, np.log(4), np.log(2)], rtol=1e-6)
+
+
+def test_threshold_calibration_hits_its_target():
+  # 1000 examples, 900 correct with entropies 0.001..0.9, 100 wrong at 5.0.
+  h = np.concatenate([np.arange(1, 901) / 1000, np.full(100, 5.0)])
+  correct = np.concatenate([np.ones(900, bool), np.zeros(100, bool)])
+  t = defense.calibrate_threshold(h, correct, max_drop=0.01)
+  # Base 0.90; keep 890 correct -> threshold at the 890th smallest = 0.890.
+  assert t == pytest.approx(0.890)
+  acc = defense.accuracy_with_rejection(correct.astype(int), np.ones(1000, int), h > t)
+  assert acc == pytest.approx(0.89)
+  assert defense.calibrate_threshold(h, correct, max_drop=0.0) == pytest.approx(0.9)
+  with pytest.raises(ValueError, match="matching"):
+    defense.calibrate_threshold(h, correct[:5])
+
+
+def test_rejection_counts():
+  pred, y = np.array([0, 1, 2, 3]), np.array([0, 0, 2, 0])
+  rej = np.array([True, True, False, False])
+  assert defense.accuracy_with_rejection(pred, y, rej) == 0.25      # rejected = error
+  assert defense.robust_accuracy_with_rejection(pred, y, rej) == 0.75  # rejected = success
+
+
+def ev_config(**kw):
+  base = dict(norm="linf", steps=2, eot_samples=2, num_masks=3, num_examples=40,
+              batch_size=16, eps=[0.1])
+  base.update(kw)
+  return evaluation.EvalConfig(**base)
+
+
+def test_rows_complete_and_summary_is_their_aggregate(tiny_workdir, tmp_path):
+  out = str(tmp_path / "ev")
+  [summary] = evaluation.evaluate(tiny_workdir, ev_config(), out, progress=False)
+  rows = [json.loads(l) for l in open(os.path.join(out, summary["setting"], "rows.jsonl"))]
+  assert [r["index"] for r in rows] == list(range(40))
+  need = {"index", "label", "pred_plain", "pred_single", "pred_avg", "adv_pred_avg",
+          "adv_pred_single", "entropy_avg", "adv_entropy_avg", "rejected_avg",
+          "adv_rejected_avg", "norm_linf", "norm_l2", "norm_l0"}
+  assert need <= set(rows[0])
+  assert max(r["norm_linf"] for r in rows) <= 0.1 + 1e-6
+  y = np.array([r["label"] for r in rows])
+  assert summary["clean_accuracy_avg"] == pytest.approx(
+      np.mean(np.array([r["pred_avg"] for r in rows]) == y))
+  adv_ok = np.array([r["adv_pred_avg"] for r in rows]) == y
+  rej = np.array([r["adv_rejected_avg"] for r in rows])
+  assert summary["robust_accuracy_avg_with_rejection"] == pytest.approx(np.mean(adv_ok | rej))
+  assert summary["adv_rejection_rate_avg"] == pytest.approx(rej.mean())
+  h = np.array([r["adv_entropy_avg"] for r in rows])
+  np.testing.assert_array_equal(rej, h > summary["threshold_avg"])
+  [line] = [json.loads(l) for l in open(os.path.join(out, "summary.jsonl"))]
+  assert line["setting"] == summary["setting"]
+
+
+def test_resume_by_chunk_gives_identical_rows(tiny_workdir, tmp_path):
+  cfg = ev_config(norm="l2", eps=[0.5])
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  evaluation.evaluate(tiny_workdir, cfg, a, progress=False)
+  assert evaluation.evaluate(tiny_workdir, cfg, b, stop_after_chunks=2, progress=False) == []
+  sid = os.listdir(b)[0]
+  assert sorted(os.listdir(os.path.join(b, sid))) == ["chunk_00000.jsonl", "chunk_00001.jsonl"]
+  evaluation.evaluate(tiny_workdir, cfg, b, progress=False)
+  ra = open(os.path.join(a, sid, "rows.jsonl")).read()
+  rb = open(os.path.join(b, sid, "rows.jsonl")).read()
+  assert ra == rb and len(ra.splitlines()) == 40
+
+
+def test_sweep_over_drop_rates_and_eps(tiny_workdir, tmp_path):
+  out = str(tmp_path / "ev")
+  rows = evaluation.evaluate(tiny_workdir, ev_config(norm="none", drop_rates=[0.0, 0.9],
+                                                     num_examples=16), out, progress=False)
+  assert [r["drop_rate"] for r in rows] == [0.0, 0.9]
+  # r = 0: the single mask and the average are the plain model.
+  assert rows[0]["clean_accuracy_avg"] == rows[0]["clean_accuracy_plain"]
+  rows = evaluation.evaluate(tiny_workdir, ev_config(eps=[0.0, 0.2], num_examples=16,
+                                                     losses=("ce", "cw")),
+                             out, progress=False)
+  assert rows[0]["max_perturbation_linf"] == 0.0
+  assert rows[1]["max_perturbation_linf"] <= 0.2 + 1e-6
+  assert len(open(os.path.join(out, "summary.jsonl")).readlines()) == 4
+
+
+def run_eval(*args, capsys=None):
+  """Runs evaluate.py's main() in this process (shares the compile cache)."""
+  sys.path.insert(0, ROOT)
+  try:
+    import evaluate
+  finally:
+    sys.path.remove(ROOT)
+  return evaluate.main(list(args))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l0"])
+def test_evaluate_cli_end_to_end(tiny_workdir, tmp_path, norm, capsys):
+  rc = run_eval("--workdir", tiny_workdir, "--out", str(tmp_path), "--norm", norm,
+                 "--num_examples", "16", "--batch_size", "16", "--steps", "2",
+                 "--eot_samples", "2", "--num_masks", "2", "--no_progress")
+  out = capsys.readouterr()
+  assert rc == 0, out.err[-2000:]
+  [row] = [json.loads(l) for l in open(tmp_path / "summary.jsonl")]
+  assert row["norm"] == norm and row["num_examples"] == 16
+  if norm == "l0":
+    assert row["max_perturbation_l0"] <= 30  # 0.03 * 32 * 32 pixels
+  assert "robust_accuracy_avg" in out.stdout
+
+
+def test_missing_workdir_and_wrong_architecture(tiny_workdir, tmp_path, capsys):
+  assert run_eval("--workdir", str(tmp_path / "nope")) == 2
+  assert "does not exist" in capsys.readouterr().err
+  bad = tmp_path / "bad"
+  shutil.copytree(tiny_workdir, bad)
+  cfg = json.load(open(bad / "config.json"))
+  cfg["depth"] = 14
+  json.dump(cfg, open(bad / "config.json", "w"))
+  with pytest.raises(CheckpointError, match="could not be restored"):
+    evaluation.load_model(str(bad))
+  cfg["depth"], cfg["dataset"] = 8, "cifar10"  # 10 classes vs a 43-class head
+  json.dump(cfg, open(bad / "config.json", "w"))
+  with pytest.raises(Exception, match="cifar|CIFAR|could not be restored"):
+    evaluation.load_model(str(bad))
+
+
+def test_bad_eval_config():
+  for kw, msg in [(dict(norm="l1"), "unknown norm"), (dict(steps=0), "steps"),
+                  (dict(drop_rates=[1.5]), "drop rates")]:
+    with pytest.raises(ValueError, match=msg):
+      evaluation.EvalConfig(**kw).validate()
