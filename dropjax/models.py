@@ -90,7 +90,7 @@ class CifarResNet(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, kernel_init=he_normal, dtype=self.dtype,
                  name="head")(x)
-    return x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(self.dtype, jnp.float32))  # f32 (f64 in x64 tests)
 
 
 def resnet(depth: int, num_classes: int, *, width: int = 16,

@@ -143,7 +143,7 @@ def test_evaluate_cli_end_to_end(tiny_workdir, tmp_path, norm, capsys):
   assert row["norm"] == norm and row["num_examples"] == 16
   if norm == "l0":
     assert row["max_perturbation_l0"] <= 30  # 0.03 * 32 * 32 pixels
-  assert "robust_accuracy_avg" in out.stdout
+  assert "robust_accuracy_avg" in out.out
 
 
 def test_missing_workdir_and_wrong_architecture(tiny_workdir, tmp_path, capsys):
@@ -167,3 +167,29 @@ def test_bad_eval_config():
                   (dict(drop_rates=[1.5]), "drop rates")]:
     with pytest.raises(ValueError, match=msg):
       evaluation.EvalConfig(**kw).validate()
+
+
+def test_plots_render_from_rows(tmp_path):
+  from dropjax import plots
+  rows = []
+  for norm in ("none", "linf"):
+    for r in (0.0, 0.5, 0.9):
+      row = {"setting": f"{norm}_{r}", "dataset": "gtsrb", "depth": 20, "train_drop": "random",
+             "train_drop_rate": 0.9, "norm": norm, "eps": 0.1, "drop_rate": r,
+             "clean_accuracy_avg": 0.9 - r / 2, "clean_accuracy_single": 0.85 - r / 2}
+      if norm != "none":
+        row.update(robust_accuracy_avg=r / 2, robust_accuracy_avg_with_rejection=r / 1.5,
+                   adv_rejection_rate_avg=0.1)
+      rows.append(row)
+  (tmp_path / "ev").mkdir()
+  with open(tmp_path / "ev" / "summary.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  assert plots.main([str(tmp_path / "ev"), "--out", str(tmp_path / "fig")]) == 0
+  from PIL import Image
+  for name in ("clean_vs_drop_rate", "robust_vs_drop_rate_linf"):
+    img = Image.open(tmp_path / "fig" / f"{name}.png")
+    assert img.size[0] > 300 and img.size[1] > 200
+    assert (tmp_path / "fig" / f"{name}.svg").stat().st_size > 1000
+  table = (tmp_path / "fig" / "table.md").read_text()
+  assert table.count("\n") == 2 + 3 and "| linf |" in table
+  assert plots.main([str(tmp_path / "missing"), "--out", str(tmp_path / "fig")]) == 2
