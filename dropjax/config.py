@@ -173,8 +173,8 @@ def _build_presets() -> dict[str, dict[str, Any]]:
     presets[f"cifar10-resnet20-fixed-{mode}"] = {
         **presets["cifar10-resnet20-fixed"], "objective": mode}
   # A few-minute CPU smoke run: real data, small subset, ResNet-8.
-  presets["quick"] = dict(dataset="gtsrb", depth=8, drop="random", epochs=2,
-                          train_examples=4096, batch_size=128, val_size=600,
+  presets["quick"] = dict(dataset="gtsrb", depth=8, drop="random", epochs=3,
+                          train_examples=8192, batch_size=128, val_size=600,
                           eval_every_epochs=1)
   return presets
 
