@@ -52,3 +52,11 @@ def loop_unroll(num_steps: int) -> int | bool:
   if jax.default_backend() == "cpu":
     return True if num_steps <= 200 else 10
   return 1
+
+
+def eot_impl() -> str:
+  """Default way to compute the EOT gradient (see ``attacks.pgd.eot_gradient``).
+
+  Override with ``DROPJAX_EOT_IMPL`` (vmap, batch or scan).
+  """
+  return os.environ.get("DROPJAX_EOT_IMPL", "vmap")

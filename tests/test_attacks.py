@@ -114,18 +114,19 @@ def test_same_key_same_examples_different_key_differs():
   assert not np.array_equal(a, c)
 
 
-def test_eot_gradient_equals_python_loop_reference():
+@pytest.mark.parametrize("impl", ["vmap", "batch", "scan"])
+def test_eot_gradient_equals_python_loop_reference(impl):
   x, y = data(5)
   v = linear_model()
   # A nonlinear objective so the masks matter beyond linearity.
-  objective = lambda xx: losses.cross_entropy(jnp.tanh(linear_logits(v, xx)) * 3, y)
+  objective = lambda xx, yy: losses.cross_entropy(jnp.tanh(linear_logits(v, xx)) * 3, yy)
   key, k = jax.random.PRNGKey(3), 10
-  got = jax.jit(lambda x: eot_gradient(key, objective, x, 0.7, k))(x)
+  got = jax.jit(lambda x: eot_gradient(key, objective, x, y, 0.7, k, impl=impl))(x)
   ref = np.zeros(x.shape)
   for kk in jax.random.split(key, k):
     m = masks.sample_mask(kk, x.shape, 0.7)
     # ∇ℓ(x∘M)∘M, written out with the chain rule by hand.
-    g_at = jax.grad(lambda u: jnp.sum(objective(u)))(x * m)
+    g_at = jax.grad(lambda u: jnp.sum(objective(u, y)))(x * m)
     ref += np.asarray(g_at * m) / k
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
 

@@ -51,6 +51,7 @@ class AttackConfig:
   per_pixel: bool = False
   l0_unit: str = "pixel"          # what an L0 budget counts
   l0_fraction: float | None = None  # budget as a fraction of D (overrides eps for L0)
+  eot_impl: str | None = None     # "vmap", "batch" or "scan"; None = backend default
 
   def validate(self) -> "AttackConfig":
     if self.norm not in norms.NORMS:
@@ -69,6 +70,8 @@ class AttackConfig:
       raise ValueError(f"drop_rate must be in [0, 1], got {self.drop_rate}")
     if self.l0_unit not in norms.L0_UNITS:
       raise ValueError(f"l0_unit must be one of {norms.L0_UNITS}, got {self.l0_unit!r}")
+    if self.eot_impl is not None and self.eot_impl not in EOT_IMPLS:
+      raise ValueError(f"eot_impl must be one of {EOT_IMPLS}, got {self.eot_impl!r}")
     if self.l0_fraction is not None and not 0 <= self.l0_fraction <= 1:
       raise ValueError(f"l0_fraction must be in [0, 1], got {self.l0_fraction}")
     return self
@@ -89,33 +92,59 @@ class AttackConfig:
     return dataclasses.replace(self, **kw)
 
 
-def eot_gradient(key: Array, objective: Callable[[Array], Array], x: Array, rate,
-                 num_masks: int, *, per_pixel: bool = False, rate_random: bool = False) -> Array:
-  """Mean over ``num_masks`` keyed masks of ``∇_x sum(objective(x∘M_k))``.
+EOT_IMPLS = ("vmap", "batch", "scan")
+
+
+def eot_gradient(key: Array, objective: Callable[[Array, Array], Array], x: Array,
+                 labels: Array, rate, num_masks: int, *, per_pixel: bool = False,
+                 rate_random: bool = False, impl: str = "vmap") -> Array:
+  """Mean over ``num_masks`` keyed masks of ``∇_x sum(objective(x∘M_k, labels))``.
 
   Args:
     key: PRNG key; mask ``k`` uses ``split(key, num_masks)[k]``.
-    objective: images (B, H, W, C) -> per-example values (B,).
+    objective: ``(images (N, H, W, C), labels (N,)) -> (N,)`` per-example values.
     x: images (B, H, W, C).
+    labels: (B,) labels passed to ``objective``.
     rate: drop rate (scalar); ignored with ``rate_random`` (r ~ U[0,1] per
       example and mask).
     num_masks: K >= 1.
+    impl: how the K gradients are computed -- all give the same value:
+      ``"vmap"`` (``vmap`` of ``grad`` over the K keys), ``"batch"`` (the K
+      masked copies folded into one batch of K*B, one ``grad``; the sum of
+      per-copy gradients is ∑ₖ ∇ℓ(x∘Mₖ)∘Mₖ) or ``"scan"`` (one mask at a time).
 
   Returns:
     Gradient with the shape of ``x``.  Per-example objectives make the gradient
     of example ``i`` independent of the rest of the batch.
   """
+  if impl not in EOT_IMPLS:
+    raise ValueError(f"unknown EOT implementation {impl!r}; choose one of {EOT_IMPLS}")
+  keys = jax.random.split(key, num_masks)
 
-  def one(k):
+  def mask(k):
     if rate_random:
       k_rate, k = jax.random.split(k)
       r = jax.random.uniform(k_rate, (x.shape[0],))
     else:
       r = rate
-    return jax.grad(lambda xx: jnp.sum(objective(masks.drop_pixels(k, xx, r,
-                                                                   per_pixel=per_pixel))))(x)
+    return masks.sample_mask(k, x.shape, r, per_pixel=per_pixel, dtype=x.dtype)
 
-  return jnp.mean(jax.vmap(one)(jax.random.split(key, num_masks)), axis=0)
+  def grad_one(k):
+    m = mask(k)
+    return jax.grad(lambda xx: jnp.sum(objective(xx * m, labels)))(x)
+
+  if impl == "vmap":
+    return jnp.mean(jax.vmap(grad_one)(keys), axis=0)
+  if impl == "scan":
+    total, _ = jax.lax.scan(lambda acc, k: (acc + grad_one(k), None), jnp.zeros_like(x), keys)
+    return total / num_masks
+  ms = jax.vmap(mask)(keys)  # (K, B, H, W, C)
+  tiled = jnp.tile(labels, num_masks)
+
+  def folded(xx):
+    return jnp.sum(objective((xx[None] * ms).reshape(-1, *x.shape[1:]), tiled))
+
+  return jax.grad(folded)(x) / num_masks
 
 
 def random_targets(key: Array, labels: Array, num_classes: int) -> Array:
@@ -142,6 +171,7 @@ def make_pgd(logits_fn: Callable, config: AttackConfig) -> Callable:
   eps, step = scale * config.eps, scale * config.step_size
   num_steps = int(config.num_steps)
   unroll = backend.loop_unroll(num_steps)
+  eot_impl = config.eot_impl or backend.eot_impl()
 
   def attack(key: Array, variables, x: Array, y: Array, target: Array | None = None) -> Array:
     chex.assert_rank(x, 4)
@@ -161,8 +191,8 @@ def make_pgd(logits_fn: Callable, config: AttackConfig) -> Callable:
     x0 = x.astype(jnp.float32)
     l0_k = config.l0_budget(x.shape)
 
-    def objective(xx):
-      return objective_fn(logits_fn(variables, xx), labels)
+    def objective(xx, ll):
+      return objective_fn(logits_fn(variables, xx), ll)
 
     def project(xx):
       if config.norm == "linf":
@@ -173,9 +203,10 @@ def make_pgd(logits_fn: Callable, config: AttackConfig) -> Callable:
 
     def gradient(k, xx):
       if config.uses_eot:
-        return eot_gradient(k, objective, xx, config.drop_rate, config.eot_samples,
-                            per_pixel=config.per_pixel, rate_random=config.rate_random)
-      return jax.grad(lambda v: jnp.sum(objective(v)))(xx)
+        return eot_gradient(k, objective, xx, labels, config.drop_rate, config.eot_samples,
+                            per_pixel=config.per_pixel, rate_random=config.rate_random,
+                            impl=eot_impl)
+      return jax.grad(lambda v: jnp.sum(objective(v, labels)))(xx)
 
     def body(i, xx):
       g = gradient(jax.random.fold_in(k_steps, i), xx)

@@ -1,0 +1,161 @@
+"""JAX benchmarks of the four workloads (ResNet-20, 32x32x3, float32).
+
+    python benchmarks/bench.py [--quick] [--scaling] > jax.json
+
+Workloads: train step (batch 128, pixel dropping + crop/flip on device),
+inference (batch 512), 10-mask averaged prediction (batch 100 x 10 masks) and
+EOT-PGD L-inf (100 images x 10 masks x 10 steps) in several forms (EOT as
+vmap-of-grad or folded into the batch; attack loop rolled or unrolled).
+Warm-up (compile) is excluded and reported separately; times are medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dropjax  # noqa: E402,F401  (per-backend XLA defaults)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import machine, measure  # noqa: E402
+from dropjax import defense  # noqa: E402
+from dropjax.attacks import AttackConfig, make_pgd  # noqa: E402
+from dropjax.attacks.pgd import eot_gradient  # noqa: E402
+from dropjax.attacks.losses import attack_objective  # noqa: E402
+from dropjax.config import TrainConfig  # noqa: E402
+from dropjax.training import parallel, state as state_lib, step as step_lib  # noqa: E402
+
+sync = jax.block_until_ready
+
+
+def setup(depth: int):
+  cfg = TrainConfig(depth=depth, drop="fixed", drop_rate=0.9, crop_pad=4, hflip=True)
+  model = state_lib.make_model(cfg, 10)
+  tx = state_lib.make_optimizer(cfg, 100)
+  state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, (32, 32, 3))
+  return cfg, model, tx, state
+
+
+def bench_train(cfg, model, tx, state, batch: int, repeats: int) -> dict:
+  runner = parallel.JitRunner(step_lib.make_train_step(cfg, model, tx), batch)
+  rng = np.random.RandomState(0)
+  b = runner.put_batch({"image": rng.randint(0, 256, (batch, 32, 32, 3)).astype(np.uint8),
+                        "label": rng.randint(0, 10, batch).astype(np.int32),
+                        "index": np.arange(batch, dtype=np.int32)})
+  box = {"s": runner.put_state(state)}
+  key = jax.random.PRNGKey(1)
+
+  def run():
+    box["s"], m = runner.step(box["s"], b, key)
+    return m["loss"]
+
+  r = measure(run, sync, repeats)
+  r["images_per_s"] = batch / r["median_s"]
+  return r
+
+
+def images(n):
+  return jax.random.uniform(jax.random.PRNGKey(2), (n, 32, 32, 3), minval=-1, maxval=1)
+
+
+def bench_infer(logits_fn, variables, batch, repeats):
+  f = jax.jit(logits_fn)
+  x = images(batch)
+  r = measure(lambda: f(variables, x), sync, repeats)
+  r["images_per_s"] = batch / r["median_s"]
+  return r
+
+
+def bench_avg(logits_fn, variables, batch, masks_, repeats):
+  f = jax.jit(lambda k, v, x: defense.mask_average_probs(k, logits_fn, v, x, 0.9, masks_))
+  x, key = images(batch), jax.random.PRNGKey(3)
+  r = measure(lambda: f(key, variables, x), sync, repeats)
+  r["images_per_s"] = batch / r["median_s"]
+  return r
+
+
+def bench_eot_pgd(logits_fn, variables, n, k, steps, impl, unroll, repeats):
+  os.environ["DROPJAX_LOOP_UNROLL"] = "full" if unroll is True else str(unroll)
+  try:
+    cfg = AttackConfig(norm="linf", eps=16 / 255, step_size=2 / 255, num_steps=steps,
+                       eot_samples=k, drop_rate=0.9, eot_impl=impl)
+    attack = jax.jit(make_pgd(logits_fn, cfg))
+  finally:
+    del os.environ["DROPJAX_LOOP_UNROLL"]
+  x, y, key = images(n), jnp.zeros((n,), jnp.int32), jax.random.PRNGKey(4)
+  r = measure(lambda: attack(key, variables, x, y), sync, repeats)
+  r["image_steps_per_s"] = n * steps / r["median_s"]
+  r.update(impl=impl, unroll=str(unroll), images=n, masks=k, steps=steps)
+  return r
+
+
+def bench_eot_grad(logits_fn, variables, n, k, impl, repeats):
+  """One EOT gradient with K masks vs K plain input gradients (scaling)."""
+  obj = attack_objective("ce", False)
+  objective = lambda xx, yy: obj(logits_fn(variables, xx), yy)
+  x, y = images(n), jnp.zeros((n,), jnp.int32)
+  key = jax.random.PRNGKey(5)
+  if k == 0:
+    f = jax.jit(lambda x: jax.grad(lambda xx: jnp.sum(objective(xx, y)))(x))
+    return measure(lambda: f(x), sync, repeats)
+  f = jax.jit(lambda x: eot_gradient(key, objective, x, y, 0.9, k, impl=impl))
+  return measure(lambda: f(x), sync, repeats)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+  p.add_argument("--scaling", action="store_true", help="also batch-size and K scaling")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--workloads", nargs="+",
+                 default=["train", "infer", "avg10", "eot_pgd"],
+                 help="subset of train infer avg10 eot_pgd")
+  p.add_argument("--eot_forms", nargs="+", default=["vmap:full", "batch:full", "vmap:1"],
+                 help="EOT-PGD forms impl:unroll (unroll: full or an integer)")
+  args = p.parse_args(argv)
+  q = args.quick
+  depth, tb, ib, ab, en, ek, es = (8, 16, 32, 8, 4, 2, 2) if q else (20, 128, 512, 100, 100, 10, 10)
+  cfg, model, tx, state = setup(depth)
+  logits_fn = step_lib.make_logits_fn(model)
+  variables = state.variables
+  out = {"framework": "jax", "jax": jax.__version__, "backend": jax.default_backend(),
+         "devices": [str(d) for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
+         "depth": depth, "machine_before": machine(), "results": {}}
+  res = out["results"]
+  if "train" in args.workloads:
+    res["train"] = {"batch": tb, **bench_train(cfg, model, tx, state, tb, args.repeats)}
+  if "infer" in args.workloads:
+    res["infer"] = {"batch": ib, **bench_infer(logits_fn, variables, ib, args.repeats)}
+  if "avg10" in args.workloads:
+    res["avg10"] = {"batch": ab, "masks": 10,
+                    **bench_avg(logits_fn, variables, ab, 10, args.repeats)}
+  if "eot_pgd" in args.workloads:
+    for form in args.eot_forms:
+      impl, unroll = form.split(":")
+      unroll = True if unroll == "full" else int(unroll)
+      res[f"eot_pgd[{form}]"] = bench_eot_pgd(logits_fn, variables, en, ek, es, impl, unroll,
+                                              max(1, args.repeats // 2))
+  if args.scaling:
+    for b in ((8, 16) if q else (32, 64, 128, 256)):
+      res[f"scaling_train_batch{b}"] = {"batch": b, **bench_train(cfg, model, tx, state, b,
+                                                                  args.repeats)}
+    plain = bench_eot_grad(logits_fn, variables, en, 0, "vmap", args.repeats)
+    res["scaling_input_grad"] = {"images": en, **plain}
+    for k in ((1, 2) if q else (1, 2, 5, 10)):
+      for impl in ("vmap", "batch"):
+        r = bench_eot_grad(logits_fn, variables, en, k, impl, args.repeats)
+        r["cost_vs_k_plain_grads"] = r["median_s"] / (k * plain["median_s"])
+        res[f"scaling_eot_grad_k{k}_{impl}"] = {"images": en, "masks": k, **r}
+  out["machine_after"] = machine()
+  json.dump(out, sys.stdout, indent=1)
+  print()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,42 @@
+"""Shared benchmark helpers: timing (warm-up excluded, median of repeats), machine facts."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+  return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+          "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+          "platform": platform.platform(), "python": platform.python_version(),
+          "loadavg": os.getloadavg()}
+
+
+def measure(run, sync, repeats: int, warmup: int = 1) -> dict:
+  """``run()`` returns something ``sync`` blocks on.  First call = compile + run."""
+  t0 = time.perf_counter()
+  sync(run())
+  first = time.perf_counter() - t0
+  for _ in range(max(0, warmup - 1)):
+    sync(run())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    sync(run())
+    times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  return {"first_call_s": first, "compile_s": max(first - med, 0.0), "median_s": med,
+          "min_s": min(times), "repeats": repeats}

@@ -1,0 +1,88 @@
+"""Runs the JAX and PyTorch benchmarks back to back and writes the comparison.
+
+    python benchmarks/run.py [--quick] [--scaling] [--name MACHINE]
+
+Writes ``benchmarks/results/<date>-<machine>.json`` (both raw results, machine
+facts, library versions, XLA flags, load averages, and ``ratio_*`` keys =
+JAX throughput / PyTorch throughput) and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKLOADS = (("train", "images_per_s"), ("infer", "images_per_s"),
+             ("avg10", "images_per_s"), ("eot", "image_steps_per_s"))
+
+
+def _run(script: str, args: list[str]) -> dict:
+  out = subprocess.run([sys.executable, os.path.join(HERE, script), *args],
+                       capture_output=True, text=True, check=False)
+  if out.returncode:
+    raise RuntimeError(f"{script} failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout)
+
+
+def best_jax(results: dict, workload: str, metric: str) -> tuple[str, float]:
+  prefix = "eot_pgd" if workload == "eot" else workload
+  cands = {k: v[metric] for k, v in results.items()
+           if (k == prefix or k.startswith(prefix + "[")) and metric in v}
+  key = max(cands, key=cands.get)
+  return key, cands[key]
+
+
+def compare(jax_res: dict, torch_res: dict) -> tuple[dict, str]:
+  ratios, lines = {}, ["| workload | JAX (best form) | PyTorch plain | PyTorch best | "
+                       "JAX / plain | JAX / best |", "|---|---|---|---|---|---|"]
+  for workload, metric in WORKLOADS:
+    name = "eot_pgd" if workload == "eot" else workload
+    jk, jv = best_jax(jax_res["results"], workload, metric)
+    tp = torch_res["results"][f"{name}[plain]"][metric]
+    tb = torch_res["results"][f"{name}[best]"][metric]
+    ratios[f"ratio_{workload}_jax_vs_torch_plain"] = jv / tp
+    ratios[f"ratio_{workload}_jax_vs_torch_best"] = jv / tb
+    lines.append(f"| {workload} ({metric}) | {jv:.1f} ({jk}) | {tp:.1f} | {tb:.1f} | "
+                 f"{jv / tp:.2f} | {jv / tb:.2f} |")
+  return ratios, "\n".join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+  p.add_argument("--scaling", action="store_true", help="JAX batch-size and K scaling too")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--name", default=socket.gethostname(), help="machine name for the file")
+  p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
+  args = p.parse_args(argv)
+  common = ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+  load_before = os.getloadavg()
+  jax_res = _run("bench.py", common + (["--scaling"] if args.scaling else []))
+  torch_res = _run("torch_reference.py", common)
+  load_after = os.getloadavg()
+  ratios, table = compare(jax_res, torch_res)
+  record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": args.name,
+            "quick": args.quick, "loadavg_before": load_before, "loadavg_after": load_after,
+            "cpu_model": jax_res["machine_before"]["cpu_model"],
+            "cpu_count": jax_res["machine_before"]["cpu_count"],
+            "versions": {"jax": jax_res["jax"], "torch": torch_res["torch"]},
+            "xla_flags": jax_res["xla_flags"], **ratios, "table": table,
+            "jax": jax_res, "torch": torch_res}
+  os.makedirs(args.out_dir, exist_ok=True)
+  path = os.path.join(args.out_dir,
+                      f"{datetime.date.today().isoformat()}-{args.name}"
+                      f"{'-quick' if args.quick else ''}.json")
+  with open(path, "w") as f:
+    json.dump(record, f, indent=1)
+  print(table)
+  print(f"\nload average before {load_before}, after {load_after}\nwrote {path}")
+
+
+if __name__ == "__main__":
+  main()
