@@ -39,7 +39,7 @@ def accuracy(x, y):
   return float(jnp.mean(jnp.argmax(linear_logits(linear_model(), x), -1) == y))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(norm=st.sampled_from(["linf", "l2", "l0"]), batch=st.sampled_from([1, 3, 5]),
        eps=st.floats(0.0, 0.5), seed=st.integers(0, 1000), eot=st.sampled_from([0, 3]),
        loss=st.sampled_from(["ce", "cw"]), unit=st.sampled_from(["pixel", "value"]))

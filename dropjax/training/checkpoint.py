@@ -11,6 +11,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dropjax.config import ARCHITECTURE_FIELDS, TrainConfig
@@ -79,7 +80,12 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     path = os.path.join(self.directory, str(step))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    # Restore onto this process's first device, whatever topology saved it (a
+    # pod-trained checkpoint loads on one CPU); callers then place the state.
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=sharding),
+        template)
     try:
       return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # orbax raises many types for damaged files
