@@ -282,3 +282,15 @@ def test_multi_host_two_processes_match_single_process(tiny_data_dir, tmp_path):
   sb = ckpt_lib.Checkpointer(str(tmp_path / "sh")).restore(template)
   for x, y in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)):
     np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)
+
+
+def test_metric_writer_jsonl_truncate_and_tensorboard(tmp_path):
+  from dropjax.training.metrics import MetricWriter
+  w = MetricWriter(str(tmp_path), tensorboard=True)
+  for s in (1, 2, 3):
+    w.write({"kind": "train", "step": s, "loss": 1.0 / s})
+  w.truncate_after(2)
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2]
+  events = [f for f in os.listdir(tmp_path / "tensorboard") if "tfevents" in f]
+  assert events and os.path.getsize(tmp_path / "tensorboard" / events[0]) > 0
