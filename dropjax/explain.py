@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dropjax import masks
+from dropjax.plots import save_figure
 
 Array = jax.Array
 
@@ -99,7 +100,7 @@ def plot_gradients(models: list[tuple[str, dict]], out_dir: str, name: str = "gr
         ax.set_yticks([])
   for j, c in enumerate(cols):
     axes[0][j].set_title(c, fontsize=8)
-  return _save(fig, out_dir, name)
+  return save_figure(fig, out_dir, name)
 
 
 def plot_filters(models: list[tuple[str, np.ndarray]], out_dir: str, name: str = "filters"):
@@ -121,19 +122,7 @@ def plot_filters(models: list[tuple[str, np.ndarray]], out_dir: str, name: str =
       ax.axis("on")
       ax.imshow(tiles[f], interpolation="nearest")
     axes[0][mi * cols].set_title(label, fontsize=8, loc="left")
-  return _save(fig, out_dir, name)
-
-
-def _save(fig, out_dir, name):
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  os.makedirs(out_dir, exist_ok=True)
-  paths = []
-  for ext in ("png", "svg"):
-    p = os.path.join(out_dir, f"{name}.{ext}")
-    fig.savefig(p, dpi=120, bbox_inches="tight")
-    paths.append(p)
-  plt.close(fig)
-  return paths
+  return save_figure(fig, out_dir, name)
 
 
 def explain_workdirs(workdirs: list[str], out_dir: str, *, drop_rate: float = 0.9,

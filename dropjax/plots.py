@@ -46,7 +46,9 @@ def model_name(row: dict) -> str:
   return f"{row.get('dataset')} ResNet-{row.get('depth')} ({drop})"
 
 
-def _save(fig, out_dir: str, name: str) -> list[str]:
+def save_figure(fig, out_dir: str, name: str) -> list[str]:
+  """Saves ``fig`` as ``out_dir/name.png`` and ``.svg``, closes it, returns the paths."""
+  os.makedirs(out_dir, exist_ok=True)
   paths = []
   for ext in ("png", "svg"):
     path = os.path.join(out_dir, f"{name}.{ext}")
@@ -71,7 +73,7 @@ def plot_clean_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
   ax.set(xlabel="test-time drop rate r", ylabel="clean accuracy", ylim=(0, 1))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  return _save(fig, out_dir, "clean_vs_drop_rate")
+  return save_figure(fig, out_dir, "clean_vs_drop_rate")
 
 
 def plot_robust_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
@@ -92,7 +94,7 @@ def plot_robust_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
     ax.set(xlabel="test-time drop rate r", ylabel=f"robust accuracy ({norm})", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    paths += _save(fig, out_dir, f"robust_vs_drop_rate_{norm}")
+    paths += save_figure(fig, out_dir, f"robust_vs_drop_rate_{norm}")
   return paths
 
 
