@@ -10,10 +10,6 @@ import typing
 from dropjax import config as config_lib
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-  pass
-
-
 def _parse_bool(text: str) -> bool:
   low = text.lower()
   if low in ("1", "true", "yes", "on"):

@@ -162,6 +162,18 @@ def perturbation_norms(x_adv: np.ndarray, x: np.ndarray) -> dict[str, np.ndarray
           "l0": np.asarray(norms_lib.l0_count(jnp.asarray(d), "pixel"))}
 
 
+def prediction_columns(probs: dict, thresholds: dict, prefix: str) -> dict[str, np.ndarray]:
+  """Row columns from :func:`make_defense_fn` outputs: predictions for plain /
+  single / avg, entropies and rejection flags for single / avg."""
+  probs = jax.device_get(probs)
+  cols = {f"{prefix}pred_{kind}": probs[kind].argmax(-1) for kind in ("plain", "single", "avg")}
+  for kind in ("single", "avg"):
+    h = np.asarray(defense.entropy(probs[kind]))
+    cols[f"{prefix}entropy_{kind}"] = h
+    cols[f"{prefix}rejected_{kind}"] = h > thresholds[kind]
+  return cols
+
+
 def summarize(rows: list[dict], thresholds: dict) -> dict:
   """The summary of a setting, computed from its rows only."""
   r = {k: np.array([row[k] for row in rows]) for k in rows[0]}
@@ -262,14 +274,8 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
         k_attack, k_select, k_clean, k_adv = jax.random.split(key, 4)
         x = augment.to_float(jnp.asarray(batch["image"]))
         y = jnp.asarray(batch["label"], jnp.int32)
-        clean = jax.device_get(defend(k_clean, variables, x))
-        rows = {"index": batch["index"], "label": batch["label"]}
-        for kind in ("plain", "single", "avg"):
-          rows[f"pred_{kind}"] = clean[kind].argmax(-1)
-        for kind in ("single", "avg"):
-          h = np.asarray(defense.entropy(clean[kind]))
-          rows[f"entropy_{kind}"] = h
-          rows[f"rejected_{kind}"] = h > thresholds[kind]
+        rows = {"index": batch["index"], "label": batch["label"],
+                **prediction_columns(defend(k_clean, variables, x), thresholds, "")}
         if attacks:
           t0 = time.perf_counter()
           fooled = lambda xa, yy: jnp.argmax(defend(k_select, variables, xa)["avg"], -1) != yy
@@ -280,13 +286,7 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
           x_adv = jax.block_until_ready(x_adv)
           attack_seconds += time.perf_counter() - t0
           attacked += n_valid
-          adv = jax.device_get(defend(k_adv, variables, x_adv))
-          for kind in ("plain", "single", "avg"):
-            rows[f"adv_pred_{kind}"] = adv[kind].argmax(-1)
-          for kind in ("single", "avg"):
-            h = np.asarray(defense.entropy(adv[kind]))
-            rows[f"adv_entropy_{kind}"] = h
-            rows[f"adv_rejected_{kind}"] = h > thresholds[kind]
+          rows.update(prediction_columns(defend(k_adv, variables, x_adv), thresholds, "adv_"))
           for n, v in perturbation_norms(x_adv, x).items():
             rows[f"norm_{n}"] = v
         lines = []

@@ -15,11 +15,11 @@ from dropjax import masks
 from dropjax.data import augment
 
 
-def padded_batches(arrays: dict[str, np.ndarray], batch_size: int, start: int = 0,
-                   stop: int | None = None) -> Iterator[tuple[dict, int]]:
+def padded_batches(arrays: dict[str, np.ndarray],
+                   batch_size: int) -> Iterator[tuple[dict, int]]:
   """Yields ``(batch, n_valid)``; each batch has ``batch_size`` rows plus ``index``."""
-  n = len(next(iter(arrays.values()))) if stop is None else stop
-  for lo in range(start, n, batch_size):
+  n = len(next(iter(arrays.values())))
+  for lo in range(0, n, batch_size):
     hi = min(lo + batch_size, n)
     idx = np.arange(lo, lo + batch_size)
     idx_c = np.minimum(idx, hi - 1)

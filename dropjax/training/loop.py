@@ -7,6 +7,7 @@ checkpoint of step ``s`` continues exactly as the uninterrupted run would.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,8 +31,12 @@ INIT_STREAM, TRAIN_STREAM, EVAL_STREAM = 0, 1, 2
 FINAL_EVAL_FILE = "final_eval.json"
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(n)
+  """The data order of ``epoch`` (computed once per epoch, not once per step)."""
+  order = np.random.default_rng([seed, epoch]).permutation(n)
+  order.flags.writeable = False
+  return order
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
