@@ -1,24 +1,41 @@
-"""Where the time goes in a train step and in an EOT-PGD step (ResNet-20, CPU).
+"""Where the time goes in a ResNet-20 train step and in an EOT-PGD step.
 
-    python benchmarks/profile_steps.py > benchmarks/results/profile-<machine>.json
+    python benchmarks/profile_steps.py --name MACHINE
+    # -> benchmarks/results/<date>-MACHINE-profile.json (and a summary on stdout)
 
-A profile by decomposition: each stage is compiled and timed on its own
-(median of repeats, compile excluded), so the differences between rows are
-the cost of each stage.  Complements ``jax.profiler`` traces, which on XLA:CPU
-show one fused thunk per op and no per-layer attribution.
+Three views, all with compile time excluded:
+
+1. ``jax.profiler`` trace of the jitted train step (batch 128) and of one EOT
+   gradient (100 images x 10 masks), aggregated per XLA op kind (transposes,
+   reductions, elementwise fusions, copies, ...).  On XLA:CPU convolutions run
+   asynchronously on the intra-op pool, so their trace events only show the
+   dispatch; their cost is the step time minus everything else, and view 3
+   measures it directly.
+2. A decomposition: forward, forward + backward, full step; forward, input
+   gradient, EOT gradient in three forms; EOT-PGD steps rolled vs unrolled.
+3. Each convolution shape of ResNet-20 alone (forward, input gradient,
+   weight gradient) with its GFLOP/s, to compare with the machine's peak.
 """
 from __future__ import annotations
 
+import argparse
+import collections
+import datetime
+import glob
+import gzip
 import json
 import os
+import re
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dropjax  # noqa: E402,F401
+import dropjax  # noqa: E402,F401  (per-backend XLA defaults)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
 
 from benchmarks.common import machine, measure  # noqa: E402
 from dropjax.attacks.losses import attack_objective  # noqa: E402
@@ -28,10 +45,83 @@ from dropjax.objectives import cross_entropy  # noqa: E402
 from dropjax.training import state as state_lib, step as step_lib  # noqa: E402
 
 sync = jax.block_until_ready
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Op-kind groups for the trace view: (label, regex on the XLA op name).
+KINDS = (
+    ("transposes (layouts for conv weight gradients)", r"^transpose"),
+    ("reductions (batch-norm statistics, sums)", r"reduce"),
+    ("convolution dispatch (async; cost is in 'unattributed')", r"^conv"),
+    ("copies", r"^copy"),
+    ("control flow (while / conditional)", r"^(while|conditional|cond)"),
+    ("elementwise fusions (BN apply, ReLU, adds, masks, SGD)", r"fusion|^wrapped|^multiply|^add"),
+)
+SKIP = ("ThunkExecutor", "$", "PjitFunction", "CommonPjRt", "ParseArguments", "end:")
 
 
-def main():
-  repeats = 5
+def trace_ops(fn, args, steps: int = 3) -> dict:
+  """Runs ``fn(*args)`` ``steps`` times under the profiler; per-step ms by op kind."""
+  sync(fn(*args))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      t0 = datetime.datetime.now()
+      for _ in range(steps):
+        sync(fn(*args))
+      wall = (datetime.datetime.now() - t0).total_seconds() / steps
+    path = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)[0]
+    with gzip.open(path) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  per_op = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and not e["name"].startswith(SKIP):
+      per_op[e["name"]] += e.get("dur", 0) / 1e3 / steps  # us -> ms per step
+  kinds = collections.Counter()
+  for name, ms in per_op.items():
+    base = re.sub(r"\.\d+$", "", name)
+    label = next((k for k, rx in KINDS if re.search(rx, base)), "other")
+    kinds[label] += ms
+  wall_ms = 1e3 * wall
+  kinds["unattributed (convolutions, threads idle, dispatch)"] = wall_ms - sum(kinds.values())
+  return {"wall_ms_under_profiler": wall_ms,
+          "by_kind_ms": {k: round(v, 2) for k, v in kinds.most_common()},
+          "top_ops_ms": {k: round(v, 2) for k, v in per_op.most_common(12)}}
+
+
+def conv_shapes(batch: int, repeats: int) -> list[dict]:
+  """Forward / input-gradient / weight-gradient time of each ResNet-20 conv shape."""
+  dn = ("NHWC", "HWIO", "NHWC")
+  rows = []
+  for h, c, o in ((32, 16, 16), (16, 32, 32), (8, 64, 64)):
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, h, h, c))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, c, o))
+    g = jax.random.normal(jax.random.PRNGKey(2), (batch, h, h, o))
+    conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                 dimension_numbers=dn)
+    fns = {"forward": (jax.jit(conv), (x, w)),
+           "input_grad": (jax.jit(lambda g, w: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]), (g, w)),
+           "weight_grad": (jax.jit(lambda g, x: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]), (g, x))}
+    gflop = 2 * batch * h * h * 9 * c * o / 1e9
+    row = {"hw": h, "cin": c, "cout": o, "batch": batch, "gflop": gflop}
+    for name, (f, a) in fns.items():
+      s = measure(lambda: f(*a), sync, repeats)["median_s"]
+      row[f"{name}_ms"] = round(1e3 * s, 2)
+      row[f"{name}_gflops"] = round(gflop / s, 1)
+    rows.append(row)
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--name", default="local", help="machine name for the output file")
+  p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
+  p.add_argument("--out", default=None, help="output JSON (default results/<date>-NAME-profile.json)")
+  args = p.parse_args(argv)
+  repeats = args.repeats
+  out = {"machine_before": machine(), "jax": jax.__version__,
+         "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
   cfg = TrainConfig(depth=20, drop="fixed", drop_rate=0.9)
   model = state_lib.make_model(cfg, 10)
   tx = state_lib.make_optimizer(cfg, 100)
@@ -42,26 +132,27 @@ def main():
            "label": jnp.asarray(rng.randint(0, 10, b).astype(np.int32)),
            "index": jnp.arange(b, dtype=jnp.int32)}
   key = jax.random.PRNGKey(1)
-  out = {"machine": machine(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "train": {},
-         "eot": {}}
+  train_step = jax.jit(step_lib.make_train_step(cfg, model, tx))
+  out["train_trace"] = trace_ops(train_step, (state, batch, key))
 
-  prep = jax.jit(lambda: step_lib.prepare_inputs(cfg, key, state.step, batch)[1])
-  x_in = prep()
+  x_in = jax.jit(lambda s, bt, k: step_lib.prepare_inputs(cfg, k, s.step, bt)[1])(state, batch, key)
 
-  def fwd(params):
-    logits, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, x_in,
-                            train=True, mutable=["batch_stats"])
-    return jnp.mean(cross_entropy(logits, batch["label"]))
+  def fwd(params, stats, x, y):
+    logits, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                            mutable=["batch_stats"])
+    return jnp.mean(cross_entropy(logits, y))
 
+  args_fb = (state.params, state.batch_stats, x_in, batch["label"])
   stages = {
-      "input_prep (uint8 -> [-1,1], crop, flip, mask)": prep,
-      "forward (train mode, BN batch stats)": jax.jit(lambda: fwd(state.params)),
-      "forward + backward": jax.jit(lambda: jax.grad(fwd)(state.params)),
-      "full train step (prep + fwd + bwd + SGD update)": jax.jit(
-          lambda: step_lib.make_train_step(cfg, model, tx)(state, batch, key)[1]["loss"]),
+      "input_prep (uint8 -> [-1,1], crop, flip, mask)": (
+          jax.jit(lambda s, bt, k: step_lib.prepare_inputs(cfg, k, s.step, bt)[1]),
+          (state, batch, key)),
+      "forward (train mode, BN batch stats)": (jax.jit(fwd), args_fb),
+      "forward + backward": (jax.jit(jax.grad(fwd)), args_fb),
+      "full train step": (train_step, (state, batch, key)),
   }
-  for name, f in stages.items():
-    out["train"][name] = measure(f, sync, repeats)["median_s"]
+  out["train_ms"] = {n: round(1e3 * measure(lambda: f(*a), sync, repeats)["median_s"], 1)
+                     for n, (f, a) in stages.items()}
 
   logits_fn = step_lib.make_logits_fn(model)
   v = state.variables
@@ -69,34 +160,48 @@ def main():
   x = jax.random.uniform(key, (n, 32, 32, 3), minval=-1, maxval=1)
   y = jnp.zeros((n,), jnp.int32)
   obj = attack_objective("ce", False)
-  objective = lambda xx, yy: obj(logits_fn(v, xx), yy)
+
+  def eot(impl):
+    return jax.jit(lambda v, x, y: eot_gradient(
+        key, lambda xx, yy: obj(logits_fn(v, xx), yy), x, y, 0.9, k, impl=impl))
+
+  out["eot_trace"] = trace_ops(eot("vmap"), (v, x, y))
   eot_stages = {
-      "forward (inference), 100 images": jax.jit(lambda: logits_fn(v, x)),
+      "forward (inference), 100 images": jax.jit(lambda v, x, y: logits_fn(v, x)),
       "input gradient, 100 images": jax.jit(
-          lambda: jax.grad(lambda xx: jnp.sum(objective(xx, y)))(x)),
-      "EOT gradient K=10 (vmap of grad)": jax.jit(
-          lambda: eot_gradient(key, objective, x, y, 0.9, k, impl="vmap")),
-      "EOT gradient K=10 (folded batch of 1000)": jax.jit(
-          lambda: eot_gradient(key, objective, x, y, 0.9, k, impl="batch")),
-      "EOT gradient K=10 (scan over masks)": jax.jit(
-          lambda: eot_gradient(key, objective, x, y, 0.9, k, impl="scan")),
+          lambda v, x, y: jax.grad(lambda xx: jnp.sum(obj(logits_fn(v, xx), y)))(x)),
+      "EOT gradient K=10 (vmap of grad)": eot("vmap"),
+      "EOT gradient K=10 (folded batch of 1000)": eot("batch"),
+      "EOT gradient K=10 (scan over masks)": eot("scan"),
   }
-  for name, f in eot_stages.items():
-    out["eot"][name] = measure(f, sync, repeats)["median_s"]
+  out["eot_ms"] = {nm: round(1e3 * measure(lambda: f(v, x, y), sync, repeats)["median_s"], 1)
+                   for nm, f in eot_stages.items()}
 
   def pgd(unroll, steps=4):
-    def body(i, xx):
-      g = eot_gradient(jax.random.fold_in(key, i), objective, xx, y, 0.9, k, impl="vmap")
-      return jnp.clip(x + jnp.clip(xx + 0.01 * jnp.sign(g) - x, -0.1, 0.1), -1, 1)
-    return jax.jit(lambda: jax.lax.fori_loop(0, steps, body, x, unroll=unroll))
+    def run(v, x, y):
+      objective = lambda xx, yy: obj(logits_fn(v, xx), yy)
 
-  for unroll in (1, 2, True):
-    r = measure(pgd(unroll), sync, 1)
-    out["eot"][f"4 EOT-PGD steps, fori_loop unroll={unroll}"] = r["median_s"]
-    out["eot"][f"compile, unroll={unroll}"] = r["compile_s"]
+      def body(i, xx):
+        g = eot_gradient(jax.random.fold_in(key, i), objective, xx, y, 0.9, k, impl="vmap")
+        return jnp.clip(x + jnp.clip(xx + 0.01 * jnp.sign(g) - x, -0.1, 0.1), -1, 1)
+
+      return lax.fori_loop(0, steps, body, x, unroll=unroll)
+    return jax.jit(run)
+
+  for unroll in (1, True):
+    r = measure(lambda f=pgd(unroll): f(v, x, y), sync, 1)
+    out["eot_ms"][f"4 EOT-PGD steps, fori_loop unroll={unroll}"] = round(1e3 * r["median_s"], 1)
+    out["eot_ms"][f"compile s, unroll={unroll}"] = round(r["compile_s"], 1)
+
+  out["conv_shapes_train_batch"] = conv_shapes(b, repeats)
   out["machine_after"] = machine()
-  json.dump(out, sys.stdout, indent=1)
-  print()
+  path = args.out or os.path.join(
+      HERE, "results", f"{datetime.date.today().isoformat()}-{args.name}-profile.json")
+  with open(path, "w") as f:
+    json.dump(out, f, indent=1)
+  json.dump({kk: out[kk] for kk in ("train_trace", "train_ms", "eot_trace", "eot_ms")},
+            sys.stdout, indent=1)
+  print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

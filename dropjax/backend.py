@@ -10,6 +10,10 @@ Measured choices (see ``benchmarks/README.md`` for the numbers and commands):
 
 * ``--xla_cpu_experimental_ynn_fusion_type=`` (empty) makes the XLA:CPU
   ResNet-20 train step faster on the 2-core AVX2 development machine.
+* XLA:CPU fuses batch norm / ReLU / residual chains into the transposes that
+  feed each convolution's weight gradient, which makes them very slow; on CPU
+  the model puts its training-mode convolution inputs behind a
+  :func:`dropjax.fusion.fusion_barrier` (``barrier_conv_inputs``).
 * Inside a rolled ``lax.fori_loop`` XLA:CPU loses most of its convolution
   speed, so on CPU the attack loops are fully unrolled (``loop_unroll``).
   On GPU/TPU a rolled loop compiles faster and runs as fast.
@@ -52,6 +56,22 @@ def loop_unroll(num_steps: int) -> int | bool:
   if jax.default_backend() == "cpu":
     return True if num_steps <= 200 else 10
   return 1
+
+
+def barrier_conv_inputs(train: bool) -> bool:
+  """Whether the model routes convolution inputs through a fusion barrier.
+
+  True on CPU in training mode (the weight-gradient transposes, see
+  :mod:`dropjax.fusion`); False in inference mode (attacks and evaluation take
+  no weight gradients) and on GPU/TPU, where a conditional per convolution
+  would only add overhead.  Override with ``DROPJAX_CONV_BARRIER`` (0 or 1).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  env = os.environ.get("DROPJAX_CONV_BARRIER")
+  if env in ("0", "1"):
+    return env == "1"
+  return train and jax.default_backend() == "cpu"
 
 
 def eot_impl() -> str:

@@ -113,3 +113,29 @@ def test_bad_depth_raises(depth):
 def test_bad_input_rank_raises():
   with pytest.raises(ValueError, match="B, H, W, C"):
     models.resnet(8, 10).init(KEY, jnp.zeros((8, 8, 3)))
+
+
+def test_fusion_barrier_changes_no_numbers_only_the_compiled_program(monkeypatch):
+  """Training-mode loss, gradients and batch statistics are identical with and
+  without the CPU fusion barrier on the convolution inputs, and the barrier is
+  really in the compiled program (as conditionals) only when switched on."""
+  model = models.resnet(8, 5, width=4)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(1), x)
+
+  def loss(params):
+    out, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                           train=True, mutable=["batch_stats"])
+    return jnp.sum(out ** 2), upd
+
+  results, programs = {}, {}
+  for flag in ("0", "1"):
+    monkeypatch.setenv("DROPJAX_CONV_BARRIER", flag)
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))  # fresh trace per setting
+    results[flag] = fn(variables["params"])
+    programs[flag] = fn.lower(variables["params"]).as_text()
+  for a, b in zip(jax.tree.leaves(results["0"]), jax.tree.leaves(results["1"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  num_convs = 1 + 2 * 3  # stem + two per block, depth 8 = one block per stage
+  assert programs["1"].count("stablehlo.case") + programs["1"].count("stablehlo.if") >= num_convs
+  assert "stablehlo.case" not in programs["0"] and "stablehlo.if" not in programs["0"]

@@ -1,0 +1,86 @@
+"""dropjax.batch_norm.BatchNorm is the same layer as flax.linen.BatchNorm."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dropjax.batch_norm import BatchNorm, channel_affine, channel_moments, channel_sum
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8, 16), (3, 5, 5, 6), (2, 4, 4, 64), (7, 3)])
+def test_channel_sum_matches_plain_sum(shape):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  np.testing.assert_allclose(channel_sum(x), x.reshape(-1, shape[-1]).sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_custom_vjps_match_autodiff_of_plain_expressions():
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(1), 4)
+  x = jax.random.normal(k1, (3, 4, 4, 8))
+  a, b = jax.random.normal(k2, (8,)), jax.random.normal(k3, (8,))
+  g = jax.random.normal(k4, x.shape)
+  plain = lambda x, a, b: jnp.sum((x * a + b) * g)
+  ours = lambda x, a, b: jnp.sum(channel_affine(x, a, b) * g)
+  for u, v in zip(jax.grad(plain, (0, 1, 2))(x, a, b), jax.grad(ours, (0, 1, 2))(x, a, b)):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
+
+  def plain_m(x):
+    m, m2 = jnp.mean(x, (0, 1, 2)), jnp.mean(x * x, (0, 1, 2))
+    return jnp.sum(m * a) + jnp.sum(m2 * b)
+
+  def ours_m(x):
+    m, m2 = channel_moments(x)
+    return jnp.sum(m * a) + jnp.sum(m2 * b)
+
+  np.testing.assert_allclose(jax.grad(plain_m)(x), jax.grad(ours_m)(x), rtol=1e-5, atol=1e-6)
+
+
+def _pair(**kw):
+  return nn.BatchNorm(momentum=0.9, epsilon=1e-5, **kw), BatchNorm(momentum=0.9, epsilon=1e-5, **kw)
+
+
+def test_same_variables_outputs_statistics_and_gradients_as_flax():
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(2), (4, 6, 6, 16))
+  flax_bn, ours = _pair(use_running_average=False)
+  v_flax = flax_bn.init(jax.random.PRNGKey(0), x)
+  v_ours = ours.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.map(jnp.shape, v_flax) == jax.tree.map(jnp.shape, v_ours)
+  # Non-trivial parameters and statistics.
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  params = {"scale": 1 + 0.1 * jax.random.normal(keys[0], (16,)),
+            "bias": jax.random.normal(keys[1], (16,))}
+  stats = {"mean": jax.random.normal(keys[2], (16,)),
+           "var": 1 + jax.random.uniform(keys[3], (16,))}
+  v = {"params": params, "batch_stats": stats}
+  y_f, up_f = flax_bn.apply(v, x, mutable=["batch_stats"])
+  y_o, up_o = ours.apply(v, x, mutable=["batch_stats"])
+  np.testing.assert_allclose(y_f, y_o, rtol=1e-4, atol=1e-4)
+  for name in ("mean", "var"):
+    np.testing.assert_allclose(up_f["batch_stats"][name], up_o["batch_stats"][name],
+                               rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(jax.random.PRNGKey(4), x.shape)
+
+  def loss(bn, p, x):
+    return jnp.sum(bn.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])[0] * g)
+
+  gf = jax.grad(functools.partial(loss, flax_bn), (0, 1))(params, x)
+  go = jax.grad(functools.partial(loss, ours), (0, 1))(params, x)
+  for u, w in zip(jax.tree.leaves(gf), jax.tree.leaves(go)):
+    np.testing.assert_allclose(u, w, rtol=1e-3, atol=1e-4)
+  # Inference mode uses the running statistics.
+  flax_eval, ours_eval = _pair(use_running_average=True)
+  np.testing.assert_allclose(flax_eval.apply(v, x), ours_eval.apply(v, x), rtol=1e-5, atol=1e-5)
+
+
+def test_pmap_axis_averages_statistics_like_flax():
+  n = jax.local_device_count()
+  assert n >= 2, "conftest provides 2 CPU devices"
+  x = jax.random.normal(jax.random.PRNGKey(5), (n, 3, 4, 4, 8)) * jnp.arange(1, n + 1)[:, None, None, None, None]
+  flax_bn, ours = _pair(use_running_average=False, axis_name="d")
+  v = ours.init(jax.random.PRNGKey(0), x[0])
+  run = lambda bn: jax.pmap(lambda x: bn.apply(v, x, mutable=["batch_stats"]), axis_name="d")(x)
+  (y_f, s_f), (y_o, s_o) = run(flax_bn), run(ours)
+  np.testing.assert_allclose(y_f, y_o, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(s_f["batch_stats"]["var"], s_o["batch_stats"]["var"], rtol=1e-5)
