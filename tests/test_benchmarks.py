@@ -19,3 +19,13 @@ def test_compare_picks_best_jax_form_and_names_ratios():
   assert all("ratio" in k for k in ratios)
   assert any("train" in k for k in ratios) and any("eot" in k for k in ratios)
   assert "eot_pgd[batch:full]" in table
+
+
+def test_eot_memory_analysis_grows_with_the_number_of_masks():
+  from benchmarks import eot_memory
+  one = eot_memory.analyse(batch=4, masks=1, steps=2, depth=8)
+  four = eot_memory.analyse(batch=4, masks=4, steps=2, depth=8)
+  assert one["temp_size_in_bytes"] > 0
+  # The backward pass keeps the activations of batch x masks images alive.
+  assert four["temp_size_in_bytes"] > 2 * one["temp_size_in_bytes"]
+  assert four["peak_estimate_gib"] > one["peak_estimate_gib"]
