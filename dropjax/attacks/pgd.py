@@ -111,7 +111,8 @@ def eot_gradient(key: Array, objective: Callable[[Array, Array], Array], x: Arra
     impl: how the K gradients are computed -- all give the same value:
       ``"vmap"`` (``vmap`` of ``grad`` over the K keys), ``"batch"`` (the K
       masked copies folded into one batch of K*B, one ``grad``; the sum of
-      per-copy gradients is ∑ₖ ∇ℓ(x∘Mₖ)∘Mₖ) or ``"scan"`` (one mask at a time).
+      per-copy gradients is ∑ₖ ∇ℓ(x∘Mₖ)∘Mₖ) or ``"scan"`` (one mask at a time,
+      B images per pass; the scan is unrolled where ``backend.loop_unroll`` says).
 
   Returns:
     Gradient with the shape of ``x``.  Per-example objectives make the gradient
@@ -136,7 +137,8 @@ def eot_gradient(key: Array, objective: Callable[[Array, Array], Array], x: Arra
   if impl == "vmap":
     return jnp.mean(jax.vmap(grad_one)(keys), axis=0)
   if impl == "scan":
-    total, _ = jax.lax.scan(lambda acc, k: (acc + grad_one(k), None), jnp.zeros_like(x), keys)
+    total, _ = jax.lax.scan(lambda acc, k: (acc + grad_one(k), None), jnp.zeros_like(x), keys,
+                            unroll=backend.loop_unroll(num_masks))
     return total / num_masks
   ms = jax.vmap(mask)(keys)  # (K, B, H, W, C)
   tiled = jnp.tile(labels, num_masks)
