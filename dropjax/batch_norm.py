@@ -12,7 +12,9 @@ view ``(B*H*W / k, k*C)`` (``k*C`` >= 128 lanes) and then folding the ``k``
 copies is 5-10x faster (``benchmarks/README.md``, profile section).  Autodiff
 of a broadcast produces the slow form again in the backward pass, so the
 affine map and the moments carry custom VJPs whose reductions use the wide
-form too.  On GPU/TPU the wide form is as fast as the plain one.
+form too.  On GPU/TPU it is the same computation (its speed there is not
+measured yet).  The custom VJPs make the layer reverse-mode only: ``jax.jvp``
+through a training-mode forward pass is not supported.
 """
 from __future__ import annotations
 

@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 python train.py --preset gtsrb-resnet20-normal --epochs 4 --workdir runs/gtsrb-resnet20-normal-4ep --no_progress
 python train.py --preset gtsrb-resnet20-fixed --epochs 4 --workdir runs/gtsrb-resnet20-fixed-4ep --no_progress
 python -m dropjax.explain --workdirs runs/gtsrb-resnet20-normal-4ep runs/gtsrb-resnet20-fixed-4ep \
-  runs/gtsrb-resnet20-random-4ep --drop_rate 0.9 --num_examples 500 \
+  runs/gtsrb-resnet20-random-4ep --drop_rate 0.9 --num_examples 12630 \
   --out experiments/results/gtsrb_resnet20_three_models
