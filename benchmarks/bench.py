@@ -41,12 +41,17 @@ def setup(depth: int):
   return cfg, model, tx, state
 
 
+def synthetic_batch(batch: int) -> dict:
+  """A host batch like the input pipeline's: uint8 images, int32 labels and indices."""
+  rng = np.random.RandomState(0)
+  return {"image": rng.randint(0, 256, (batch, 32, 32, 3)).astype(np.uint8),
+          "label": rng.randint(0, 10, batch).astype(np.int32),
+          "index": np.arange(batch, dtype=np.int32)}
+
+
 def bench_train(cfg, model, tx, state, batch: int, repeats: int) -> dict:
   runner = parallel.JitRunner(step_lib.make_train_step(cfg, model, tx), batch)
-  rng = np.random.RandomState(0)
-  b = runner.put_batch({"image": rng.randint(0, 256, (batch, 32, 32, 3)).astype(np.uint8),
-                        "label": rng.randint(0, 10, batch).astype(np.int32),
-                        "index": np.arange(batch, dtype=np.int32)})
+  b = runner.put_batch(synthetic_batch(batch))
   box = {"s": runner.put_state(state)}
   key = jax.random.PRNGKey(1)
 

@@ -28,21 +28,21 @@ import os
 import re
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dropjax  # noqa: E402,F401  (per-backend XLA defaults)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+from benchmarks import bench  # noqa: E402
 from benchmarks.common import machine, measure  # noqa: E402
 from dropjax.attacks.losses import attack_objective  # noqa: E402
 from dropjax.attacks.pgd import eot_gradient  # noqa: E402
-from dropjax.config import TrainConfig  # noqa: E402
 from dropjax.objectives import cross_entropy  # noqa: E402
-from dropjax.training import state as state_lib, step as step_lib  # noqa: E402
+from dropjax.training import step as step_lib  # noqa: E402
 
 sync = jax.block_until_ready
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,10 +64,10 @@ def trace_ops(fn, args, steps: int = 3) -> dict:
   sync(fn(*args))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
-      t0 = datetime.datetime.now()
+      t0 = time.perf_counter()
       for _ in range(steps):
         sync(fn(*args))
-      wall = (datetime.datetime.now() - t0).total_seconds() / steps
+      wall = (time.perf_counter() - t0) / steps
     path = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)[0]
     with gzip.open(path) as f:
       trace = json.load(f)
@@ -122,15 +122,9 @@ def main(argv=None):
   out = {"machine_before": machine(), "jax": jax.__version__,
          "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
-  cfg = TrainConfig(depth=20, drop="fixed", drop_rate=0.9)
-  model = state_lib.make_model(cfg, 10)
-  tx = state_lib.make_optimizer(cfg, 100)
-  state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, (32, 32, 3))
-  rng = np.random.RandomState(0)
+  cfg, model, tx, state = bench.setup(20)  # the benchmarked workload
   b = 128
-  batch = {"image": jnp.asarray(rng.randint(0, 256, (b, 32, 32, 3)).astype(np.uint8)),
-           "label": jnp.asarray(rng.randint(0, 10, b).astype(np.int32)),
-           "index": jnp.arange(b, dtype=jnp.int32)}
+  batch = jax.tree.map(jnp.asarray, bench.synthetic_batch(b))
   key = jax.random.PRNGKey(1)
   train_step = jax.jit(step_lib.make_train_step(cfg, model, tx))
   out["train_trace"] = trace_ops(train_step, (state, batch, key))
@@ -157,7 +151,7 @@ def main(argv=None):
   logits_fn = step_lib.make_logits_fn(model)
   v = state.variables
   n, k = 100, 10
-  x = jax.random.uniform(key, (n, 32, 32, 3), minval=-1, maxval=1)
+  x = bench.images(n)
   y = jnp.zeros((n,), jnp.int32)
   obj = attack_objective("ce", False)
 
