@@ -19,14 +19,17 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE  # subprocesses share it
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
-REAL_DATA_DIR = os.environ.get("DROPJAX_DATA_DIR")
+# The prepared datasets: $DROPJAX_DATA_DIR, else the repo's .data (where the README's
+# quick start unpacks them), so the test command finds them in a fresh shell too.
+REAL_DATA_DIR = os.environ.get("DROPJAX_DATA_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".data")
 
 
 @pytest.fixture(scope="session")
 def real_data_dir():
   if not REAL_DATA_DIR or not os.path.isdir(REAL_DATA_DIR):
-    pytest.skip("real datasets not prepared: set DROPJAX_DATA_DIR after running "
-                "`python ../shared/datasets/prepare.py .data`")
+    pytest.skip("real datasets not prepared: run `python ../shared/datasets/prepare.py .data` "
+                "(or set DROPJAX_DATA_DIR)")
   return REAL_DATA_DIR
 
 
