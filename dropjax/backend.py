@@ -74,6 +74,28 @@ def barrier_conv_inputs(train: bool) -> bool:
   return train and jax.default_backend() == "cpu"
 
 
+def native_conv_weight_grad(train: bool) -> bool:
+  """Whether training-mode convolutions take their weight gradient natively.
+
+  True on CPU in training mode when :mod:`dropjax.native` could build its
+  kernel and the program runs on a single device (under ``jit`` sharding over
+  several devices XLA cannot partition the custom call and would gather its
+  operands; ``pmap`` and single-device runs are unaffected, but multi-device
+  CPU runs are test set-ups, so they keep XLA's kernels).  Override with
+  ``DROPJAX_NATIVE_CONV`` (0 or 1; 1 still needs the kernel).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from dropjax import conv  # pylint: disable=g-import-not-at-top
+
+  env = os.environ.get("DROPJAX_NATIVE_CONV")
+  if env == "0" or not train:
+    return False
+  if env == "1":
+    return conv.native_available()
+  return jax.device_count() == 1 and conv.native_available()
+
+
 def eot_impl() -> str:
   """Default way to compute the EOT gradient (see ``attacks.pgd.eot_gradient``).
 

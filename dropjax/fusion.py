@@ -31,6 +31,6 @@ def fusion_barrier(x: jax.Array, witness: jax.Array) -> jax.Array:
   return lax.cond(w == w, lambda v: v, lambda v: v + 0, x)  # either branch returns x's values
 
 
-def conv_general_dilated(lhs, rhs, *args, **kwargs):
-  """``lax.conv_general_dilated`` whose input is behind a :func:`fusion_barrier`."""
-  return lax.conv_general_dilated(fusion_barrier(lhs, rhs), rhs, *args, **kwargs)
+def conv_general_dilated(lhs, rhs, *args, conv_fn=lax.conv_general_dilated, **kwargs):
+  """``conv_fn`` (``lax.conv_general_dilated``) with its input behind a :func:`fusion_barrier`."""
+  return conv_fn(fusion_barrier(lhs, rhs), rhs, *args, **kwargs)

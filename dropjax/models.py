@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dropjax import backend, fusion
+from dropjax import conv as conv_lib
 from dropjax.batch_norm import BatchNorm
 
 # PyTorch's kaiming_normal_ (fan_in, gain sqrt(2)), the He et al. init.
@@ -86,8 +87,10 @@ class CifarResNet(nn.Module):
         epsilon=1e-5, dtype=self.dtype, axis_name=self.bn_axis_name if train else None)
     # On CPU, training-mode convolutions read their input through a fusion
     # barrier (dropjax.fusion): the same numbers, a much faster weight gradient.
-    conv_fn = (fusion.conv_general_dilated if backend.barrier_conv_inputs(train)
-               else lax.conv_general_dilated)
+    conv_fn = conv_lib.conv_general_dilated if backend.native_conv_weight_grad(train) \
+        else lax.conv_general_dilated
+    if backend.barrier_conv_inputs(train):
+      conv_fn = functools.partial(fusion.conv_general_dilated, conv_fn=conv_fn)
     x = x.astype(self.dtype)
     x = nn.Conv(self.width, (3, 3), padding=PAD1, use_bias=False,
                 kernel_init=he_normal, dtype=self.dtype, name="stem",

@@ -1,0 +1,200 @@
+// Weight gradient of a 2-D convolution, NHWC input / HWIO kernel, float32,
+// as an XLA FFI handler for the CPU backend (x86-64 with AVX2 + FMA).
+//
+//   dw[kh, kw, ci, co] = sum_{n, oh, ow} x[n, oh*sh + kh - ph, ow*sw + kw - pw, ci]
+//                                        * dy[n, oh, ow, co]
+// (terms whose input position lies in the zero padding are skipped).
+//
+// XLA:CPU has no direct kernel for this: it transposes both operands to
+// channel-major layouts and runs a forward convolution.  This kernel reads
+// the NHWC operands as they are: for every (kh, kw, block of 6 input
+// channels, block of 16 output channels) it keeps a 6x16 tile of dw in 12
+// AVX registers and streams over the output positions of a few rows of one
+// image (a slice that stays in L1).  Images are split into a fixed number of
+// partitions whose partial sums are added in a fixed order, so the result does
+// not depend on thread scheduling (bit-for-bit reproducible runs).
+//
+// Build: see dropjax/native/__init__.py (compiled on first use with the
+// system C++ compiler against the FFI headers shipped with jaxlib).
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kChunkBytes = 8192;  // dy bytes per sweep (with x: fits L1)
+constexpr int kMaxChannelBlock = 6;    // 6 x 2 accumulators + 3 operands = 15 ymm
+
+struct Geometry {
+  int64_t n, h, w, ci, ho, wo, co, kh, kw, sh, sw, ph, pw;
+};
+
+// Output indices o in [0, out) whose input index o*s + k - p lies in [0, in).
+inline void ValidRange(int64_t k, int64_t s, int64_t p, int64_t in, int64_t out,
+                       int64_t* lo, int64_t* hi) {
+  const int64_t first = p - k;
+  *lo = first <= 0 ? 0 : (first + s - 1) / s;
+  const int64_t last = in - 1 + p - k;
+  *hi = std::min(last < 0 ? int64_t{-1} : last / s, out - 1);
+}
+
+struct Window {
+  int64_t image, kh, kw, oh0, oh1, ow0, ow1;
+};
+
+// Accumulates a (CB x 8*V) tile of dw starting at (ci0, co0) over a window.
+template <int CB, int V>
+inline void Tile(const Geometry& g, const float* x, const float* dy, float* dw,
+                 const Window& win, int64_t ci0, int64_t co0) {
+  __m256 acc[CB][V];
+  float* out = dw + ((win.kh * g.kw + win.kw) * g.ci + ci0) * g.co + co0;
+  for (int c = 0; c < CB; ++c)
+    for (int v = 0; v < V; ++v) acc[c][v] = _mm256_loadu_ps(out + c * g.co + 8 * v);
+  for (int64_t oh = win.oh0; oh <= win.oh1; ++oh) {
+    const int64_t ih = oh * g.sh + win.kh - g.ph;
+    const float* xrow = x + ((win.image * g.h + ih) * g.w) * g.ci + ci0;
+    const float* dyrow = dy + ((win.image * g.ho + oh) * g.wo) * g.co + co0;
+    for (int64_t ow = win.ow0; ow <= win.ow1; ++ow) {
+      const float* xp = xrow + (ow * g.sw + win.kw - g.pw) * g.ci;
+      const float* dp = dyrow + ow * g.co;
+      __m256 d[V];
+      for (int v = 0; v < V; ++v) d[v] = _mm256_loadu_ps(dp + 8 * v);
+      for (int c = 0; c < CB; ++c) {
+        const __m256 b = _mm256_broadcast_ss(xp + c);
+        for (int v = 0; v < V; ++v) acc[c][v] = _mm256_fmadd_ps(b, d[v], acc[c][v]);
+      }
+    }
+  }
+  for (int c = 0; c < CB; ++c)
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(out + c * g.co + 8 * v, acc[c][v]);
+}
+
+template <int CB>
+void ChannelBlock(const Geometry& g, const float* x, const float* dy, float* dw,
+                  const Window& win, int64_t ci0) {
+  int64_t co0 = 0;
+  for (; co0 + 16 <= g.co; co0 += 16) Tile<CB, 2>(g, x, dy, dw, win, ci0, co0);
+  for (; co0 + 8 <= g.co; co0 += 8) Tile<CB, 1>(g, x, dy, dw, win, ci0, co0);
+}
+
+void AccumulateImage(const Geometry& g, const float* x, const float* dy, float* dw,
+                     int64_t image) {
+  const int64_t rows = std::max<int64_t>(1, kChunkBytes / (g.wo * g.co * 4));
+  for (int64_t r0 = 0; r0 < g.ho; r0 += rows) {
+    const int64_t r1 = std::min(g.ho, r0 + rows) - 1;
+    for (int64_t kh = 0; kh < g.kh; ++kh) {
+      Window win{image, kh, 0, 0, 0, 0, 0};
+      ValidRange(kh, g.sh, g.ph, g.h, g.ho, &win.oh0, &win.oh1);
+      win.oh0 = std::max(win.oh0, r0);
+      win.oh1 = std::min(win.oh1, r1);
+      if (win.oh0 > win.oh1) continue;
+      for (int64_t kw = 0; kw < g.kw; ++kw) {
+        win.kw = kw;
+        ValidRange(kw, g.sw, g.pw, g.w, g.wo, &win.ow0, &win.ow1);
+        if (win.ow0 > win.ow1) continue;
+        int64_t ci0 = 0;
+        for (; ci0 + kMaxChannelBlock <= g.ci; ci0 += kMaxChannelBlock)
+          ChannelBlock<kMaxChannelBlock>(g, x, dy, dw, win, ci0);
+        switch (g.ci - ci0) {
+          case 5: ChannelBlock<5>(g, x, dy, dw, win, ci0); break;
+          case 4: ChannelBlock<4>(g, x, dy, dw, win, ci0); break;
+          case 3: ChannelBlock<3>(g, x, dy, dw, win, ci0); break;
+          case 2: ChannelBlock<2>(g, x, dy, dw, win, ci0); break;
+          case 1: ChannelBlock<1>(g, x, dy, dw, win, ci0); break;
+          default: break;
+        }
+      }
+    }
+  }
+}
+
+// Partitions handed out to whichever thread asks first.  Workers that start
+// after the caller has finished all partitions return without touching the
+// operands, so the caller never waits for a task that has not started (no
+// deadlock when every pool thread is busy).
+struct Shared {
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int active = 0;
+  bool closed = false;
+};
+
+}  // namespace
+
+static ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                     ffi::Buffer<ffi::F32> dy,
+                                     ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
+                                     int64_t sw, int64_t ph, int64_t pw) {
+  const auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
+  if (xd.size() != 4 || dd.size() != 4 || wd.size() != 4)
+    return ffi::Error::InvalidArgument("conv_weight_grad: operands must have rank 4");
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], dd[1], dd[2], dd[3],
+                   wd[0], wd[1], sh,    sw,    ph,    pw};
+  if (dd[0] != g.n || wd[2] != g.ci || wd[3] != g.co || g.co % 8 != 0 || sh < 1 || sw < 1)
+    return ffi::Error::InvalidArgument("conv_weight_grad: unsupported shapes");
+  const int64_t wsize = g.kh * g.kw * g.ci * g.co;
+  float* out = dw->typed_data();
+  std::memset(out, 0, wsize * sizeof(float));
+  if (g.n == 0 || g.ho == 0 || g.wo == 0) return ffi::Error::Success();
+
+  const int64_t parts = std::min<int64_t>(g.n, std::max<int64_t>(1, pool.num_threads()));
+  std::vector<float> partial((parts - 1) * wsize, 0.f);
+  const float* xp = x.typed_data();
+  const float* dp = dy.typed_data();
+  auto run = [&, parts](Shared* s) {
+    for (int64_t p; (p = s->next.fetch_add(1)) < parts;) {
+      float* acc = p == 0 ? out : partial.data() + (p - 1) * wsize;
+      for (int64_t i = p * g.n / parts; i < (p + 1) * g.n / parts; ++i)
+        AccumulateImage(g, xp, dp, acc, i);
+    }
+  };
+  auto shared = std::make_shared<Shared>();
+  for (int64_t t = 1; t < parts; ++t) {
+    pool.Schedule([shared, &run]() {
+      {
+        std::lock_guard<std::mutex> lock(shared->mu);
+        if (shared->closed) return;  // the caller is gone: touch nothing
+        ++shared->active;
+      }
+      run(shared.get());
+      std::lock_guard<std::mutex> lock(shared->mu);
+      --shared->active;
+      shared->cv.notify_all();
+    });
+  }
+  run(shared.get());
+  {
+    std::unique_lock<std::mutex> lock(shared->mu);
+    shared->closed = true;
+    shared->cv.wait(lock, [&] { return shared->active == 0; });
+  }
+  for (int64_t p = 1; p < parts; ++p) {  // fixed order: reproducible sums
+    const float* src = partial.data() + (p - 1) * wsize;
+    for (int64_t i = 0; i < wsize; ++i) out[i] += src[i];
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DropjaxConvWeightGrad, ConvWeightGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw"));

@@ -1,0 +1,157 @@
+"""The native CPU weight-gradient kernel (dropjax.native, dropjax.conv)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from dropjax import conv, models, native
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+needs_native = pytest.mark.skipif(
+    not conv.native_available(),
+    reason=f"native kernel unavailable here: {native.unavailable_reason()}")
+
+
+def _grads(fn, x, w, strides, pads):
+  def loss(x, w):  # a non-linear loss, so dy differs per position and channel
+    return jnp.sum(jnp.sin(fn(x, w, strides, pads, dimension_numbers=DN)))
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+
+def _weight_grad_reference(x, dy, kh, kw, strides, pads):
+  """dw[a, b, i, o] = sum_{n, p, q} xpad[n, p*s + a, q*s + b, i] dy[n, p, q, o] in NumPy."""
+  x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+  (pt, pb), (pl, pr) = pads
+  xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  _, ho, wo, _ = dy.shape
+  dw = np.zeros((kh, kw, x.shape[-1], dy.shape[-1]))
+  for a in range(kh):
+    for b in range(kw):
+      win = xp[:, a:a + strides[0] * ho:strides[0], b:b + strides[1] * wo:strides[1], :]
+      dw[a, b] = np.einsum("nhwi,nhwo->io", win, dy)
+  return dw
+
+
+@needs_native
+@pytest.mark.parametrize("shape,kernel,strides,pads", [
+    ((3, 8, 8, 3), (3, 3), (1, 1), ((1, 1), (1, 1))),     # stem: 3 input channels
+    ((2, 8, 8, 16), (3, 3), (2, 2), ((1, 1), (1, 1))),    # stride-2 block entry
+    ((2, 9, 7, 7), (3, 3), (1, 1), ((1, 1), (1, 1))),     # 6 + 1 channel blocks, odd sizes
+    ((2, 9, 9, 5), (3, 2), (2, 3), ((0, 2), (2, 0))),     # asymmetric everything
+    ((1, 5, 5, 8), (1, 1), (1, 1), ((0, 0), (0, 0))),     # 1x1 kernel
+])
+@pytest.mark.parametrize("cout", [8, 16, 24])            # 8-wide, 16-wide and mixed tiles
+def test_native_weight_grad_matches_reference(shape, kernel, strides, pads, cout):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  dy_shape = lax.conv_general_dilated(x, jnp.zeros(kernel + (shape[-1], cout)), strides,
+                                      pads, dimension_numbers=DN).shape
+  dy = jax.random.normal(jax.random.PRNGKey(1), dy_shape)
+  got = jax.jit(conv.weight_grad, static_argnums=(2, 3, 4))(
+      x, dy, kernel + (shape[-1], cout), strides, pads)
+  want = _weight_grad_reference(x, dy, *kernel, strides, pads)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_conv_gradients_equal_xla_and_use_the_kernel(strides):
+  x = jax.random.normal(jax.random.PRNGKey(2), (4, 8, 8, 6))
+  w = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 6, 16))
+  pads = ((1, 1), (1, 1))
+  out = conv.conv_general_dilated(x, w, strides, pads, dimension_numbers=DN)
+  np.testing.assert_array_equal(out, lax.conv_general_dilated(x, w, strides, pads,
+                                                              dimension_numbers=DN))
+  (dx, dw), (rx, rw) = (_grads(conv.conv_general_dilated, x, w, strides, pads),
+                        _grads(lax.conv_general_dilated, x, w, strides, pads))
+  np.testing.assert_array_equal(dx, rx)  # input gradient: XLA's own
+  np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)
+  hlo = jax.jit(jax.grad(lambda w: jnp.sum(conv.conv_general_dilated(
+      x, w, strides, pads, dimension_numbers=DN)))).lower(w).as_text()
+  assert native.TARGET in hlo
+
+
+@needs_native
+def test_native_weight_grad_is_deterministic():
+  x = jax.random.normal(jax.random.PRNGKey(4), (16, 16, 16, 16))
+  dy = jax.random.normal(jax.random.PRNGKey(5), (16, 16, 16, 32))
+  f = jax.jit(conv.weight_grad, static_argnums=(2, 3, 4))
+  args = (x, dy, (3, 3, 16, 32), (1, 1), ((1, 1), (1, 1)))
+  first = np.asarray(f(*args))
+  for _ in range(3):
+    np.testing.assert_array_equal(np.asarray(f(*args)), first)
+
+
+@pytest.mark.parametrize("case", ["cout_not_multiple_of_8", "bfloat16", "groups", "dilation"])
+def test_unsupported_cases_fall_back_to_xla_exactly(case):
+  x = jax.random.normal(jax.random.PRNGKey(6), (2, 6, 6, 4))
+  w = jax.random.normal(jax.random.PRNGKey(7), (3, 3, 4, 8))
+  kwargs = {}
+  if case == "cout_not_multiple_of_8":
+    w = w[..., :4]
+  elif case == "bfloat16":
+    x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  elif case == "groups":
+    w, kwargs = w[:, :, :2], {"feature_group_count": 2}
+  else:
+    kwargs = {"rhs_dilation": (2, 2)}
+
+  def loss(fn):
+    return lambda x, w: jnp.sum(jnp.sin(fn(x, w, (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=DN, **kwargs)))
+  got = jax.grad(loss(conv.conv_general_dilated), argnums=(0, 1))(x, w)
+  want = jax.grad(loss(lax.conv_general_dilated), argnums=(0, 1))(x, w)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  hlo = jax.jit(jax.grad(loss(conv.conv_general_dilated), argnums=1)).lower(x, w).as_text()
+  assert native.TARGET not in hlo
+
+
+@needs_native
+def test_model_train_gradients_native_vs_xla(monkeypatch):
+  """A training-mode ResNet gives the same loss, gradients and batch statistics
+  with the native weight gradient as with XLA's (up to summation order), and
+  the native kernel really is in the program only when switched on."""
+  model = models.resnet(8, 5, width=8)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(1), x)
+
+  def loss(params):
+    out, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                           train=True, mutable=["batch_stats"])
+    return jnp.sum(out ** 2), upd
+
+  results, programs = {}, {}
+  for flag in ("0", "1"):
+    monkeypatch.setenv("DROPJAX_NATIVE_CONV", flag)
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    results[flag] = fn(variables["params"])
+    programs[flag] = fn.lower(variables["params"]).as_text()
+  for a, b in zip(jax.tree.leaves(results["0"]), jax.tree.leaves(results["1"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+  assert programs["1"].count(native.TARGET) == 1 + 2 * 3  # every conv of depth 8
+  assert native.TARGET not in programs["0"]
+
+
+def test_native_default_is_off_for_inference_and_multi_device(monkeypatch):
+  from dropjax import backend
+  monkeypatch.delenv("DROPJAX_NATIVE_CONV", raising=False)
+  assert not backend.native_conv_weight_grad(train=False)
+  assert jax.device_count() == 2  # the test session's two virtual CPU devices
+  assert not backend.native_conv_weight_grad(train=True)
+  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")
+  assert backend.native_conv_weight_grad(train=True) == conv.native_available()
+
+
+def test_missing_compiler_or_opt_out_gives_a_reason(monkeypatch):
+  monkeypatch.setattr(native, "_compiler", lambda: None)
+  monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
+  monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+  monkeypatch.setattr(native, "_state", {})
+  assert native.conv_weight_grad_target() is None
+  assert "compiler" in native.unavailable_reason()
+  monkeypatch.setattr(native, "_state", {})
+  monkeypatch.setenv("DROPJAX_NATIVE", "0")
+  assert native.conv_weight_grad_target() is None
+  assert "DROPJAX_NATIVE=0" in native.unavailable_reason()
