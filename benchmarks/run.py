@@ -1,6 +1,10 @@
 """Runs the JAX and PyTorch benchmarks back to back and writes the comparison.
 
-    python benchmarks/run.py [--quick] [--scaling] [--name MACHINE]
+    python benchmarks/run.py [--quick] [--scaling] [--rounds 3] [--name MACHINE]
+
+With ``--rounds N`` the two run alternately N times (JAX, PyTorch, JAX, ...)
+and every throughput is the median over rounds, each ratio the median of the
+per-round ratios (paired, so a slow minute on the VM hits both sides).
 
 Writes ``benchmarks/results/<date>-<machine>.json`` (both raw results, machine
 facts, library versions, XLA flags, load averages, and ``ratio_*`` keys =
@@ -52,6 +56,26 @@ def compare(jax_res: dict, torch_res: dict) -> tuple[dict, str]:
   return ratios, "\n".join(lines)
 
 
+def median_results(rounds: list[dict]) -> dict:
+  """Per-workload median over rounds of each ``*_per_s`` field (other fields: round 0)."""
+  import statistics  # pylint: disable=g-import-not-at-top
+
+  merged = json.loads(json.dumps(rounds[0]))
+  for name, row in merged["results"].items():
+    for k in row:
+      if k.endswith("_per_s"):
+        row[k] = statistics.median(r["results"][name][k] for r in rounds)
+  return merged
+
+
+def paired_ratios(jax_rounds: list[dict], torch_rounds: list[dict]) -> dict:
+  """Median over rounds of the per-round ratios (round i of JAX vs round i of PyTorch)."""
+  import statistics  # pylint: disable=g-import-not-at-top
+
+  per_round = [compare(j, t)[0] for j, t in zip(jax_rounds, torch_rounds)]
+  return {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,23 +84,32 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--name", default=socket.gethostname(), help="machine name for the file")
   p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
+  p.add_argument("--rounds", type=int, default=1,
+                 help="alternate JAX and PyTorch this many times; report medians")
   p.add_argument("--eot_forms", nargs="+", default=None,
                  help="JAX EOT-PGD forms to run (bench.py --eot_forms; default: all of them)")
   args = p.parse_args(argv)
   common = ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
   load_before = os.getloadavg()
-  jax_res = _run("bench.py", common + (["--scaling"] if args.scaling else [])
-                 + (["--eot_forms", *args.eot_forms] if args.eot_forms else []))
-  torch_res = _run("torch_reference.py", common)
+  jax_rounds, torch_rounds = [], []
+  for r in range(args.rounds):
+    jax_rounds.append(_run("bench.py", common + (["--scaling"] if args.scaling and r == 0 else [])
+                           + (["--eot_forms", *args.eot_forms] if args.eot_forms else [])))
+    torch_rounds.append(_run("torch_reference.py", common))
+    print(f"round {r + 1}/{args.rounds}: {compare(jax_rounds[-1], torch_rounds[-1])[0]}",
+          file=sys.stderr, flush=True)
   load_after = os.getloadavg()
-  ratios, table = compare(jax_res, torch_res)
+  jax_res, torch_res = median_results(jax_rounds), median_results(torch_rounds)
+  _, table = compare(jax_res, torch_res)
+  ratios = paired_ratios(jax_rounds, torch_rounds)
   record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": args.name,
             "quick": args.quick, "loadavg_before": load_before, "loadavg_after": load_after,
             "cpu_model": jax_res["machine_before"]["cpu_model"],
             "cpu_count": jax_res["machine_before"]["cpu_count"],
             "versions": {"jax": jax_res["jax"], "torch": torch_res["torch"]},
             "xla_flags": jax_res["xla_flags"], **ratios, "table": table,
-            "jax": jax_res, "torch": torch_res}
+            "rounds": args.rounds, "jax": jax_res, "torch": torch_res,
+            "jax_rounds": jax_rounds, "torch_rounds": torch_rounds}
   os.makedirs(args.out_dir, exist_ok=True)
   path = os.path.join(args.out_dir,
                       f"{datetime.date.today().isoformat()}-{args.name}"
@@ -84,6 +117,9 @@ def main(argv=None):
   with open(path, "w") as f:
     json.dump(record, f, indent=1)
   print(table)
+  if args.rounds > 1:
+    print("\nmedian of paired per-round ratios: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
   print(f"\nload average before {load_before}, after {load_after}\nwrote {path}")
 
 

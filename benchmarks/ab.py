@@ -1,0 +1,139 @@
+"""Interleaved A/B runs (A B A B ...) of the JAX benchmark under settings given as environment variables.
+
+    python benchmarks/ab.py --preset native_conv --rounds 4
+    python benchmarks/ab.py --variant base= --variant no_barrier=DROPJAX_CONV_BARRIER=0
+
+Each measurement is a fresh process (XLA reads its flags, and the model its
+per-backend choices, at start-up) running ``bench.py --workloads ...``;
+alternating the variants spreads background load evenly over them, which
+matters on a VM whose speed drifts by +-20-30% between minutes.  Prints JSON
+rows, one per measurement, then the per-variant median and the ratio of
+each variant to the first; ``--out`` also writes the rows (JSON lines).
+
+``--inprocess`` (train step only) compiles every variant in one process and
+then alternates them step by step: much less noisy, but only for settings the
+model reads when it is traced (``DROPJAX_NATIVE_CONV``, ``DROPJAX_CONV_BARRIER``),
+not for ``XLA_FLAGS``, which a process reads once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+PRESETS = {
+    # The XLA CPU flag that dropjax sets by default (backend.CPU_XLA_FLAGS).
+    "xla_flags": {
+        "default_xla": {"DROPJAX_NO_XLA_DEFAULTS": "1", "XLA_FLAGS": ""},
+        "ynn_fusion_off (dropjax default)": {"XLA_FLAGS": ""},
+    },
+    # The native weight-gradient kernel and the fusion barrier (train step).
+    "native_conv": {
+        "xla_dw+barrier (session 2)": {"DROPJAX_NATIVE_CONV": "0", "DROPJAX_CONV_BARRIER": "1"},
+        "native_dw+barrier": {"DROPJAX_NATIVE_CONV": "1", "DROPJAX_CONV_BARRIER": "1"},
+        "native_dw": {"DROPJAX_NATIVE_CONV": "1", "DROPJAX_CONV_BARRIER": "0"},
+    },
+}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+  """``name=K1=V1,K2=V2`` -> (name, {K1: V1, K2: V2}); ``name=`` is no change."""
+  name, _, rest = text.partition("=")
+  env = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+  return name, env
+
+
+def inprocess_train(variants: dict, rounds: int, steps: int) -> list[dict]:
+  """Alternates compiled train steps of each variant (env applied at trace time)."""
+  import time  # pylint: disable=g-import-not-at-top
+
+  sys.path.insert(0, os.path.dirname(HERE))
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from benchmarks import bench  # pylint: disable=g-import-not-at-top
+  from dropjax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  cfg, model, tx, state = bench.setup(20)
+  batch_size = 128
+  batch = jax.tree.map(jnp.asarray, bench.synthetic_batch(batch_size))
+  key = jax.random.PRNGKey(1)
+  compiled = {}
+  saved = dict(os.environ)
+  for name, env in variants.items():
+    if any(k == "XLA_FLAGS" for k in env):
+      raise SystemExit("--inprocess cannot vary XLA_FLAGS (read once per process)")
+    os.environ.update(env)
+    fn = jax.jit(step_lib.make_train_step(cfg, model, tx)).lower(state, batch, key).compile()
+    jax.block_until_ready(fn(state, batch, key))  # warm-up
+    compiled[name] = fn
+    os.environ.clear()
+    os.environ.update(saved)
+  rows = []
+  for r in range(rounds):
+    for name, fn in compiled.items():
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        out = fn(state, batch, key)
+      jax.block_until_ready(out)
+      sec = (time.perf_counter() - t0) / steps
+      row = {"round": r, "variant": name, "env": variants[name], "workload": "train",
+             "rate": batch_size / sec, "median_s": sec, "inprocess": True,
+             "loadavg": list(os.getloadavg())}
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of variants")
+  p.add_argument("--variant", action="append", default=[],
+                 help="NAME=ENV=VALUE[,ENV=VALUE...] (repeatable; after the preset's)")
+  p.add_argument("--rounds", type=int, default=2, help="A B ... rounds")
+  p.add_argument("--workload", default="train", choices=["train", "infer", "avg10", "eot_pgd"])
+  p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
+  p.add_argument("--out", help="also write the rows here (JSON lines)")
+  p.add_argument("--inprocess", action="store_true",
+                 help="train step only: compile all variants in one process, alternate them")
+  p.add_argument("--steps", type=int, default=3, help="--inprocess: steps per measurement")
+  args = p.parse_args(argv)
+  variants = dict(PRESETS.get(args.preset, {}))
+  variants.update(parse_variant(v) for v in args.variant)
+  if not variants:
+    p.error("give --preset or --variant")
+  rows = inprocess_train(variants, args.rounds, args.steps) if args.inprocess else []
+  for r in range(0 if args.inprocess else args.rounds):
+    for name, env in variants.items():
+      out = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--workloads",
+                            args.workload, "--repeats", str(args.repeats)],
+                           env={**os.environ, **env}, capture_output=True, text=True,
+                           check=True)
+      res = json.loads(out.stdout)
+      result = res["results"][args.workload]
+      rate = next(v for k, v in result.items() if k.endswith("_per_s"))
+      row = {"round": r, "variant": name, "env": env, "workload": args.workload,
+             "rate": rate, "median_s": result.get("median_s"),
+             "xla_flags": res["xla_flags"], "loadavg": res["machine_before"]["loadavg"]}
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  base = None
+  for name in variants:
+    med = statistics.median(r["rate"] for r in rows if r["variant"] == name)
+    base = base or med
+    print(f"{name:40s} median {med:8.1f}/s  ratio to first {med / base:.2f}")
+  if args.out:
+    with open(args.out, "w") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
