@@ -12,7 +12,8 @@ each variant to the first; ``--out`` also writes the rows (JSON lines).
 
 ``--inprocess`` (train step only) compiles every variant in one process and
 then alternates them step by step: much less noisy, but only for settings the
-model reads when it is traced (``DROPJAX_NATIVE_CONV``, ``DROPJAX_CONV_BARRIER``),
+model reads when it is traced (``DROPJAX_CPU_CONV``, ``DROPJAX_NATIVE_CONV``,
+``DROPJAX_POLYPHASE``, ``DROPJAX_CONV_BARRIER``),
 not for ``XLA_FLAGS``, which a process reads once.
 """
 from __future__ import annotations
@@ -37,6 +38,13 @@ PRESETS = {
         "xla_dw+barrier (session 2)": {"DROPJAX_NATIVE_CONV": "0", "DROPJAX_CONV_BARRIER": "1"},
         "native_dw+barrier": {"DROPJAX_NATIVE_CONV": "1", "DROPJAX_CONV_BARRIER": "1"},
         "native_dw": {"DROPJAX_NATIVE_CONV": "1", "DROPJAX_CONV_BARRIER": "0"},
+    },
+    # dropjax.conv as a whole (native weight gradient + polyphase strided input
+    # gradient) against XLA's convolution gradients.
+    "cpu_conv": {
+        "xla_gradients (session 2)": {"DROPJAX_CPU_CONV": "0"},
+        "native_dw": {"DROPJAX_CPU_CONV": "1", "DROPJAX_POLYPHASE": "0"},
+        "native_dw+polyphase (default)": {"DROPJAX_CPU_CONV": "1"},
     },
 }
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from benchmarks import bench  # noqa: E402
+from dropjax import conv as conv_lib  # noqa: E402
 from benchmarks.common import machine, measure  # noqa: E402
 from dropjax.attacks.losses import attack_objective  # noqa: E402
 from dropjax.attacks.pgd import eot_gradient  # noqa: E402
@@ -101,6 +102,9 @@ def conv_shapes(batch: int, repeats: int) -> list[dict]:
     fns = {"forward": (jax.jit(conv), (x, w)),
            "input_grad": (jax.jit(lambda g, w: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]), (g, w)),
            "weight_grad": (jax.jit(lambda g, x: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]), (g, x))}
+    if conv_lib.native_available():  # the kernel training uses on CPU (dropjax.conv)
+      fns["weight_grad_native"] = (jax.jit(lambda g, x: conv_lib.weight_grad(
+          x, g, (3, 3, c, o), (1, 1), ((1, 1), (1, 1)))), (g, x))
     gflop = 2 * batch * h * h * 9 * c * o / 1e9
     row = {"hw": h, "cin": c, "cout": o, "batch": batch, "gflop": gflop}
     for name, (f, a) in fns.items():
@@ -116,9 +120,14 @@ def main(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--name", default="local", help="machine name for the output file")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
+  p.add_argument("--only_conv_shapes", action="store_true",
+                 help="print view 3 (per-shape convolution speed) as JSON and stop")
   p.add_argument("--out", default=None, help="output JSON (default results/<date>-NAME-profile.json)")
   args = p.parse_args(argv)
   repeats = args.repeats
+  if args.only_conv_shapes:
+    print(json.dumps(conv_shapes(128, repeats), indent=1))
+    return
   out = {"machine_before": machine(), "jax": jax.__version__,
          "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 

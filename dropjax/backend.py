@@ -14,6 +14,11 @@ Measured choices (see ``benchmarks/README.md`` for the numbers and commands):
   feed each convolution's weight gradient, which makes them very slow; on CPU
   the model puts its training-mode convolution inputs behind a
   :func:`dropjax.fusion.fusion_barrier` (``barrier_conv_inputs``).
+* XLA:CPU computes convolution weight gradients through transposed copies at
+  about half the forward speed, and input gradients of strided convolutions
+  through a slow dilated-input convolution; on CPU the model's convolutions
+  use :mod:`dropjax.conv` (``cpu_conv``): a native weight-gradient kernel
+  (:mod:`dropjax.native`) and a polyphase input gradient.
 * Inside a rolled ``lax.fori_loop`` XLA:CPU loses most of its convolution
   speed, so on CPU the attack loops are fully unrolled (``loop_unroll``).
   On GPU/TPU a rolled loop compiles faster and runs as fast.
@@ -74,26 +79,21 @@ def barrier_conv_inputs(train: bool) -> bool:
   return train and jax.default_backend() == "cpu"
 
 
-def native_conv_weight_grad(train: bool) -> bool:
-  """Whether training-mode convolutions take their weight gradient natively.
+def cpu_conv() -> bool:
+  """Whether the model's convolutions use :mod:`dropjax.conv` (faster gradients).
 
-  True on CPU in training mode when :mod:`dropjax.native` could build its
-  kernel and the program runs on a single device (under ``jit`` sharding over
-  several devices XLA cannot partition the custom call and would gather its
-  operands; ``pmap`` and single-device runs are unaffected, but multi-device
-  CPU runs are test set-ups, so they keep XLA's kernels).  Override with
-  ``DROPJAX_NATIVE_CONV`` (0 or 1; 1 still needs the kernel).
+  True on CPU: the native weight gradient (training) and the polyphase input
+  gradient of strided convolutions (training and attacks).  On GPU/TPU XLA's
+  own convolution gradients are used.  Override with ``DROPJAX_CPU_CONV``
+  (0 or 1); ``DROPJAX_NATIVE_CONV=0`` keeps dropjax.conv but XLA's weight
+  gradient (:func:`dropjax.conv.use_native_weight_grad`).
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  from dropjax import conv  # pylint: disable=g-import-not-at-top
-
-  env = os.environ.get("DROPJAX_NATIVE_CONV")
-  if env == "0" or not train:
-    return False
-  if env == "1":
-    return conv.native_available()
-  return jax.device_count() == 1 and conv.native_available()
+  env = os.environ.get("DROPJAX_CPU_CONV")
+  if env in ("0", "1"):
+    return env == "1"
+  return jax.default_backend() == "cpu"
 
 
 def eot_impl() -> str:

@@ -1,29 +1,37 @@
-"""A drop-in ``lax.conv_general_dilated`` whose weight gradient runs natively on CPU.
+"""A drop-in ``lax.conv_general_dilated`` with faster gradients on XLA:CPU.
 
-XLA:CPU computes a convolution's weight gradient from channel-major
-transposed copies of the input and of the output gradient, at roughly half
-the speed of the forward convolution, plus the transposes themselves
-(``benchmarks/README.md``).  :func:`conv_general_dilated` has the same
-forward pass and input gradient as ``lax.conv_general_dilated`` (both XLA's)
-and computes the weight gradient with the AVX2 kernel of
-:mod:`dropjax.native`, which reads the NHWC operands as they are.
+The forward pass is XLA's.  The backward pass differs in two places where
+XLA:CPU is slow (``benchmarks/README.md``):
 
-It applies to the case the CIFAR ResNets use — float32, NHWC input, HWIO
-kernel, no dilation, no feature groups, non-negative padding, output channels
-a multiple of 8 — and falls back to ``lax.conv_general_dilated`` for anything
-else or when the kernel is unavailable (:func:`native_available`).  The
-results equal XLA's up to float rounding (summation order); the kernel's own
-sums are deterministic.  Reverse mode only (``jax.grad``/``vjp``), like
-:mod:`dropjax.batch_norm`.
+* **weight gradient**: XLA:CPU transposes the input and the output gradient
+  to channel-major layouts and runs a forward convolution (about half the
+  forward speed, plus the transposes).  Here the AVX2 kernel of
+  :mod:`dropjax.native` reads the NHWC operands as they are
+  (:func:`weight_grad`), when it is available, the run uses a single device
+  and the output channels are a multiple of 8 (:func:`use_native_weight_grad`);
+  otherwise XLA's weight gradient.
+* **input gradient of a strided convolution**: XLA's form (a convolution of
+  a dilated input) runs ~3x slower than the same sums written as one small
+  stride-1 convolution per phase (:func:`input_grad_polyphase`).
+
+Gradients are formed only for the arguments being differentiated (symbolic
+zeros), so an attack, which differentiates the input only, never runs the
+weight-gradient kernel.  It applies to float32, NHWC input, HWIO kernel, no
+dilation, no feature groups, non-negative padding, and falls back to
+``lax.conv_general_dilated`` otherwise.  Results equal XLA's up to float
+rounding (summation order); the native kernel's sums are deterministic.
+Reverse mode only (``jax.grad``/``vjp``), like :mod:`dropjax.batch_norm`.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from dropjax import native
 
@@ -33,6 +41,20 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def native_available() -> bool:
   """Whether the native weight-gradient kernel can run in this process."""
   return jax.default_backend() == "cpu" and native.conv_weight_grad_target() is not None
+
+
+def use_native_weight_grad(cout: int) -> bool:
+  """Native weight gradient for ``cout`` output channels here and now?
+
+  Needs the kernel (:func:`native_available`), ``cout % 8 == 0`` and a single
+  device (XLA cannot partition the custom call over a multi-device mesh: it
+  would gather the operands).  ``DROPJAX_NATIVE_CONV=0`` turns it off, ``=1``
+  drops the single-device condition (e.g. for ``pmap``).
+  """
+  env = os.environ.get("DROPJAX_NATIVE_CONV")
+  if env == "0" or cout % 8 or not native_available():
+    return False
+  return env == "1" or jax.device_count() == 1
 
 
 def _pairs(padding, lhs_shape, rhs_shape, strides):
@@ -58,9 +80,7 @@ def _supported(lhs, rhs, strides, pads, lhs_dilation, rhs_dilation, dimension_nu
   if (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
     return False
-  if len(pads) != 2 or any(p < 0 for pair in pads for p in pair):
-    return False
-  return rhs.shape[-1] % 8 == 0 and native_available()
+  return len(pads) == 2 and all(p >= 0 for pair in pads for p in pair)
 
 
 def _forward(x, w, strides, pads, precision):
@@ -81,23 +101,104 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides, pads) -> jax
               ph=np.int64(pads[0][0]), pw=np.int64(pads[1][0]))
 
 
+def _phase_taps(stride: int, pad: int, size: int) -> list[list[tuple[int, int]]]:
+  """Per input phase ``a`` (index ``i = stride*m + a``): the taps ``t`` that reach
+  it and the offset ``d`` of the output they come from (``o = m + d``)."""
+  return [[(t, (a + pad - t) // stride) for t in range(size) if (a + pad - t) % stride == 0]
+          for a in range(stride)]
+
+
+def _polyphase_ok(x_shape, w_shape, strides) -> bool:
+  """Polyphase input gradient applies (``DROPJAX_POLYPHASE=0`` turns it off)?"""
+  if strides == (1, 1) or os.environ.get("DROPJAX_POLYPHASE") == "0":
+    return False
+  if x_shape[1] % strides[0] or x_shape[2] % strides[1]:
+    return False
+  return all(strides[i] <= w_shape[i] for i in range(2))
+
+
+def input_grad_polyphase(dy: jax.Array, w: jax.Array, strides, pads, x_shape) -> jax.Array:
+  """Input gradient of a strided convolution as ``s_h * s_w`` stride-1 convolutions.
+
+  Input pixel ``(s_h*m + a, s_w*n + b)`` receives contributions only from the
+  kernel taps congruent to its phase ``(a, b)``, so the gradient splits into
+  one small stride-1 convolution of ``dy`` per phase, interleaved afterwards.
+  XLA:CPU lowers the usual form (a convolution with a dilated input) to a
+  much slower kernel (``benchmarks/README.md``); the sums are the same.
+  Needs ``H % s_h == W % s_w == 0``; ``dy`` (B, Ho, Wo, Co), ``w`` HWIO ->
+  (B, H, W, Ci).
+  """
+  b, h, wd, ci = x_shape
+  (sh, sw), ho, wo = strides, dy.shape[1], dy.shape[2]
+  mh, mw = h // sh, wd // sw
+  rows = _phase_taps(sh, pads[0][0], w.shape[0])
+  cols = _phase_taps(sw, pads[1][0], w.shape[1])
+  w_t = jnp.swapaxes(w, 2, 3)  # (kh, kw, co, ci): dy's channels in, x's out
+  phases = []
+  for taps_r in rows:
+    row = []
+    for taps_c in cols:
+      if not taps_r or not taps_c:
+        row.append(jnp.zeros((b, mh, mw, ci), dy.dtype))
+        continue
+      r0, r1 = min(d for _, d in taps_r), max(d for _, d in taps_r)
+      c0, c1 = min(d for _, d in taps_c), max(d for _, d in taps_c)
+      k = jnp.zeros((r1 - r0 + 1, c1 - c0 + 1) + w_t.shape[2:], w.dtype)
+      for t, d in taps_r:
+        for u, e in taps_c:
+          k = k.at[d - r0, e - c0].set(w_t[t, u])
+      # out[m] = sum_j dy[m + r0 + j] k[j]: padding (-r0, mh - ho + r1), where a
+      # negative amount is a crop (done by slicing: negative conv padding
+      # gave wrong results on XLA:CPU).
+      lo_hi = ((-r0, mh - ho + r1), (-c0, mw - wo + c1))
+      src = dy[:, max(0, r0):ho - max(0, -lo_hi[0][1]), max(0, c0):wo - max(0, -lo_hi[1][1])]
+      conv_pads = tuple((max(0, lo), max(0, hi)) for lo, hi in lo_hi)
+      row.append(lax.conv_general_dilated(src, k, (1, 1), conv_pads, dimension_numbers=_NHWC))
+    phases.append(jnp.stack(row))
+  out = jnp.stack(phases)  # (sh, sw, B, mh, mw, ci)
+  return out.transpose(2, 3, 0, 4, 1, 5).reshape(b, h, wd, ci)
+
+
+def _input_grad(dy, w, strides, pads, precision, x_shape):
+  if _polyphase_ok(x_shape, w.shape, strides):
+    return input_grad_polyphase(dy, w, strides, pads, x_shape)
+  _, vjp = jax.vjp(lambda v: _forward(v, w, strides, pads, precision),
+                   jnp.zeros(x_shape, dy.dtype))
+  return vjp(dy)[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv(x, w, strides, pads, precision):
   return _forward(x, w, strides, pads, precision)
 
 
 def _conv_fwd(x, w, strides, pads, precision):
-  return _forward(x, w, strides, pads, precision), (x, w)
+  # symbolic_zeros: x and w arrive as CustomVJPPrimal(value, perturbed); the
+  # residual's structure records which gradients the backward pass must form,
+  # so an attack (gradient w.r.t. x only) never runs the weight-gradient kernel.
+  # An empty (0, *x.shape) array carries x's shape when only dx is needed.
+  x_val, w_val = x.value, w.value
+  out = _forward(x_val, w_val, strides, pads, precision)
+  shape_of_x = jnp.zeros((0,) + x_val.shape, x_val.dtype) if x.perturbed else None
+  return out, (w_val, shape_of_x, x_val if w.perturbed else None)
 
 
 def _conv_bwd(strides, pads, precision, residuals, dy):
-  x, w = residuals
-  _, input_vjp = jax.vjp(lambda v: _forward(v, w, strides, pads, precision), x)
-  (dx,) = input_vjp(dy)
-  return dx, weight_grad(x, dy, w.shape, strides, pads)
+  w, shape_of_x, x = residuals
+  if isinstance(dy, SymbolicZero):
+    return None, None
+  dx = (None if shape_of_x is None
+        else _input_grad(dy, w, strides, pads, precision, shape_of_x.shape[1:]))
+  if x is None:
+    dw = None
+  elif use_native_weight_grad(w.shape[-1]):
+    dw = weight_grad(x, dy, w.shape, strides, pads)
+  else:
+    dw = jax.vjp(lambda v: _forward(x, v, strides, pads, precision), w)[1](dy)[0]
+  return dx, dw
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,

@@ -56,7 +56,8 @@ def test_native_weight_grad_matches_reference(shape, kernel, strides, pads, cout
 
 @needs_native
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
-def test_conv_gradients_equal_xla_and_use_the_kernel(strides):
+def test_conv_gradients_equal_xla_and_use_the_kernel(strides, monkeypatch):
+  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")  # two test devices: force it
   x = jax.random.normal(jax.random.PRNGKey(2), (4, 8, 8, 6))
   w = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 6, 16))
   pads = ((1, 1), (1, 1))
@@ -65,7 +66,10 @@ def test_conv_gradients_equal_xla_and_use_the_kernel(strides):
                                                               dimension_numbers=DN))
   (dx, dw), (rx, rw) = (_grads(conv.conv_general_dilated, x, w, strides, pads),
                         _grads(lax.conv_general_dilated, x, w, strides, pads))
-  np.testing.assert_array_equal(dx, rx)  # input gradient: XLA's own
+  if strides == (1, 1):
+    np.testing.assert_array_equal(dx, rx)  # input gradient: XLA's own
+  else:
+    np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)  # polyphase form
   np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)
   hlo = jax.jit(jax.grad(lambda w: jnp.sum(conv.conv_general_dilated(
       x, w, strides, pads, dimension_numbers=DN)))).lower(w).as_text()
@@ -134,14 +138,79 @@ def test_model_train_gradients_native_vs_xla(monkeypatch):
   assert native.TARGET not in programs["0"]
 
 
-def test_native_default_is_off_for_inference_and_multi_device(monkeypatch):
+def test_native_weight_grad_needs_one_device_unless_forced(monkeypatch):
   from dropjax import backend
   monkeypatch.delenv("DROPJAX_NATIVE_CONV", raising=False)
-  assert not backend.native_conv_weight_grad(train=False)
   assert jax.device_count() == 2  # the test session's two virtual CPU devices
-  assert not backend.native_conv_weight_grad(train=True)
+  assert not conv.use_native_weight_grad(16)
   monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")
-  assert backend.native_conv_weight_grad(train=True) == conv.native_available()
+  assert conv.use_native_weight_grad(16) == conv.native_available()
+  assert not conv.use_native_weight_grad(12)  # channels not a multiple of 8
+  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "0")
+  assert not conv.use_native_weight_grad(16)
+  monkeypatch.delenv("DROPJAX_CPU_CONV", raising=False)
+  assert backend.cpu_conv()  # tests run on CPU
+  monkeypatch.setenv("DROPJAX_CPU_CONV", "0")
+  assert not backend.cpu_conv()
+
+
+def _input_grad_reference(dy, w, strides, pads, x_shape):
+  """Scatter form in NumPy: every output position adds w @ dy to its window."""
+  dy, w = np.asarray(dy, np.float64), np.asarray(w, np.float64)
+  (pt, pb), (pl, pr) = pads
+  b, h, wd, c = x_shape
+  xp = np.zeros((b, h + pt + pb, wd + pl + pr, c))
+  _, ho, wo, _ = dy.shape
+  for a in range(w.shape[0]):
+    for e in range(w.shape[1]):
+      xp[:, a:a + strides[0] * ho:strides[0], e:e + strides[1] * wo:strides[1]] += np.einsum(
+          "nhwo,io->nhwi", dy, w[a, e])
+  return xp[:, pt:pt + h, pl:pl + wd]
+
+
+@pytest.mark.parametrize("x_shape,kernel,strides,pads", [
+    ((2, 8, 8, 16), (3, 3), (2, 2), ((1, 1), (1, 1))),     # the ResNet block entry
+    ((2, 9, 9, 3), (3, 3), (3, 3), ((1, 1), (1, 1))),      # stride 3, shifted phases
+    ((2, 8, 6, 4), (3, 3), (2, 1), ((0, 2), (2, 1))),      # rectangular stride, odd pads
+    ((1, 12, 12, 5), (5, 5), (3, 3), ((2, 0), (1, 1))),    # 5x5 kernel
+    ((1, 8, 8, 4), (2, 2), (2, 2), ((0, 0), (0, 0))),      # stride = kernel (no overlap)
+])
+def test_polyphase_input_grad_matches_reference(x_shape, kernel, strides, pads):
+  w = jax.random.normal(jax.random.PRNGKey(8), kernel + (x_shape[-1], 8))
+  dy_shape = lax.conv_general_dilated(jnp.zeros(x_shape), w, strides, pads,
+                                      dimension_numbers=DN).shape
+  dy = jax.random.normal(jax.random.PRNGKey(9), dy_shape)
+  got = jax.jit(conv.input_grad_polyphase, static_argnums=(2, 3, 4))(dy, w, strides, pads,
+                                                                     x_shape)
+  want = _input_grad_reference(dy, w, strides, pads, x_shape)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
+
+def test_strided_conv_gradients_without_polyphase_fall_back_to_xla():
+  """Odd input size with stride 2: the polyphase split does not apply, XLA's form does."""
+  x = jax.random.normal(jax.random.PRNGKey(10), (2, 7, 7, 4))
+  w = jax.random.normal(jax.random.PRNGKey(11), (3, 3, 4, 8))
+  (dx, dw), (rx, rw) = (_grads(conv.conv_general_dilated, x, w, (2, 2), ((1, 1), (1, 1))),
+                        _grads(lax.conv_general_dilated, x, w, (2, 2), ((1, 1), (1, 1))))
+  np.testing.assert_array_equal(dx, rx)
+  np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)
+
+
+def test_input_only_gradient_never_runs_the_weight_kernel(monkeypatch):
+  """An attack differentiates the input only: no weight-gradient kernel in the
+  program (symbolic zeros), and the input gradient equals XLA's."""
+  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")
+  model = models.resnet(8, 5, width=8)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(1), x)
+  grads, programs = {}, {}
+  for flag in ("0", "1"):
+    monkeypatch.setenv("DROPJAX_CPU_CONV", flag)
+    fn = jax.jit(jax.grad(lambda x: jnp.sum(model.apply(variables, x) ** 2)))
+    grads[flag], programs[flag] = fn(x), fn.lower(x).as_text()
+  np.testing.assert_allclose(grads["1"], grads["0"], rtol=1e-4, atol=1e-5)
+  assert native.TARGET not in programs["1"]
+  assert "custom_call" not in programs["0"]
 
 
 def test_missing_compiler_or_opt_out_gives_a_reason(monkeypatch):
