@@ -107,6 +107,7 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=2, help="A B ... rounds")
   p.add_argument("--workload", default="train", choices=["train", "infer", "avg10", "eot_pgd"])
   p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
+  p.add_argument("--eot_form", default="vmap:full", help="eot_pgd: the bench.py EOT form")
   p.add_argument("--out", help="also write the rows here (JSON lines)")
   p.add_argument("--inprocess", action="store_true",
                  help="train step only: compile all variants in one process, alternate them")
@@ -119,12 +120,13 @@ def main(argv=None):
   rows = inprocess_train(variants, args.rounds, args.steps) if args.inprocess else []
   for r in range(0 if args.inprocess else args.rounds):
     for name, env in variants.items():
+      extra = ["--eot_forms", args.eot_form] if args.workload == "eot_pgd" else []
       out = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--workloads",
-                            args.workload, "--repeats", str(args.repeats)],
+                            args.workload, "--repeats", str(args.repeats), *extra],
                            env={**os.environ, **env}, capture_output=True, text=True,
                            check=True)
       res = json.loads(out.stdout)
-      result = res["results"][args.workload]
+      result = next(v for k, v in res["results"].items() if k.split("[")[0] == args.workload)
       rate = next(v for k, v in result.items() if k.endswith("_per_s"))
       row = {"round": r, "variant": name, "env": env, "workload": args.workload,
              "rate": rate, "median_s": result.get("median_s"),
