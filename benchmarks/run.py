@@ -62,6 +62,8 @@ def median_results(rounds: list[dict]) -> dict:
 
   merged = json.loads(json.dumps(rounds[0]))
   for name, row in merged["results"].items():
+    if not all(name in r["results"] for r in rounds):
+      continue  # e.g. the scaling rows, measured in round 0 only
     for k in row:
       if k.endswith("_per_s"):
         row[k] = statistics.median(r["results"][name][k] for r in rounds)
@@ -92,12 +94,16 @@ def main(argv=None):
   common = ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
   load_before = os.getloadavg()
   jax_rounds, torch_rounds = [], []
+  os.makedirs(args.out_dir, exist_ok=True)
+  partial = os.path.join(args.out_dir, f".{args.name}-rounds-partial.json")
   for r in range(args.rounds):
     jax_rounds.append(_run("bench.py", common + (["--scaling"] if args.scaling and r == 0 else [])
                            + (["--eot_forms", *args.eot_forms] if args.eot_forms else [])))
     torch_rounds.append(_run("torch_reference.py", common))
     print(f"round {r + 1}/{args.rounds}: {compare(jax_rounds[-1], torch_rounds[-1])[0]}",
           file=sys.stderr, flush=True)
+    with open(partial, "w") as f:  # a crash or a kill later keeps the finished rounds
+      json.dump({"jax_rounds": jax_rounds, "torch_rounds": torch_rounds}, f)
   load_after = os.getloadavg()
   jax_res, torch_res = median_results(jax_rounds), median_results(torch_rounds)
   _, table = compare(jax_res, torch_res)
@@ -116,6 +122,7 @@ def main(argv=None):
                       f"{'-quick' if args.quick else ''}.json")
   with open(path, "w") as f:
     json.dump(record, f, indent=1)
+  os.remove(partial)
   print(table)
   if args.rounds > 1:
     print("\nmedian of paired per-round ratios: "

@@ -80,3 +80,28 @@ def tiny_workdir(tiny_data_dir, tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("run"))
   loop.train(tiny_config(tiny_data_dir, epochs=2, eval_every_epochs=0), wd, progress=False)
   return wd
+
+
+def train_gradients_per_setting(monkeypatch, env_var: str, width: int):
+  """Loss, gradients and batch statistics of a depth-8 ResNet in training mode,
+  and its lowered program, with ``env_var`` set to "0" and to "1" (a fresh
+  trace per setting).  Returns ``(results, programs)`` keyed by "0"/"1"."""
+  import jax.numpy as jnp
+  from dropjax import models
+
+  model = models.resnet(8, 5, width=width)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(1), x)
+
+  def loss(params):
+    out, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                           train=True, mutable=["batch_stats"])
+    return jnp.sum(out ** 2), upd
+
+  results, programs = {}, {}
+  for flag in ("0", "1"):
+    monkeypatch.setenv(env_var, flag)
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    results[flag] = fn(variables["params"])
+    programs[flag] = fn.lower(variables["params"]).as_text()
+  return results, programs

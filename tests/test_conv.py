@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from conftest import train_gradients_per_setting
 from dropjax import conv, models, native
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -117,21 +118,7 @@ def test_model_train_gradients_native_vs_xla(monkeypatch):
   """A training-mode ResNet gives the same loss, gradients and batch statistics
   with the native weight gradient as with XLA's (up to summation order), and
   the native kernel really is in the program only when switched on."""
-  model = models.resnet(8, 5, width=8)
-  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
-  variables = model.init(jax.random.PRNGKey(1), x)
-
-  def loss(params):
-    out, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                           train=True, mutable=["batch_stats"])
-    return jnp.sum(out ** 2), upd
-
-  results, programs = {}, {}
-  for flag in ("0", "1"):
-    monkeypatch.setenv("DROPJAX_NATIVE_CONV", flag)
-    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    results[flag] = fn(variables["params"])
-    programs[flag] = fn.lower(variables["params"]).as_text()
+  results, programs = train_gradients_per_setting(monkeypatch, "DROPJAX_NATIVE_CONV", width=8)
   for a, b in zip(jax.tree.leaves(results["0"]), jax.tree.leaves(results["1"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
   assert programs["1"].count(native.TARGET) == 1 + 2 * 3  # every conv of depth 8

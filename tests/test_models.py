@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import train_gradients_per_setting
 from dropjax import models
 
 KEY = jax.random.PRNGKey(0)
@@ -119,21 +120,7 @@ def test_fusion_barrier_changes_no_numbers_only_the_compiled_program(monkeypatch
   """Training-mode loss, gradients and batch statistics are identical with and
   without the CPU fusion barrier on the convolution inputs, and the barrier is
   really in the compiled program (as conditionals) only when switched on."""
-  model = models.resnet(8, 5, width=4)
-  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
-  variables = model.init(jax.random.PRNGKey(1), x)
-
-  def loss(params):
-    out, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                           train=True, mutable=["batch_stats"])
-    return jnp.sum(out ** 2), upd
-
-  results, programs = {}, {}
-  for flag in ("0", "1"):
-    monkeypatch.setenv("DROPJAX_CONV_BARRIER", flag)
-    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))  # fresh trace per setting
-    results[flag] = fn(variables["params"])
-    programs[flag] = fn.lower(variables["params"]).as_text()
+  results, programs = train_gradients_per_setting(monkeypatch, "DROPJAX_CONV_BARRIER", width=4)
   for a, b in zip(jax.tree.leaves(results["0"]), jax.tree.leaves(results["1"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   num_convs = 1 + 2 * 3  # stem + two per block, depth 8 = one block per stage
