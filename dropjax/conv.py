@@ -205,7 +205,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None,
                          feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None):
-  """``lax.conv_general_dilated`` with the native weight gradient where it applies."""
+  """``lax.conv_general_dilated`` with the faster CPU gradients (module docstring) where they apply."""
   strides = tuple(int(s) for s in window_strides)
   pads = _pairs(padding, lhs.shape, rhs.shape, strides)
   if _supported(lhs, rhs, strides, pads, lhs_dilation, rhs_dilation, dimension_numbers,
