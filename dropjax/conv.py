@@ -1,7 +1,15 @@
-"""A drop-in ``lax.conv_general_dilated`` with faster gradients on XLA:CPU.
+"""A drop-in ``lax.conv_general_dilated`` that is faster on XLA:CPU.
 
-The forward pass is XLA's.  The backward pass differs in two places where
-XLA:CPU is slow (``benchmarks/README.md``):
+Three places where XLA:CPU is slow for the CIFAR ResNet shapes
+(``benchmarks/README.md``):
+
+* **stride-1 convolutions and their input gradients**: the AVX2 kernel of
+  :mod:`dropjax.native` (``conv_forward.cc``) runs them 1.1-1.6x faster than
+  XLA's convolution for 16-64 channels and ~6x faster for the 3-channel stem
+  (:func:`conv_stride1`).  An input gradient of a stride-1 convolution is the
+  stride-1 convolution of the output gradient with the flipped kernel, and the
+  polyphase input gradient below is made of stride-1 convolutions too, so all
+  of them use it (:func:`use_native_conv`; otherwise XLA's convolution).
 
 * **weight gradient**: XLA:CPU transposes the input and the output gradient
   to channel-major layouts and runs a forward convolution (about half the
@@ -43,6 +51,22 @@ def native_available() -> bool:
   return jax.default_backend() == "cpu" and native.conv_weight_grad_target() is not None
 
 
+def _native_allowed() -> bool:
+  env = os.environ.get("DROPJAX_NATIVE_CONV")
+  if env == "0" or not native_available():
+    return False
+  return env == "1" or jax.device_count() == 1
+
+
+def use_native_conv() -> bool:
+  """Native stride-1 convolutions (forward and input gradients) here and now?
+
+  The same conditions as :func:`use_native_weight_grad` (any channel count);
+  ``DROPJAX_NATIVE_FORWARD=0`` turns off this kernel alone.
+  """
+  return os.environ.get("DROPJAX_NATIVE_FORWARD") != "0" and _native_allowed()
+
+
 def use_native_weight_grad(cout: int) -> bool:
   """Native weight gradient for ``cout`` output channels here and now?
 
@@ -51,10 +75,7 @@ def use_native_weight_grad(cout: int) -> bool:
   would gather the operands).  ``DROPJAX_NATIVE_CONV=0`` turns it off, ``=1``
   drops the single-device condition (e.g. for ``pmap``).
   """
-  env = os.environ.get("DROPJAX_NATIVE_CONV")
-  if env == "0" or cout % 8 or not native_available():
-    return False
-  return env == "1" or jax.device_count() == 1
+  return cout % 8 == 0 and _native_allowed()
 
 
 def _pairs(padding, lhs_shape, rhs_shape, strides):
@@ -83,9 +104,63 @@ def _supported(lhs, rhs, strides, pads, lhs_dilation, rhs_dilation, dimension_nu
   return len(pads) == 2 and all(p >= 0 for pair in pads for p in pair)
 
 
-def _forward(x, w, strides, pads, precision):
+def _xla_conv(x, w, strides, pads, precision=None):
   return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC,
                                   precision=precision)
+
+
+@functools.lru_cache(maxsize=None)
+def _native_conv_fn(pads):
+  """``f(x, w)``: the native stride-1 convolution with ``pads``, batchable by ``vmap``."""
+  (pt, pb), (pl, pr) = pads
+
+  def call(x, w):
+    ho = x.shape[1] + pt + pb - w.shape[0] + 1
+    wo = x.shape[2] + pl + pr - w.shape[1] + 1
+    out = jax.ShapeDtypeStruct((x.shape[0], ho, wo, w.shape[3]), jnp.float32)
+    return jax.ffi.ffi_call(native.FORWARD_TARGET, out, vmap_method="sequential")(
+        x, w, pt=np.int64(pt), pl=np.int64(pl))
+
+  fn = jax.custom_batching.custom_vmap(call)
+
+  @fn.def_vmap
+  def _batched(axis_size, in_batched, x, w):
+    x_batched, w_batched = in_batched
+    if w_batched:  # a kernel per batch element (e.g. per-example weights): XLA's
+      x_axis = 0 if x_batched else None
+      return jax.vmap(lambda a, b: _xla_conv(a, b, (1, 1), pads), (x_axis, 0))(x, w), True
+    # One kernel for all: fold the vmapped axis into the images (EOT masks).
+    y = fn(x.reshape((-1,) + x.shape[2:]), w)
+    return y.reshape((axis_size, x.shape[1]) + y.shape[1:]), True
+
+  return fn
+
+
+def conv_stride1(x: jax.Array, w: jax.Array, pads) -> jax.Array:
+  """Stride-1 convolution, native kernel: ``x`` (B, H, W, Ci), ``w`` HWIO, f32.
+
+  ``pads`` = ((top, bottom), (left, right)), all >= 0.  Returns
+  (B, H + top + bottom - KH + 1, W + left + right - KW + 1, Co) float32, equal
+  to ``lax.conv_general_dilated`` up to float rounding; every output is one
+  sum in a fixed order (deterministic).  Call only when :func:`use_native_conv`.
+  """
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  if any(p < 0 for pair in pads for p in pair):
+    raise ValueError(f"conv_stride1 needs non-negative padding, got {pads}")
+  return _native_conv_fn(pads)(x, w)
+
+
+def _stride1(x, w, pads, precision=None):
+  """Stride-1 convolution: native when allowed, else XLA's."""
+  if use_native_conv():
+    return conv_stride1(x, w, pads)
+  return _xla_conv(x, w, (1, 1), pads, precision)
+
+
+def _forward(x, w, strides, pads, precision):
+  if tuple(strides) == (1, 1):
+    return _stride1(x, w, pads, precision)
+  return _xla_conv(x, w, strides, pads, precision)
 
 
 def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides, pads) -> jax.Array:
@@ -153,16 +228,23 @@ def input_grad_polyphase(dy: jax.Array, w: jax.Array, strides, pads, x_shape) ->
       lo_hi = ((-r0, mh - ho + r1), (-c0, mw - wo + c1))
       src = dy[:, max(0, r0):ho - max(0, -lo_hi[0][1]), max(0, c0):wo - max(0, -lo_hi[1][1])]
       conv_pads = tuple((max(0, lo), max(0, hi)) for lo, hi in lo_hi)
-      row.append(lax.conv_general_dilated(src, k, (1, 1), conv_pads, dimension_numbers=_NHWC))
+      row.append(_stride1(src, k, conv_pads))
     phases.append(jnp.stack(row))
   out = jnp.stack(phases)  # (sh, sw, B, mh, mw, ci)
   return out.transpose(2, 3, 0, 4, 1, 5).reshape(b, h, wd, ci)
 
 
 def _input_grad(dy, w, strides, pads, precision, x_shape):
+  kh, kw = w.shape[:2]
+  flipped_pads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]),
+                  (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
+  if (tuple(strides) == (1, 1) and use_native_conv()
+      and all(p >= 0 for pair in flipped_pads for p in pair)):
+    # dx = dy convolved with the kernel rotated by 180 degrees, channels swapped.
+    return conv_stride1(dy, jnp.swapaxes(w[::-1, ::-1], 2, 3), flipped_pads)
   if _polyphase_ok(x_shape, w.shape, strides):
     return input_grad_polyphase(dy, w, strides, pads, x_shape)
-  _, vjp = jax.vjp(lambda v: _forward(v, w, strides, pads, precision),
+  _, vjp = jax.vjp(lambda v: _xla_conv(v, w, strides, pads, precision),
                    jnp.zeros(x_shape, dy.dtype))
   return vjp(dy)[0]
 
@@ -194,7 +276,7 @@ def _conv_bwd(strides, pads, precision, residuals, dy):
   elif use_native_weight_grad(w.shape[-1]):
     dw = weight_grad(x, dy, w.shape, strides, pads)
   else:
-    dw = jax.vjp(lambda v: _forward(x, v, strides, pads, precision), w)[1](dy)[0]
+    dw = jax.vjp(lambda v: _xla_conv(x, v, strides, pads, precision), w)[1](dy)[0]
   return dx, dw
 
 

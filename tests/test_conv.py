@@ -1,4 +1,5 @@
-"""The native CPU weight-gradient kernel (dropjax.native, dropjax.conv)."""
+"""The native CPU convolution kernels (dropjax.native, dropjax.conv): the
+weight gradient and the stride-1 convolution (forward and input gradients)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,18 +64,21 @@ def test_conv_gradients_equal_xla_and_use_the_kernel(strides, monkeypatch):
   w = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 6, 16))
   pads = ((1, 1), (1, 1))
   out = conv.conv_general_dilated(x, w, strides, pads, dimension_numbers=DN)
-  np.testing.assert_array_equal(out, lax.conv_general_dilated(x, w, strides, pads,
-                                                              dimension_numbers=DN))
+  want = lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=DN)
+  if strides == (1, 1):
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)  # native forward
+  else:
+    np.testing.assert_array_equal(out, want)  # strided forward: XLA's own
   (dx, dw), (rx, rw) = (_grads(conv.conv_general_dilated, x, w, strides, pads),
                         _grads(lax.conv_general_dilated, x, w, strides, pads))
-  if strides == (1, 1):
-    np.testing.assert_array_equal(dx, rx)  # input gradient: XLA's own
-  else:
-    np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)  # polyphase form
+  np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)  # native / polyphase of native
   np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)
-  hlo = jax.jit(jax.grad(lambda w: jnp.sum(conv.conv_general_dilated(
-      x, w, strides, pads, dimension_numbers=DN)))).lower(w).as_text()
+  grad_both = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv.conv_general_dilated(
+      x, w, strides, pads, dimension_numbers=DN))), argnums=(0, 1)))
+  hlo = grad_both.lower(x, w).as_text()
   assert native.TARGET in hlo
+  # forward (stride 1) + input gradient (stride 1: one conv; stride 2: 4 phases)
+  assert hlo.count(native.FORWARD_TARGET) == (2 if strides == (1, 1) else 4)
 
 
 @needs_native
@@ -89,7 +93,10 @@ def test_native_weight_grad_is_deterministic():
 
 
 @pytest.mark.parametrize("case", ["cout_not_multiple_of_8", "bfloat16", "groups", "dilation"])
-def test_unsupported_cases_fall_back_to_xla_exactly(case):
+def test_unsupported_cases_fall_back_to_xla_exactly(case, monkeypatch):
+  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")
+  if case == "cout_not_multiple_of_8":  # the forward kernel takes any cout: test dW alone
+    monkeypatch.setenv("DROPJAX_NATIVE_FORWARD", "0")
   x = jax.random.normal(jax.random.PRNGKey(6), (2, 6, 6, 4))
   w = jax.random.normal(jax.random.PRNGKey(7), (3, 3, 4, 8))
   kwargs = {}
@@ -109,8 +116,8 @@ def test_unsupported_cases_fall_back_to_xla_exactly(case):
   want = jax.grad(loss(lax.conv_general_dilated), argnums=(0, 1))(x, w)
   for a, b in zip(got, want):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-  hlo = jax.jit(jax.grad(loss(conv.conv_general_dilated), argnums=1)).lower(x, w).as_text()
-  assert native.TARGET not in hlo
+  hlo = jax.jit(jax.grad(loss(conv.conv_general_dilated), argnums=(0, 1))).lower(x, w).as_text()
+  assert native.TARGET not in hlo and native.FORWARD_TARGET not in hlo
 
 
 @needs_native
@@ -122,7 +129,10 @@ def test_model_train_gradients_native_vs_xla(monkeypatch):
   for a, b in zip(jax.tree.leaves(results["0"]), jax.tree.leaves(results["1"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
   assert programs["1"].count(native.TARGET) == 1 + 2 * 3  # every conv of depth 8
-  assert native.TARGET not in programs["0"]
+  # Stride-1 convs: 5 forward + 4 input gradients (the stem's input is not
+  # differentiated); the 2 strided convs' input gradients: 4 phases each.
+  assert programs["1"].count(native.FORWARD_TARGET) == 5 + 4 + 2 * 4
+  assert "custom_call" not in programs["0"]
 
 
 def test_native_weight_grad_needs_one_device_unless_forced(monkeypatch):
@@ -197,6 +207,8 @@ def test_input_only_gradient_never_runs_the_weight_kernel(monkeypatch):
     grads[flag], programs[flag] = fn(x), fn.lower(x).as_text()
   np.testing.assert_allclose(grads["1"], grads["0"], rtol=1e-4, atol=1e-5)
   assert native.TARGET not in programs["1"]
+  if conv.native_available():  # forward and input gradients: the stride-1 kernel
+    assert native.FORWARD_TARGET in programs["1"]
   assert "custom_call" not in programs["0"]
 
 
@@ -211,3 +223,83 @@ def test_missing_compiler_or_opt_out_gives_a_reason(monkeypatch):
   monkeypatch.setenv("DROPJAX_NATIVE", "0")
   assert native.conv_weight_grad_target() is None
   assert "DROPJAX_NATIVE=0" in native.unavailable_reason()
+
+
+def _conv_reference(x, w, pads):
+  """Stride-1 convolution in NumPy (float64): sum over taps of shifted windows."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  (pt, pb), (pl, pr) = pads
+  xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  kh, kw = w.shape[:2]
+  ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  out = np.zeros((x.shape[0], ho, wo, w.shape[3]))
+  for a in range(kh):
+    for b in range(kw):
+      out += np.einsum("nhwi,io->nhwo", xp[:, a:a + ho, b:b + wo], w[a, b])
+  return out
+
+
+@needs_native
+@pytest.mark.parametrize("x_shape,kernel,pads", [
+    ((3, 8, 8, 3), (3, 3), ((1, 1), (1, 1))),     # the stem: 3 input channels
+    ((2, 9, 7, 7), (3, 3), ((1, 1), (1, 1))),     # odd sizes: tiles wrap rows
+    ((2, 5, 6, 4), (3, 2), ((0, 2), (2, 0))),     # asymmetric kernel and pads
+    ((2, 2, 2, 5), (3, 3), ((1, 1), (1, 1))),     # fewer than 6 positions per image
+    ((1, 6, 6, 8), (1, 1), ((0, 0), (0, 0))),     # 1x1 kernel
+    ((2, 12, 10, 2), (5, 5), ((2, 2), (0, 4))),   # 5x5 kernel, one-sided pads
+])
+@pytest.mark.parametrize("cout", [3, 16, 40])  # a partial block, one and 2.5 blocks of 16
+def test_native_stride1_conv_matches_reference(x_shape, kernel, pads, cout):
+  x = jax.random.normal(jax.random.PRNGKey(12), x_shape)
+  w = jax.random.normal(jax.random.PRNGKey(13), kernel + (x_shape[-1], cout))
+  got = jax.jit(conv.conv_stride1, static_argnums=2)(x, w, pads)
+  np.testing.assert_allclose(np.asarray(got), _conv_reference(x, w, pads), rtol=1e-5,
+                             atol=1e-4)
+
+
+@needs_native
+def test_native_stride1_conv_is_deterministic_and_per_image():
+  """Each output is one fixed-order sum: repeated calls agree bit for bit, and
+  so does a batch with the same images convolved one at a time."""
+  x = jax.random.normal(jax.random.PRNGKey(14), (6, 16, 16, 16))
+  w = jax.random.normal(jax.random.PRNGKey(15), (3, 3, 16, 32))
+  f = jax.jit(conv.conv_stride1, static_argnums=2)
+  pads = ((1, 1), (1, 1))
+  first = np.asarray(f(x, w, pads))
+  for _ in range(3):
+    np.testing.assert_array_equal(np.asarray(f(x, w, pads)), first)
+  singles = np.concatenate([np.asarray(f(x[i:i + 1], w, pads)) for i in range(6)])
+  np.testing.assert_array_equal(singles, first)
+
+
+@needs_native
+def test_native_stride1_conv_under_vmap():
+  """vmap over images (the EOT masks) folds into one call; a per-example kernel
+  falls back to XLA's convolution; both equal the loop over examples."""
+  x = jax.random.normal(jax.random.PRNGKey(16), (3, 2, 6, 6, 4))
+  w = jax.random.normal(jax.random.PRNGKey(17), (3, 3, 3, 4, 8))
+  pads = ((1, 1), (1, 1))
+  f = lambda a, b: conv.conv_stride1(a, b, pads)
+  shared = jax.jit(jax.vmap(f, (0, None)))
+  got = shared(x, w[0])
+  assert shared.lower(x, w[0]).as_text().count(native.FORWARD_TARGET) == 1
+  for i in range(3):
+    np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(f(x[i], w[0])))
+  per_example = jax.jit(jax.vmap(f))(x, w)
+  for i in range(3):
+    np.testing.assert_allclose(np.asarray(per_example[i]), _conv_reference(x[i], w[i], pads),
+                               rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match="non-negative"):
+    conv.conv_stride1(x[0], w[0], ((-1, 1), (1, 1)))
+
+
+def test_native_forward_switches(monkeypatch):
+  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")
+  monkeypatch.delenv("DROPJAX_NATIVE_FORWARD", raising=False)
+  assert conv.use_native_conv() == conv.native_available()
+  monkeypatch.setenv("DROPJAX_NATIVE_FORWARD", "0")
+  assert not conv.use_native_conv()
+  assert conv.use_native_weight_grad(16) == conv.native_available()  # dW unaffected
+  monkeypatch.delenv("DROPJAX_NATIVE_FORWARD")
+  monkeypatch.delenv("DROPJAX_NATIVE_CONV")
+  assert not conv.use_native_conv()  # two test devices: off unless forced
