@@ -3,10 +3,10 @@
 Three places where XLA:CPU is slow for the CIFAR ResNet shapes
 (``benchmarks/README.md``):
 
-* **stride-1 convolutions and their input gradients**: the AVX2 kernel of
+* **convolutions and their input gradients**: the AVX2 kernel of
   :mod:`dropjax.native` (``conv_forward.cc``) runs them 1.1-1.6x faster than
   XLA's convolution for 16-64 channels and ~6x faster for the 3-channel stem
-  (:func:`conv_stride1`).  An input gradient of a stride-1 convolution is the
+  (:func:`native_conv`).  An input gradient of a stride-1 convolution is the
   stride-1 convolution of the output gradient with the flipped kernel, and the
   polyphase input gradient below is made of stride-1 convolutions too, so all
   of them use it (:func:`use_native_conv`; otherwise XLA's convolution).
@@ -59,7 +59,7 @@ def _native_allowed() -> bool:
 
 
 def use_native_conv() -> bool:
-  """Native stride-1 convolutions (forward and input gradients) here and now?
+  """Native convolutions (forward and input gradients) here and now?
 
   The same conditions as :func:`use_native_weight_grad` (any channel count);
   ``DROPJAX_NATIVE_FORWARD=0`` turns off this kernel alone.
@@ -110,16 +110,16 @@ def _xla_conv(x, w, strides, pads, precision=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _native_conv_fn(pads):
-  """``f(x, w)``: the native stride-1 convolution with ``pads``, batchable by ``vmap``."""
-  (pt, pb), (pl, pr) = pads
+def _native_conv_fn(strides, pads):
+  """``f(x, w)``: the native convolution with ``strides``, ``pads``, batchable by ``vmap``."""
+  (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
 
   def call(x, w):
-    ho = x.shape[1] + pt + pb - w.shape[0] + 1
-    wo = x.shape[2] + pl + pr - w.shape[1] + 1
+    ho = (x.shape[1] + pt + pb - w.shape[0]) // sh + 1
+    wo = (x.shape[2] + pl + pr - w.shape[1]) // sw + 1
     out = jax.ShapeDtypeStruct((x.shape[0], ho, wo, w.shape[3]), jnp.float32)
     return jax.ffi.ffi_call(native.FORWARD_TARGET, out, vmap_method="sequential")(
-        x, w, pt=np.int64(pt), pl=np.int64(pl))
+        x, w, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl))
 
   fn = jax.custom_batching.custom_vmap(call)
 
@@ -128,7 +128,7 @@ def _native_conv_fn(pads):
     x_batched, w_batched = in_batched
     if w_batched:  # a kernel per batch element (e.g. per-example weights): XLA's
       x_axis = 0 if x_batched else None
-      return jax.vmap(lambda a, b: _xla_conv(a, b, (1, 1), pads), (x_axis, 0))(x, w), True
+      return jax.vmap(lambda a, b: _xla_conv(a, b, strides, pads), (x_axis, 0))(x, w), True
     # One kernel for all: fold the vmapped axis into the images (EOT masks).
     y = fn(x.reshape((-1,) + x.shape[2:]), w)
     return y.reshape((axis_size, x.shape[1]) + y.shape[1:]), True
@@ -136,30 +136,26 @@ def _native_conv_fn(pads):
   return fn
 
 
-def conv_stride1(x: jax.Array, w: jax.Array, pads) -> jax.Array:
-  """Stride-1 convolution, native kernel: ``x`` (B, H, W, Ci), ``w`` HWIO, f32.
+def native_conv(x: jax.Array, w: jax.Array, strides, pads) -> jax.Array:
+  """Convolution by the native kernel: ``x`` (B, H, W, Ci), ``w`` HWIO, float32.
 
-  ``pads`` = ((top, bottom), (left, right)), all >= 0.  Returns
-  (B, H + top + bottom - KH + 1, W + left + right - KW + 1, Co) float32, equal
+  ``strides`` = (sh, sw) >= 1, ``pads`` = ((top, bottom), (left, right)), all
+  >= 0.  Returns (B, (H + top + bottom - KH) // sh + 1, ..., Co) float32, equal
   to ``lax.conv_general_dilated`` up to float rounding; every output is one
   sum in a fixed order (deterministic).  Call only when :func:`use_native_conv`.
   """
+  strides = tuple(int(s) for s in strides)
   pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-  if any(p < 0 for pair in pads for p in pair):
-    raise ValueError(f"conv_stride1 needs non-negative padding, got {pads}")
-  return _native_conv_fn(pads)(x, w)
+  if any(p < 0 for pair in pads for p in pair) or any(s < 1 for s in strides):
+    raise ValueError(f"native_conv needs strides >= 1 and non-negative padding, "
+                     f"got {strides}, {pads}")
+  return _native_conv_fn(strides, pads)(x, w)
 
 
-def _stride1(x, w, pads, precision=None):
-  """Stride-1 convolution: native when allowed, else XLA's."""
+def _forward(x, w, strides, pads, precision=None):
+  """The convolution: native when allowed, else XLA's."""
   if use_native_conv():
-    return conv_stride1(x, w, pads)
-  return _xla_conv(x, w, (1, 1), pads, precision)
-
-
-def _forward(x, w, strides, pads, precision):
-  if tuple(strides) == (1, 1):
-    return _stride1(x, w, pads, precision)
+    return native_conv(x, w, strides, pads)
   return _xla_conv(x, w, strides, pads, precision)
 
 
@@ -228,7 +224,7 @@ def input_grad_polyphase(dy: jax.Array, w: jax.Array, strides, pads, x_shape) ->
       lo_hi = ((-r0, mh - ho + r1), (-c0, mw - wo + c1))
       src = dy[:, max(0, r0):ho - max(0, -lo_hi[0][1]), max(0, c0):wo - max(0, -lo_hi[1][1])]
       conv_pads = tuple((max(0, lo), max(0, hi)) for lo, hi in lo_hi)
-      row.append(_stride1(src, k, conv_pads))
+      row.append(_forward(src, k, (1, 1), conv_pads))
     phases.append(jnp.stack(row))
   out = jnp.stack(phases)  # (sh, sw, B, mh, mw, ci)
   return out.transpose(2, 3, 0, 4, 1, 5).reshape(b, h, wd, ci)
@@ -241,7 +237,7 @@ def _input_grad(dy, w, strides, pads, precision, x_shape):
   if (tuple(strides) == (1, 1) and use_native_conv()
       and all(p >= 0 for pair in flipped_pads for p in pair)):
     # dx = dy convolved with the kernel rotated by 180 degrees, channels swapped.
-    return conv_stride1(dy, jnp.swapaxes(w[::-1, ::-1], 2, 3), flipped_pads)
+    return native_conv(dy, jnp.swapaxes(w[::-1, ::-1], 2, 3), (1, 1), flipped_pads)
   if _polyphase_ok(x_shape, w.shape, strides):
     return input_grad_polyphase(dy, w, strides, pads, x_shape)
   _, vjp = jax.vjp(lambda v: _xla_conv(v, w, strides, pads, precision),

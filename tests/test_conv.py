@@ -65,10 +65,7 @@ def test_conv_gradients_equal_xla_and_use_the_kernel(strides, monkeypatch):
   pads = ((1, 1), (1, 1))
   out = conv.conv_general_dilated(x, w, strides, pads, dimension_numbers=DN)
   want = lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=DN)
-  if strides == (1, 1):
-    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)  # native forward
-  else:
-    np.testing.assert_array_equal(out, want)  # strided forward: XLA's own
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)  # native forward
   (dx, dw), (rx, rw) = (_grads(conv.conv_general_dilated, x, w, strides, pads),
                         _grads(lax.conv_general_dilated, x, w, strides, pads))
   np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)  # native / polyphase of native
@@ -77,8 +74,8 @@ def test_conv_gradients_equal_xla_and_use_the_kernel(strides, monkeypatch):
       x, w, strides, pads, dimension_numbers=DN))), argnums=(0, 1)))
   hlo = grad_both.lower(x, w).as_text()
   assert native.TARGET in hlo
-  # forward (stride 1) + input gradient (stride 1: one conv; stride 2: 4 phases)
-  assert hlo.count(native.FORWARD_TARGET) == (2 if strides == (1, 1) else 4)
+  # forward + input gradient (stride 1: one conv; stride 2: 4 phases)
+  assert hlo.count(native.FORWARD_TARGET) == (2 if strides == (1, 1) else 5)
 
 
 @needs_native
@@ -129,9 +126,9 @@ def test_model_train_gradients_native_vs_xla(monkeypatch):
   for a, b in zip(jax.tree.leaves(results["0"]), jax.tree.leaves(results["1"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
   assert programs["1"].count(native.TARGET) == 1 + 2 * 3  # every conv of depth 8
-  # Stride-1 convs: 5 forward + 4 input gradients (the stem's input is not
-  # differentiated); the 2 strided convs' input gradients: 4 phases each.
-  assert programs["1"].count(native.FORWARD_TARGET) == 5 + 4 + 2 * 4
+  # 7 forward; input gradients: 4 stride-1 convs (the stem's input is not
+  # differentiated) and the 2 strided convs, 4 phases each.
+  assert programs["1"].count(native.FORWARD_TARGET) == 7 + 4 + 2 * 4
   assert "custom_call" not in programs["0"]
 
 
@@ -225,61 +222,64 @@ def test_missing_compiler_or_opt_out_gives_a_reason(monkeypatch):
   assert "DROPJAX_NATIVE=0" in native.unavailable_reason()
 
 
-def _conv_reference(x, w, pads):
-  """Stride-1 convolution in NumPy (float64): sum over taps of shifted windows."""
+def _conv_reference(x, w, strides, pads):
+  """Convolution in NumPy (float64): sum over taps of strided, shifted windows."""
   x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
   (pt, pb), (pl, pr) = pads
   xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   kh, kw = w.shape[:2]
-  ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  (sh, sw) = strides
+  ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
   out = np.zeros((x.shape[0], ho, wo, w.shape[3]))
   for a in range(kh):
     for b in range(kw):
-      out += np.einsum("nhwi,io->nhwo", xp[:, a:a + ho, b:b + wo], w[a, b])
+      win = xp[:, a:a + sh * (ho - 1) + 1:sh, b:b + sw * (wo - 1) + 1:sw]
+      out += np.einsum("nhwi,io->nhwo", win, w[a, b])
   return out
 
 
 @needs_native
-@pytest.mark.parametrize("x_shape,kernel,pads", [
-    ((3, 8, 8, 3), (3, 3), ((1, 1), (1, 1))),     # the stem: 3 input channels
-    ((2, 9, 7, 7), (3, 3), ((1, 1), (1, 1))),     # odd sizes: tiles wrap rows
-    ((2, 5, 6, 4), (3, 2), ((0, 2), (2, 0))),     # asymmetric kernel and pads
-    ((2, 2, 2, 5), (3, 3), ((1, 1), (1, 1))),     # fewer than 6 positions per image
-    ((1, 6, 6, 8), (1, 1), ((0, 0), (0, 0))),     # 1x1 kernel
-    ((2, 12, 10, 2), (5, 5), ((2, 2), (0, 4))),   # 5x5 kernel, one-sided pads
+@pytest.mark.parametrize("x_shape,kernel,strides,pads", [
+    ((3, 8, 8, 3), (3, 3), (1, 1), ((1, 1), (1, 1))),     # the stem: 3 input channels
+    ((2, 9, 7, 7), (3, 3), (1, 1), ((1, 1), (1, 1))),     # odd sizes: tiles wrap rows
+    ((2, 5, 6, 4), (3, 2), (1, 1), ((0, 2), (2, 0))),     # asymmetric kernel and pads
+    ((2, 2, 2, 5), (3, 3), (1, 1), ((1, 1), (1, 1))),     # fewer than 6 positions
+    ((1, 6, 6, 8), (1, 1), (1, 1), ((0, 0), (0, 0))),     # 1x1 kernel
+    ((2, 12, 10, 2), (5, 5), (1, 1), ((2, 2), (0, 4))),   # 5x5 kernel, one-sided pads
+    ((2, 8, 8, 16), (3, 3), (2, 2), ((1, 1), (1, 1))),    # the stride-2 block entry
+    ((2, 9, 8, 3), (3, 2), (3, 2), ((0, 1), (2, 0))),     # strides 3 x 2, unused rows
 ])
 @pytest.mark.parametrize("cout", [3, 16, 40])  # a partial block, one and 2.5 blocks of 16
-def test_native_stride1_conv_matches_reference(x_shape, kernel, pads, cout):
+def test_native_conv_matches_reference(x_shape, kernel, strides, pads, cout):
   x = jax.random.normal(jax.random.PRNGKey(12), x_shape)
   w = jax.random.normal(jax.random.PRNGKey(13), kernel + (x_shape[-1], cout))
-  got = jax.jit(conv.conv_stride1, static_argnums=2)(x, w, pads)
-  np.testing.assert_allclose(np.asarray(got), _conv_reference(x, w, pads), rtol=1e-5,
-                             atol=1e-4)
+  got = jax.jit(conv.native_conv, static_argnums=(2, 3))(x, w, strides, pads)
+  np.testing.assert_allclose(np.asarray(got), _conv_reference(x, w, strides, pads),
+                             rtol=1e-5, atol=1e-4)
 
 
 @needs_native
-def test_native_stride1_conv_is_deterministic_and_per_image():
+def test_native_conv_is_deterministic_and_per_image():
   """Each output is one fixed-order sum: repeated calls agree bit for bit, and
   so does a batch with the same images convolved one at a time."""
   x = jax.random.normal(jax.random.PRNGKey(14), (6, 16, 16, 16))
   w = jax.random.normal(jax.random.PRNGKey(15), (3, 3, 16, 32))
-  f = jax.jit(conv.conv_stride1, static_argnums=2)
-  pads = ((1, 1), (1, 1))
-  first = np.asarray(f(x, w, pads))
+  f = jax.jit(lambda x, w: conv.native_conv(x, w, (1, 1), ((1, 1), (1, 1))))
+  first = np.asarray(f(x, w))
   for _ in range(3):
-    np.testing.assert_array_equal(np.asarray(f(x, w, pads)), first)
-  singles = np.concatenate([np.asarray(f(x[i:i + 1], w, pads)) for i in range(6)])
+    np.testing.assert_array_equal(np.asarray(f(x, w)), first)
+  singles = np.concatenate([np.asarray(f(x[i:i + 1], w)) for i in range(6)])
   np.testing.assert_array_equal(singles, first)
 
 
 @needs_native
-def test_native_stride1_conv_under_vmap():
+def test_native_conv_under_vmap():
   """vmap over images (the EOT masks) folds into one call; a per-example kernel
   falls back to XLA's convolution; both equal the loop over examples."""
   x = jax.random.normal(jax.random.PRNGKey(16), (3, 2, 6, 6, 4))
   w = jax.random.normal(jax.random.PRNGKey(17), (3, 3, 3, 4, 8))
   pads = ((1, 1), (1, 1))
-  f = lambda a, b: conv.conv_stride1(a, b, pads)
+  f = lambda a, b: conv.native_conv(a, b, (1, 1), pads)
   shared = jax.jit(jax.vmap(f, (0, None)))
   got = shared(x, w[0])
   assert shared.lower(x, w[0]).as_text().count(native.FORWARD_TARGET) == 1
@@ -287,10 +287,10 @@ def test_native_stride1_conv_under_vmap():
     np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(f(x[i], w[0])))
   per_example = jax.jit(jax.vmap(f))(x, w)
   for i in range(3):
-    np.testing.assert_allclose(np.asarray(per_example[i]), _conv_reference(x[i], w[i], pads),
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(per_example[i]),
+                               _conv_reference(x[i], w[i], (1, 1), pads), rtol=1e-5, atol=1e-4)
   with pytest.raises(ValueError, match="non-negative"):
-    conv.conv_stride1(x[0], w[0], ((-1, 1), (1, 1)))
+    conv.native_conv(x[0], w[0], (1, 1), ((-1, 1), (1, 1)))
 
 
 def test_native_forward_switches(monkeypatch):

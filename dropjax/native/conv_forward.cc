@@ -1,7 +1,7 @@
-// Stride-1 2-D convolution, NHWC input / HWIO kernel, float32, as an XLA FFI
-// handler for the CPU backend (x86-64 with AVX2 + FMA).
+// 2-D convolution, NHWC input / HWIO kernel, float32, as an XLA FFI handler
+// for the CPU backend (x86-64 with AVX2 + FMA).
 //
-//   y[n, oh, ow, co] = sum_{kh, kw, ci} xpad[n, oh + kh, ow + kw, ci] * w[kh, kw, ci, co]
+//   y[n, oh, ow, co] = sum_{kh, kw, ci} xpad[n, oh*sh + kh, ow*sw + kw, ci] * w[kh, kw, ci, co]
 // where xpad is x with `pt` zero rows on top and `pl` zero columns on the left
 // (and as many at the bottom/right as the output shape implies).
 //
@@ -39,7 +39,7 @@ constexpr int kTile = 6;    // output positions per tile
 constexpr int kBlock = 16;  // output channels per tile (two ymm registers)
 
 struct Geometry {
-  int64_t n, h, w, ci, ho, wo, co, kh, kw, pt, pl, hp, wp;
+  int64_t n, h, w, ci, ho, wo, co, kh, kw, sh, sw, pt, pl, hp, wp;
 };
 
 // Accumulates one 6 x 16 tile.  `pos` are the tile's flattened output
@@ -52,7 +52,7 @@ inline void Tile(const Geometry& g, const float* pad, const float* wpk,
   const int64_t ci = g.ci, len = g.kw * ci, row = g.wp * ci;
   const float* x[kTile];
   for (int p = 0; p < kTile; ++p)
-    x[p] = pad + ((pos[p] / g.wo) * g.wp + pos[p] % g.wo) * ci;
+    x[p] = pad + ((pos[p] / g.wo) * g.sh * g.wp + (pos[p] % g.wo) * g.sw) * ci;
   const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3], *x4 = x[4], *x5 = x[5];
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -100,8 +100,8 @@ inline void Tile(const Geometry& g, const float* pad, const float* wpk,
 
 void Image(const Geometry& g, const float* x, const float* packed, float* y, float* pad) {
   std::memset(pad, 0, g.hp * g.wp * g.ci * sizeof(float));
-  const int64_t cols = std::min(g.w, g.wp - g.pl);
-  for (int64_t r = 0; r < g.h && r + g.pt < g.hp; ++r)
+  const int64_t cols = std::min(g.w, g.wp - g.pl);  // input columns some window reads
+  for (int64_t r = 0; cols > 0 && r < g.h && r + g.pt < g.hp; ++r)
     std::memcpy(pad + ((r + g.pt) * g.wp + g.pl) * g.ci, x + r * g.w * g.ci,
                 cols * g.ci * sizeof(float));
   const int64_t npos = g.ho * g.wo;
@@ -135,14 +135,14 @@ struct Shared {
 
 static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                   ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
-                                  int64_t pt, int64_t pl) {
+                                  int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("conv_forward: operands must have rank 4");
-  const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1], pt, pl,
-                   yd[1] + wd[0] - 1, yd[2] + wd[1] - 1};
-  if (yd[0] != g.n || wd[2] != g.ci || wd[3] != g.co || pt < 0 || pl < 0 ||
-      g.hp < g.pt || g.wp < g.pl)
+  // The padded image covers every window: (ho - 1) * sh + kh rows, likewise columns.
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1], sh, sw,
+                   pt, pl, (yd[1] - 1) * sh + wd[0], (yd[2] - 1) * sw + wd[1]};
+  if (yd[0] != g.n || wd[2] != g.ci || wd[3] != g.co || pt < 0 || pl < 0 || sh < 1 || sw < 1)
     return ffi::Error::InvalidArgument("conv_forward: unsupported shapes");
   if (g.n == 0 || g.ho == 0 || g.wo == 0 || g.co == 0) return ffi::Error::Success();
 
@@ -193,5 +193,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DropjaxConvForward, ConvForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
                                   .Attr<int64_t>("pt")
                                   .Attr<int64_t>("pl"));

@@ -66,9 +66,10 @@ inline void Tile(const Geometry& g, const float* x, const float* dy, float* dw,
     const int64_t ih = oh * g.sh + win.kh - g.ph;
     const float* xrow = x + ((win.image * g.h + ih) * g.w) * g.ci + ci0;
     const float* dyrow = dy + ((win.image * g.ho + oh) * g.wo) * g.co + co0;
-    for (int64_t ow = win.ow0; ow <= win.ow1; ++ow) {
-      const float* xp = xrow + (ow * g.sw + win.kw - g.pw) * g.ci;
-      const float* dp = dyrow + ow * g.co;
+    const float* xp = xrow + (win.ow0 * g.sw + win.kw - g.pw) * g.ci;
+    const float* dp = dyrow + win.ow0 * g.co;
+    const int64_t x_step = g.sw * g.ci, dy_step = g.co;
+    for (int64_t ow = win.ow0; ow <= win.ow1; ++ow, xp += x_step, dp += dy_step) {
       __m256 d[V];
       for (int v = 0; v < V; ++v) d[v] = _mm256_loadu_ps(dp + 8 * v);
       for (int c = 0; c < CB; ++c) {
