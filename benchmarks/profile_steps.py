@@ -90,27 +90,34 @@ def trace_ops(fn, args, steps: int = 3) -> dict:
 
 
 def conv_shapes(batch: int, repeats: int) -> list[dict]:
-  """Forward / input-gradient / weight-gradient time of each ResNet-20 conv shape."""
+  """Forward / input-gradient / weight-gradient time of each ResNet-20 conv shape,
+  XLA's and dropjax's (``dropjax.conv``: the native kernels where they run)."""
   dn = ("NHWC", "HWIO", "NHWC")
+  pads = ((1, 1), (1, 1))
   rows = []
-  for h, c, o in ((32, 16, 16), (16, 32, 32), (8, 64, 64)):
+  # (input size, in channels, out channels, stride): stem, three stages, two block entries
+  for h, c, o, s in ((32, 3, 16, 1), (32, 16, 16, 1), (16, 32, 32, 1), (8, 64, 64, 1),
+                     (32, 16, 32, 2), (16, 32, 64, 2)):
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, h, h, c))
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, c, o))
-    g = jax.random.normal(jax.random.PRNGKey(2), (batch, h, h, o))
-    conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                                 dimension_numbers=dn)
-    fns = {"forward": (jax.jit(conv), (x, w)),
-           "input_grad": (jax.jit(lambda g, w: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]), (g, w)),
-           "weight_grad": (jax.jit(lambda g, x: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]), (g, x))}
-    if conv_lib.native_available():  # the kernel training uses on CPU (dropjax.conv)
-      fns["weight_grad_native"] = (jax.jit(lambda g, x: conv_lib.weight_grad(
-          x, g, (3, 3, c, o), (1, 1), ((1, 1), (1, 1)))), (g, x))
-    gflop = 2 * batch * h * h * 9 * c * o / 1e9
-    row = {"hw": h, "cin": c, "cout": o, "batch": batch, "gflop": gflop}
+    g = jax.random.normal(jax.random.PRNGKey(2), (batch, h // s, h // s, o))
+    xla = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pads, dimension_numbers=dn)
+    ours = lambda x, w: conv_lib.conv_general_dilated(x, w, (s, s), pads, dimension_numbers=dn)
+    fns = {}
+    for tag, conv in (("", xla), ("_dropjax", ours)):
+      fns["forward" + tag] = (jax.jit(conv), (x, w))
+      fns["input_grad" + tag] = (
+          jax.jit(lambda g, w, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]), (g, w))
+      fns["weight_grad" + tag] = (
+          jax.jit(lambda g, x, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]), (g, x))
+    gflop = 2 * batch * (h // s) ** 2 * 9 * c * o / 1e9
+    row = {"hw": h, "cin": c, "cout": o, "stride": s, "batch": batch, "gflop": gflop,
+           "native_forward": conv_lib.use_native_conv(),
+           "native_weight_grad": conv_lib.use_native_weight_grad(o)}
     for name, (f, a) in fns.items():
-      s = measure(lambda: f(*a), sync, repeats)["median_s"]
-      row[f"{name}_ms"] = round(1e3 * s, 2)
-      row[f"{name}_gflops"] = round(gflop / s, 1)
+      sec = measure(lambda: f(*a), sync, repeats)["median_s"]
+      row[f"{name}_ms"] = round(1e3 * sec, 2)
+      row[f"{name}_gflops"] = round(gflop / sec, 1)
     rows.append(row)
   return rows
 
