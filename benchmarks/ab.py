@@ -10,11 +10,14 @@ matters on a VM whose speed drifts by +-20-30% between minutes.  Prints JSON
 rows, one per measurement, then the per-variant median and the ratio of
 each variant to the first; ``--out`` also writes the rows (JSON lines).
 
-``--inprocess`` (train step only) compiles every variant in one process and
-then alternates them step by step: much less noisy, but only for settings the
+``--inprocess`` (the train step, or ``--workload eot_grad``: one EOT gradient
+of 100 images x 10 masks) compiles every variant in one process and then
+alternates them call by call: much less noisy, but only for settings the
 model reads when it is traced (``DROPJAX_CPU_CONV``, ``DROPJAX_NATIVE_CONV``,
-``DROPJAX_POLYPHASE``, ``DROPJAX_CONV_BARRIER``),
+``DROPJAX_NATIVE_FORWARD``, ``DROPJAX_POLYPHASE``, ``DROPJAX_CONV_BARRIER``),
 not for ``XLA_FLAGS``, which a process reads once.
+
+    python benchmarks/ab.py --inprocess --workload eot_grad --preset native_forward
 """
 from __future__ import annotations
 
@@ -39,6 +42,11 @@ PRESETS = {
         "native_dw+barrier": {"DROPJAX_NATIVE_CONV": "1", "DROPJAX_CONV_BARRIER": "1"},
         "native_dw": {"DROPJAX_NATIVE_CONV": "1", "DROPJAX_CONV_BARRIER": "0"},
     },
+    # The native forward / input-gradient kernel (conv_forward.cc) against XLA's.
+    "native_forward": {
+        "xla_forward (session 3)": {"DROPJAX_NATIVE_FORWARD": "0"},
+        "native_forward (default)": {},
+    },
     # dropjax.conv as a whole (native weight gradient + polyphase strided input
     # gradient) against XLA's convolution gradients.
     "cpu_conv": {
@@ -56,29 +64,48 @@ def parse_variant(text: str) -> tuple[str, dict]:
   return name, env
 
 
-def inprocess_train(variants: dict, rounds: int, steps: int) -> list[dict]:
-  """Alternates compiled train steps of each variant (env applied at trace time)."""
-  import time  # pylint: disable=g-import-not-at-top
-
-  sys.path.insert(0, os.path.dirname(HERE))
+def _inprocess_workload(workload: str):
+  """``(make(), args, items)``: a traced-per-call builder of the jitted workload,
+  its arguments and the items one call processes (images or image-steps)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from benchmarks import bench  # pylint: disable=g-import-not-at-top
+  from dropjax.attacks.losses import attack_objective  # pylint: disable=g-import-not-at-top
+  from dropjax.attacks.pgd import eot_gradient  # pylint: disable=g-import-not-at-top
   from dropjax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   cfg, model, tx, state = bench.setup(20)
-  batch_size = 128
-  batch = jax.tree.map(jnp.asarray, bench.synthetic_batch(batch_size))
   key = jax.random.PRNGKey(1)
+  if workload == "train":
+    batch = jax.tree.map(jnp.asarray, bench.synthetic_batch(128))
+    return (lambda: jax.jit(step_lib.make_train_step(cfg, model, tx)),
+            (state, batch, key), 128)
+  # eot_grad: one EOT gradient, 100 images x 10 masks (the body of an EOT-PGD step)
+  logits_fn = step_lib.make_logits_fn(model)
+  obj = attack_objective("ce", False)
+  x, y = bench.images(100), jnp.zeros((100,), jnp.int32)
+  make = lambda: jax.jit(lambda v, x, y: eot_gradient(
+      key, lambda xx, yy: obj(logits_fn(v, xx), yy), x, y, 0.9, 10, impl="vmap"))
+  return make, (state.variables, x, y), 100
+
+
+def inprocess(variants: dict, rounds: int, steps: int, workload: str) -> list[dict]:
+  """Alternates compiled programs of each variant (env applied at trace time)."""
+  import time  # pylint: disable=g-import-not-at-top
+
+  sys.path.insert(0, os.path.dirname(HERE))
+  import jax  # pylint: disable=g-import-not-at-top
+
+  make, args, items = _inprocess_workload(workload)
   compiled = {}
   saved = dict(os.environ)
   for name, env in variants.items():
     if any(k == "XLA_FLAGS" for k in env):
       raise SystemExit("--inprocess cannot vary XLA_FLAGS (read once per process)")
     os.environ.update(env)
-    fn = jax.jit(step_lib.make_train_step(cfg, model, tx)).lower(state, batch, key).compile()
-    jax.block_until_ready(fn(state, batch, key))  # warm-up
+    fn = make().lower(*args).compile()
+    jax.block_until_ready(fn(*args))  # warm-up
     compiled[name] = fn
     os.environ.clear()
     os.environ.update(saved)
@@ -87,11 +114,11 @@ def inprocess_train(variants: dict, rounds: int, steps: int) -> list[dict]:
     for name, fn in compiled.items():
       t0 = time.perf_counter()
       for _ in range(steps):
-        out = fn(state, batch, key)
+        out = fn(*args)
       jax.block_until_ready(out)
       sec = (time.perf_counter() - t0) / steps
-      row = {"round": r, "variant": name, "env": variants[name], "workload": "train",
-             "rate": batch_size / sec, "median_s": sec, "inprocess": True,
+      row = {"round": r, "variant": name, "env": variants[name], "workload": workload,
+             "rate": items / sec, "median_s": sec, "inprocess": True,
              "loadavg": list(os.getloadavg())}
       rows.append(row)
       print(json.dumps(row), flush=True)
@@ -105,19 +132,25 @@ def main(argv=None):
   p.add_argument("--variant", action="append", default=[],
                  help="NAME=ENV=VALUE[,ENV=VALUE...] (repeatable; after the preset's)")
   p.add_argument("--rounds", type=int, default=2, help="A B ... rounds")
-  p.add_argument("--workload", default="train", choices=["train", "infer", "avg10", "eot_pgd"])
+  p.add_argument("--workload", default="train",
+                 choices=["train", "infer", "avg10", "eot_pgd", "eot_grad"],
+                 help="eot_grad (one EOT gradient, 100 images x 10 masks): --inprocess only")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
   p.add_argument("--eot_form", default="vmap:full", help="eot_pgd: the bench.py EOT form")
   p.add_argument("--out", help="also write the rows here (JSON lines)")
   p.add_argument("--inprocess", action="store_true",
-                 help="train step only: compile all variants in one process, alternate them")
+                 help="train or eot_grad: compile all variants in one process, alternate them")
   p.add_argument("--steps", type=int, default=3, help="--inprocess: steps per measurement")
   args = p.parse_args(argv)
   variants = dict(PRESETS.get(args.preset, {}))
   variants.update(parse_variant(v) for v in args.variant)
   if not variants:
     p.error("give --preset or --variant")
-  rows = inprocess_train(variants, args.rounds, args.steps) if args.inprocess else []
+  if args.inprocess and args.workload not in ("train", "eot_grad"):
+    p.error("--inprocess runs the train or eot_grad workload")
+  if args.workload == "eot_grad" and not args.inprocess:
+    p.error("--workload eot_grad needs --inprocess")
+  rows = inprocess(variants, args.rounds, args.steps, args.workload) if args.inprocess else []
   for r in range(0 if args.inprocess else args.rounds):
     for name, env in variants.items():
       extra = ["--eot_forms", args.eot_form] if args.workload == "eot_pgd" else []

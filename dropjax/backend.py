@@ -14,11 +14,12 @@ Measured choices (see ``benchmarks/README.md`` for the numbers and commands):
   feed each convolution's weight gradient, which makes them very slow; on CPU
   the model puts its training-mode convolution inputs behind a
   :func:`dropjax.fusion.fusion_barrier` (``barrier_conv_inputs``).
-* XLA:CPU computes convolution weight gradients through transposed copies at
-  about half the forward speed, and input gradients of strided convolutions
-  through a slow dilated-input convolution; on CPU the model's convolutions
-  use :mod:`dropjax.conv` (``cpu_conv``): a native weight-gradient kernel
-  (:mod:`dropjax.native`) and a polyphase input gradient.
+* XLA:CPU's convolutions are slow for these shapes (the 3-channel stem most
+  of all), its weight gradients go through transposed copies, and its input
+  gradients of strided convolutions through a dilated-input convolution; on
+  CPU the model's convolutions use :mod:`dropjax.conv` (``cpu_conv``): native
+  forward, input-gradient and weight-gradient kernels (:mod:`dropjax.native`)
+  and a polyphase input gradient.
 * Inside a rolled ``lax.fori_loop`` XLA:CPU loses most of its convolution
   speed, so on CPU the attack loops are fully unrolled (``loop_unroll``).
   On GPU/TPU a rolled loop compiles faster and runs as fast.
@@ -80,13 +81,15 @@ def barrier_conv_inputs(train: bool) -> bool:
 
 
 def cpu_conv() -> bool:
-  """Whether the model's convolutions use :mod:`dropjax.conv` (faster gradients).
+  """Whether the model's convolutions use :mod:`dropjax.conv` (faster on CPU).
 
-  True on CPU: the native weight gradient (training) and the polyphase input
-  gradient of strided convolutions (training and attacks).  On GPU/TPU XLA's
-  own convolution gradients are used.  Override with ``DROPJAX_CPU_CONV``
-  (0 or 1); ``DROPJAX_NATIVE_CONV=0`` keeps dropjax.conv but XLA's weight
-  gradient (:func:`dropjax.conv.use_native_weight_grad`).
+  True on CPU: native forward and input-gradient convolutions (training,
+  inference, attacks), the native weight gradient (training) and the
+  polyphase input gradient of strided convolutions.  On GPU/TPU XLA's own
+  convolutions are used.  Override with ``DROPJAX_CPU_CONV`` (0 or 1);
+  ``DROPJAX_NATIVE_CONV=0`` keeps dropjax.conv but only XLA's kernels,
+  ``DROPJAX_NATIVE_FORWARD=0`` XLA's forward and input-gradient convolutions
+  (:func:`dropjax.conv.use_native_conv`, :func:`dropjax.conv.use_native_weight_grad`).
   """
   import jax  # pylint: disable=g-import-not-at-top
 
