@@ -32,6 +32,7 @@ import threading
 from pathlib import Path
 
 _SOURCES = tuple(Path(__file__).with_name(f) for f in ("conv_weight_grad.cc", "conv_forward.cc"))
+_HEADERS = (Path(__file__).with_name("work_queue.h"),)
 TARGET = "dropjax_conv_weight_grad"
 FORWARD_TARGET = "dropjax_conv_forward"
 _SYMBOLS = {TARGET: "DropjaxConvWeightGrad", FORWARD_TARGET: "DropjaxConvForward"}
@@ -72,7 +73,7 @@ def _build(compiler: str) -> Path:
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                            check=False).stdout.splitlines()[:1]
   key = hashlib.sha256(
-      "\0".join([*(src.read_text() for src in _SOURCES), jaxlib.__version__, *version,
+      "\0".join([*(src.read_text() for src in _SOURCES + _HEADERS), jaxlib.__version__, *version,
                  *flags]).encode()
   ).hexdigest()[:16]
   out = cache_dir() / f"dropjax_kernels-{key}.so"

@@ -21,14 +21,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "work_queue.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,6 +38,15 @@ constexpr int kBlock = 16;  // output channels per tile (two ymm registers)
 struct Geometry {
   int64_t n, h, w, ci, ho, wo, co, kh, kw, sh, sw, pt, pl, hp, wp;
 };
+
+// One output position's update: its input value at j times the 16 kernel
+// values (b0, b1) into its two accumulators.
+#define DROPJAX_ROW(xp, lo, hi)                   \
+  do {                                            \
+    const __m256 a = _mm256_broadcast_ss(xp + j); \
+    lo = _mm256_fmadd_ps(a, b0, lo);              \
+    hi = _mm256_fmadd_ps(a, b1, hi);              \
+  } while (0)
 
 // Accumulates one 6 x 16 tile.  `pos` are the tile's flattened output
 // positions (a short image repeats its last one: same sums, same values);
@@ -61,24 +67,12 @@ inline void Tile(const Geometry& g, const float* pad, const float* wpk,
     const int64_t off = kh * row;
     for (int64_t j = off; j < off + len; ++j, wr += kBlock) {
       const __m256 b0 = _mm256_loadu_ps(wr), b1 = _mm256_loadu_ps(wr + 8);
-      __m256 a = _mm256_broadcast_ss(x0 + j);
-      c00 = _mm256_fmadd_ps(a, b0, c00);
-      c01 = _mm256_fmadd_ps(a, b1, c01);
-      a = _mm256_broadcast_ss(x1 + j);
-      c10 = _mm256_fmadd_ps(a, b0, c10);
-      c11 = _mm256_fmadd_ps(a, b1, c11);
-      a = _mm256_broadcast_ss(x2 + j);
-      c20 = _mm256_fmadd_ps(a, b0, c20);
-      c21 = _mm256_fmadd_ps(a, b1, c21);
-      a = _mm256_broadcast_ss(x3 + j);
-      c30 = _mm256_fmadd_ps(a, b0, c30);
-      c31 = _mm256_fmadd_ps(a, b1, c31);
-      a = _mm256_broadcast_ss(x4 + j);
-      c40 = _mm256_fmadd_ps(a, b0, c40);
-      c41 = _mm256_fmadd_ps(a, b1, c41);
-      a = _mm256_broadcast_ss(x5 + j);
-      c50 = _mm256_fmadd_ps(a, b0, c50);
-      c51 = _mm256_fmadd_ps(a, b1, c51);
+      DROPJAX_ROW(x0, c00, c01);
+      DROPJAX_ROW(x1, c10, c11);
+      DROPJAX_ROW(x2, c20, c21);
+      DROPJAX_ROW(x3, c30, c31);
+      DROPJAX_ROW(x4, c40, c41);
+      DROPJAX_ROW(x5, c50, c51);
     }
   }
   const __m256 acc[kTile][2] = {{c00, c01}, {c10, c11}, {c20, c21},
@@ -97,6 +91,7 @@ inline void Tile(const Geometry& g, const float* pad, const float* wpk,
     }
   }
 }
+#undef DROPJAX_ROW
 
 void Image(const Geometry& g, const float* x, const float* packed, float* y, float* pad) {
   std::memset(pad, 0, g.hp * g.wp * g.ci * sizeof(float));
@@ -119,17 +114,6 @@ void Image(const Geometry& g, const float* x, const float* packed, float* y, flo
     }
   }
 }
-
-// Images handed out to whichever thread asks first.  Workers that start after
-// the caller has finished all images return without touching the operands, so
-// the caller never waits for a task that has not started.
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable cv;
-  int active = 0;
-  bool closed = false;
-};
 
 }  // namespace
 
@@ -160,30 +144,12 @@ static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   const int64_t in_image = g.h * g.w * g.ci, out_image = g.ho * g.wo * g.co;
-  auto run = [&](Shared* s) {
+  auto work = [&](dropjax::WorkQueue& queue) {
     std::vector<float> pad(g.hp * g.wp * g.ci);
-    for (int64_t i; (i = s->next.fetch_add(1)) < g.n;)
+    for (int64_t i; (i = queue.Take()) >= 0;)
       Image(g, xp + i * in_image, packed.data(), yp + i * out_image, pad.data());
   };
-  auto shared = std::make_shared<Shared>();
-  const int64_t helpers = std::min<int64_t>(g.n, std::max<int64_t>(1, pool.num_threads())) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([shared, &run]() {
-      {
-        std::lock_guard<std::mutex> lock(shared->mu);
-        if (shared->closed) return;  // the caller is gone: touch nothing
-        ++shared->active;
-      }
-      run(shared.get());
-      std::lock_guard<std::mutex> lock(shared->mu);
-      --shared->active;
-      shared->cv.notify_all();
-    });
-  }
-  run(shared.get());
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->closed = true;
-  shared->cv.wait(lock, [&] { return shared->active == 0; });
+  dropjax::RunOnPool(pool, g.n, pool.num_threads(), work);
   return ffi::Error::Success();
 }
 

@@ -20,14 +20,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "work_queue.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -121,18 +118,6 @@ void AccumulateImage(const Geometry& g, const float* x, const float* dy, float* 
   }
 }
 
-// Partitions handed out to whichever thread asks first.  Workers that start
-// after the caller has finished all partitions return without touching the
-// operands, so the caller never waits for a task that has not started (no
-// deadlock when every pool thread is busy).
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable cv;
-  int active = 0;
-  bool closed = false;
-};
-
 }  // namespace
 
 static ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -155,33 +140,14 @@ static ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
   std::vector<float> partial((parts - 1) * wsize, 0.f);
   const float* xp = x.typed_data();
   const float* dp = dy.typed_data();
-  auto run = [&, parts](Shared* s) {
-    for (int64_t p; (p = s->next.fetch_add(1)) < parts;) {
+  auto work = [&, parts](dropjax::WorkQueue& queue) {
+    for (int64_t p; (p = queue.Take()) >= 0;) {
       float* acc = p == 0 ? out : partial.data() + (p - 1) * wsize;
       for (int64_t i = p * g.n / parts; i < (p + 1) * g.n / parts; ++i)
         AccumulateImage(g, xp, dp, acc, i);
     }
   };
-  auto shared = std::make_shared<Shared>();
-  for (int64_t t = 1; t < parts; ++t) {
-    pool.Schedule([shared, &run]() {
-      {
-        std::lock_guard<std::mutex> lock(shared->mu);
-        if (shared->closed) return;  // the caller is gone: touch nothing
-        ++shared->active;
-      }
-      run(shared.get());
-      std::lock_guard<std::mutex> lock(shared->mu);
-      --shared->active;
-      shared->cv.notify_all();
-    });
-  }
-  run(shared.get());
-  {
-    std::unique_lock<std::mutex> lock(shared->mu);
-    shared->closed = true;
-    shared->cv.wait(lock, [&] { return shared->active == 0; });
-  }
+  dropjax::RunOnPool(pool, parts, parts, work);
   for (int64_t p = 1; p < parts; ++p) {  // fixed order: reproducible sums
     const float* src = partial.data() + (p - 1) * wsize;
     for (int64_t i = 0; i < wsize; ++i) out[i] += src[i];
