@@ -13,8 +13,11 @@ copies is 5-10x faster (``benchmarks/README.md``, profile section).  Autodiff
 of a broadcast produces the slow form again in the backward pass, so the
 affine map and the moments carry custom VJPs whose reductions use the wide
 form too.  On GPU/TPU it is the same computation (its speed there is not
-measured yet).  The custom VJPs make the layer reverse-mode only: ``jax.jvp``
-through a training-mode forward pass is not supported.
+measured yet).  On CPU the two moments come from one native pass over the
+activations instead (:func:`dropjax.conv.use_native_moments`): XLA:CPU writes
+``x * x`` to memory before summing it.  The custom VJPs make the layer
+reverse-mode only: ``jax.jvp`` through a training-mode forward pass is not
+supported.
 """
 from __future__ import annotations
 
@@ -23,6 +26,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dropjax import backend
+from dropjax import conv as conv_lib
+from dropjax import native
 
 # Width (in elements) of the 2-D view a per-channel sum reduces over.
 _LANES = 128
@@ -41,10 +48,23 @@ def channel_sum(x: jax.Array) -> jax.Array:
   return x.reshape(rows // k, k * c).sum(0).reshape(k, c).sum(0)
 
 
+def native_channel_sums(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-channel ``(sum x, sum x^2)`` of float32 ``x`` (..., C) by the native
+  kernel, in one pass (float64 accumulation); each (C,) float32.  Call only
+  when :func:`dropjax.conv.use_native_moments`."""
+  c = x.shape[-1]
+  out = jax.ShapeDtypeStruct((c,), jnp.float32)
+  return tuple(jax.ffi.ffi_call(native.MOMENTS_TARGET, (out, out),
+                                vmap_method="sequential")(x.reshape(-1, c)))
+
+
 @jax.custom_vjp
 def channel_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per-channel ``(E[x], E[x^2])`` over all axes but the last; each (C,)."""
   n = x.size // x.shape[-1]
+  if x.dtype == jnp.float32 and backend.cpu_conv() and conv_lib.use_native_moments():
+    s, s2 = native_channel_sums(x)
+    return s / n, s2 / n
   return channel_sum(x) / n, channel_sum(x * x) / n
 
 

@@ -67,6 +67,15 @@ def use_native_conv() -> bool:
   return os.environ.get("DROPJAX_NATIVE_FORWARD") != "0" and _native_allowed()
 
 
+def use_native_moments() -> bool:
+  """Native batch-norm moments (:func:`dropjax.batch_norm.channel_moments`) here and now?
+
+  The same conditions as the convolution kernels; ``DROPJAX_NATIVE_MOMENTS=0``
+  turns off this kernel alone.
+  """
+  return os.environ.get("DROPJAX_NATIVE_MOMENTS") != "0" and _native_allowed()
+
+
 def use_native_weight_grad(cout: int) -> bool:
   """Native weight gradient for ``cout`` output channels here and now?
 

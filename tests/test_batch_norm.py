@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dropjax.batch_norm import BatchNorm, channel_affine, channel_moments, channel_sum
+from conftest import train_gradients_per_setting
+from dropjax import backend, conv, native
+from dropjax.batch_norm import (BatchNorm, channel_affine, channel_moments, channel_sum,
+                                native_channel_sums)
 
 
 @pytest.mark.parametrize("shape", [(4, 8, 8, 16), (3, 5, 5, 6), (2, 4, 4, 64), (7, 3)])
@@ -84,3 +87,39 @@ def test_pmap_axis_averages_statistics_like_flax():
   (y_f, s_f), (y_o, s_o) = run(flax_bn), run(ours)
   np.testing.assert_allclose(y_f, y_o, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(s_f["batch_stats"]["var"], s_o["batch_stats"]["var"], rtol=1e-5)
+
+
+needs_native = pytest.mark.skipif(
+    not conv.native_available(),
+    reason=f"native kernels unavailable here: {native.unavailable_reason()}")
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(4, 8, 8, 16), (3, 5, 7), (5000, 16), (2, 33, 64), (9, 1)])
+def test_native_channel_sums_match_float64_and_are_deterministic(shape):
+  """One pass, float64 accumulation: matches NumPy in float64 to float32
+  rounding, also for several parts (5000 rows) and odd channel counts; repeated
+  calls agree bit for bit."""
+  x = jax.random.normal(jax.random.PRNGKey(3), shape) + 3.0  # a mean, as after a conv
+  f = jax.jit(native_channel_sums)
+  s, s2 = f(x)
+  x64 = np.asarray(x, np.float64).reshape(-1, shape[-1])
+  np.testing.assert_allclose(s, x64.sum(0), rtol=2e-6)
+  np.testing.assert_allclose(s2, (x64 * x64).sum(0), rtol=2e-6)
+  for _ in range(2):
+    again = f(x)
+    np.testing.assert_array_equal(again[0], s)
+    np.testing.assert_array_equal(again[1], s2)
+
+
+@needs_native
+def test_native_moments_in_training_match_xla_and_are_in_the_program(monkeypatch):
+  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")  # two test devices: force the kernels
+  results, programs = train_gradients_per_setting(monkeypatch, "DROPJAX_NATIVE_MOMENTS", width=8)
+  # "0" = XLA's moments, "1" (any value but 0) = native: same numbers up to rounding
+  for a, b in zip(jax.tree.leaves(results["0"]), jax.tree.leaves(results["1"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+  assert programs["1"].count(native.MOMENTS_TARGET) == 7  # every batch norm of depth 8
+  assert native.MOMENTS_TARGET not in programs["0"]
+  monkeypatch.setenv("DROPJAX_CPU_CONV", "0")  # dropjax's CPU kernels off: none of them
+  assert not (backend.cpu_conv() and conv.use_native_moments())

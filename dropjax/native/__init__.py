@@ -1,14 +1,16 @@
 """Native CPU kernels, compiled on first use and registered as XLA FFI targets.
 
-Two kernels, used by :mod:`dropjax.conv` on CPU (``benchmarks/README.md`` has
-the measurements):
+Three kernels, used on CPU by :mod:`dropjax.conv` and :mod:`dropjax.batch_norm`
+(``benchmarks/README.md`` has the measurements):
 
 * ``conv_weight_grad.cc``: the weight gradient of a convolution, which
   XLA:CPU otherwise computes through transposed copies of both operands at a
   fraction of the forward speed (target :data:`TARGET`);
 * ``conv_forward.cc``: a stride-1 convolution, faster than XLA:CPU's for the
   CIFAR ResNet shapes and ~6x faster for a 3-channel input; it also serves
-  input gradients (target :data:`FORWARD_TARGET`).
+  input gradients (target :data:`FORWARD_TARGET`);
+* ``channel_moments.cc``: per-channel sum and sum of squares in one pass, the
+  batch-norm statistics (target :data:`MOMENTS_TARGET`).
 
 The sources are compiled once per (sources, jaxlib, compiler) into one library in
 ``$DROPJAX_CACHE_DIR`` (default ``~/.cache/dropjax``) with the system C++
@@ -31,11 +33,14 @@ import tempfile
 import threading
 from pathlib import Path
 
-_SOURCES = tuple(Path(__file__).with_name(f) for f in ("conv_weight_grad.cc", "conv_forward.cc"))
+_SOURCES = tuple(Path(__file__).with_name(f)
+                 for f in ("conv_weight_grad.cc", "conv_forward.cc", "channel_moments.cc"))
 _HEADERS = (Path(__file__).with_name("work_queue.h"),)
 TARGET = "dropjax_conv_weight_grad"
 FORWARD_TARGET = "dropjax_conv_forward"
-_SYMBOLS = {TARGET: "DropjaxConvWeightGrad", FORWARD_TARGET: "DropjaxConvForward"}
+MOMENTS_TARGET = "dropjax_channel_moments"
+_SYMBOLS = {TARGET: "DropjaxConvWeightGrad", FORWARD_TARGET: "DropjaxConvForward",
+            MOMENTS_TARGET: "DropjaxChannelMoments"}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
