@@ -4,7 +4,7 @@ Three places where XLA:CPU is slow for the CIFAR ResNet shapes
 (``benchmarks/README.md``):
 
 * **convolutions and their input gradients**: the AVX2 kernel of
-  :mod:`dropjax.native` (``conv_forward.cc``) runs them 1.1-1.6x faster than
+  :mod:`dropjax.native` (``conv_forward.cc``) runs them 1.1-2.2x faster than
   XLA's convolution for 16-64 channels and ~6x faster for the 3-channel stem
   (:func:`native_conv`).  An input gradient of a stride-1 convolution is the
   stride-1 convolution of the output gradient with the flipped kernel, and the
@@ -151,7 +151,8 @@ def native_conv(x: jax.Array, w: jax.Array, strides, pads) -> jax.Array:
   ``strides`` = (sh, sw) >= 1, ``pads`` = ((top, bottom), (left, right)), all
   >= 0.  Returns (B, (H + top + bottom - KH) // sh + 1, ..., Co) float32, equal
   to ``lax.conv_general_dilated`` up to float rounding; every output is one
-  sum in a fixed order (deterministic).  Call only when :func:`use_native_conv`.
+  sum in a fixed order (deterministic).  It computes in full float32 whatever
+  ``precision`` the caller asked XLA for.  Call only when :func:`use_native_conv`.
   """
   strides = tuple(int(s) for s in strides)
   pads = tuple((int(lo), int(hi)) for lo, hi in pads)
