@@ -71,8 +71,6 @@ def _inprocess_workload(workload: str):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from benchmarks import bench  # pylint: disable=g-import-not-at-top
-  from dropjax.attacks.losses import attack_objective  # pylint: disable=g-import-not-at-top
-  from dropjax.attacks.pgd import eot_gradient  # pylint: disable=g-import-not-at-top
   from dropjax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   cfg, model, tx, state = bench.setup(20)
@@ -83,11 +81,9 @@ def _inprocess_workload(workload: str):
             (state, batch, key), 128)
   # eot_grad: one EOT gradient, 100 images x 10 masks (the body of an EOT-PGD step)
   logits_fn = step_lib.make_logits_fn(model)
-  obj = attack_objective("ce", False)
   x, y = bench.images(100), jnp.zeros((100,), jnp.int32)
-  make = lambda: jax.jit(lambda v, x, y: eot_gradient(
-      key, lambda xx, yy: obj(logits_fn(v, xx), yy), x, y, 0.9, 10, impl="vmap"))
-  return make, (state.variables, x, y), 100
+  return (lambda: bench.eot_grad_fn(logits_fn, 10, "vmap", key),
+          (state.variables, x, y), 100)
 
 
 def inprocess(variants: dict, rounds: int, steps: int, workload: str) -> list[dict]:

@@ -99,17 +99,23 @@ def bench_eot_pgd(logits_fn, variables, n, k, steps, impl, unroll, repeats):
   return r
 
 
+def eot_grad_fn(logits_fn, k: int, impl: str, key):
+  """A fresh jitted ``f(variables, x, y)``: one EOT gradient (cross-entropy,
+  drop rate 0.9, ``k`` masks, EOT form ``impl``), as inside an EOT-PGD step."""
+  obj = attack_objective("ce", False)
+  return jax.jit(lambda v, x, y: eot_gradient(
+      key, lambda xx, yy: obj(logits_fn(v, xx), yy), x, y, 0.9, k, impl=impl))
+
+
 def bench_eot_grad(logits_fn, variables, n, k, impl, repeats):
   """One EOT gradient with K masks vs K plain input gradients (scaling)."""
-  obj = attack_objective("ce", False)
-  objective = lambda xx, yy: obj(logits_fn(variables, xx), yy)
   x, y = images(n), jnp.zeros((n,), jnp.int32)
-  key = jax.random.PRNGKey(5)
   if k == 0:
-    f = jax.jit(lambda x: jax.grad(lambda xx: jnp.sum(objective(xx, y)))(x))
+    obj = attack_objective("ce", False)
+    f = jax.jit(lambda x: jax.grad(lambda xx: jnp.sum(obj(logits_fn(variables, xx), y)))(x))
     return measure(lambda: f(x), sync, repeats)
-  f = jax.jit(lambda x: eot_gradient(key, objective, x, y, 0.9, k, impl=impl))
-  return measure(lambda: f(x), sync, repeats)
+  f = eot_grad_fn(logits_fn, k, impl, jax.random.PRNGKey(5))
+  return measure(lambda: f(variables, x, y), sync, repeats)
 
 
 def main(argv=None):

@@ -172,8 +172,7 @@ def main(argv=None):
   obj = attack_objective("ce", False)
 
   def eot(impl):
-    return jax.jit(lambda v, x, y: eot_gradient(
-        key, lambda xx, yy: obj(logits_fn(v, xx), yy), x, y, 0.9, k, impl=impl))
+    return bench.eot_grad_fn(logits_fn, k, impl, key)
 
   out["eot_trace"] = trace_ops(eot("vmap"), (v, x, y))
   eot_stages = {
