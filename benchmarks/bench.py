@@ -1,6 +1,8 @@
 """JAX benchmarks of the four workloads (ResNet-20, 32x32x3, float32).
 
     python benchmarks/bench.py [--quick] [--scaling] > jax.json
+    python benchmarks/bench.py --half_precision --eot_forms vmap:1 batch:1 \
+        --scaling --scaling_batches 128 512 2048 > jax-gpu-bf16.json   # GPU/TPU
 
 Workloads: train step (batch 128, pixel dropping + crop/flip on device),
 inference (batch 512), 10-mask averaged prediction (batch 100 x 10 masks) and
@@ -33,8 +35,9 @@ from dropjax.training import parallel, state as state_lib, step as step_lib  # n
 sync = jax.block_until_ready
 
 
-def setup(depth: int):
-  cfg = TrainConfig(depth=depth, drop="fixed", drop_rate=0.9, crop_pad=4, hflip=True)
+def setup(depth: int, half_precision: bool = False):
+  cfg = TrainConfig(depth=depth, drop="fixed", drop_rate=0.9, crop_pad=4, hflip=True,
+                    half_precision=half_precision)
   model = state_lib.make_model(cfg, 10)
   tx = state_lib.make_optimizer(cfg, 100)
   state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, (32, 32, 3))
@@ -118,6 +121,17 @@ def bench_eot_grad(logits_fn, variables, n, k, impl, repeats):
   return measure(lambda: f(variables, x, y), sync, repeats)
 
 
+def device_facts() -> dict:
+  """The accelerator's name and, where the backend reports it, its peak memory use."""
+  d = jax.devices()[0]
+  facts = {"device_kind": d.device_kind, "device_count": jax.device_count()}
+  stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+  if stats:
+    facts["peak_bytes_in_use"] = int(stats.get("peak_bytes_in_use", 0))
+    facts["bytes_limit"] = int(stats.get("bytes_limit", 0))
+  return facts
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,16 +142,25 @@ def main(argv=None):
                  default=["train", "infer", "avg10", "eot_pgd"],
                  help="subset of train infer avg10 eot_pgd")
   p.add_argument("--eot_forms", nargs="+", default=["vmap:full", "batch:full", "vmap:1"],
-                 help="EOT-PGD forms impl:unroll (unroll: full or an integer)")
+                 help="EOT-PGD forms impl:unroll (unroll: full or an integer); on GPU/TPU "
+                      "use rolled forms (vmap:1 batch:1): full unrolling only costs compile time")
+  p.add_argument("--half_precision", action="store_true",
+                 help="bfloat16 compute with float32 parameters (the GPU/TPU option)")
+  p.add_argument("--train_batch", type=int, default=128, help="train-step batch size")
+  p.add_argument("--infer_batch", type=int, default=512, help="inference batch size")
+  p.add_argument("--scaling_batches", type=int, nargs="+", default=[32, 64, 128, 256],
+                 help="train batch sizes for --scaling")
   args = p.parse_args(argv)
   q = args.quick
-  depth, tb, ib, ab, en, ek, es = (8, 16, 32, 8, 4, 2, 2) if q else (20, 128, 512, 100, 100, 10, 10)
-  cfg, model, tx, state = setup(depth)
+  depth, tb, ib, ab, en, ek, es = ((8, 16, 32, 8, 4, 2, 2) if q else
+                                   (20, args.train_batch, args.infer_batch, 100, 100, 10, 10))
+  cfg, model, tx, state = setup(depth, args.half_precision)
   logits_fn = step_lib.make_logits_fn(model)
   variables = state.variables
   out = {"framework": "jax", "jax": jax.__version__, "backend": jax.default_backend(),
          "devices": [str(d) for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
-         "depth": depth, "machine_before": machine(), "results": {}}
+         "depth": depth, "half_precision": args.half_precision, "machine_before": machine(),
+         **device_facts(), "results": {}}
   res = out["results"]
   if "train" in args.workloads:
     res["train"] = {"batch": tb, **bench_train(cfg, model, tx, state, tb, args.repeats)}
@@ -153,7 +176,7 @@ def main(argv=None):
       res[f"eot_pgd[{form}]"] = bench_eot_pgd(logits_fn, variables, en, ek, es, impl, unroll,
                                               max(1, args.repeats // 2))
   if args.scaling:
-    for b in ((8, 16) if q else (32, 64, 128, 256)):
+    for b in ((8, 16) if q else args.scaling_batches):
       res[f"scaling_train_batch{b}"] = {"batch": b, **bench_train(cfg, model, tx, state, b,
                                                                   args.repeats)}
     plain = bench_eot_grad(logits_fn, variables, en, 0, "vmap", args.repeats)
@@ -164,6 +187,7 @@ def main(argv=None):
         r["cost_vs_k_plain_grads"] = r["median_s"] / (k * plain["median_s"])
         res[f"scaling_eot_grad_k{k}_{impl}"] = {"images": en, "masks": k, **r}
   out["machine_after"] = machine()
+  out.update({f"{k}_after": v for k, v in device_facts().items() if "bytes" in k})
   json.dump(out, sys.stdout, indent=1)
   print()
 

@@ -1,6 +1,8 @@
 """Runs the JAX and PyTorch benchmarks back to back and writes the comparison.
 
     python benchmarks/run.py [--quick] [--scaling] [--rounds 3] [--name MACHINE]
+    python benchmarks/run.py --name h100 --eot_forms vmap:1 batch:1 \
+        --torch_args="--device cuda" [--jax_args="--half_precision"]     # GPU
 
 With ``--rounds N`` the two run alternately N times (JAX, PyTorch, JAX, ...)
 and every throughput is the median over rounds, each ratio the median of the
@@ -16,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -90,6 +93,10 @@ def main(argv=None):
                  help="alternate JAX and PyTorch this many times; report medians")
   p.add_argument("--eot_forms", nargs="+", default=None,
                  help="JAX EOT-PGD forms to run (bench.py --eot_forms; default: all of them)")
+  p.add_argument("--jax_args", default="",
+                 help="more arguments for bench.py, e.g. '--half_precision'")
+  p.add_argument("--torch_args", default="",
+                 help="more arguments for torch_reference.py, e.g. '--device cuda --amp'")
   args = p.parse_args(argv)
   common = ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
   load_before = os.getloadavg()
@@ -98,8 +105,9 @@ def main(argv=None):
   partial = os.path.join(args.out_dir, f".{args.name}-rounds-partial.json")
   for r in range(args.rounds):
     jax_rounds.append(_run("bench.py", common + (["--scaling"] if args.scaling and r == 0 else [])
-                           + (["--eot_forms", *args.eot_forms] if args.eot_forms else [])))
-    torch_rounds.append(_run("torch_reference.py", common))
+                           + (["--eot_forms", *args.eot_forms] if args.eot_forms else [])
+                           + shlex.split(args.jax_args)))
+    torch_rounds.append(_run("torch_reference.py", common + shlex.split(args.torch_args)))
     print(f"round {r + 1}/{args.rounds}: {compare(jax_rounds[-1], torch_rounds[-1])[0]}",
           file=sys.stderr, flush=True)
     with open(partial, "w") as f:  # a crash or a kill later keeps the finished rounds
@@ -112,6 +120,8 @@ def main(argv=None):
             "quick": args.quick, "loadavg_before": load_before, "loadavg_after": load_after,
             "cpu_model": jax_res["machine_before"]["cpu_model"],
             "cpu_count": jax_res["machine_before"]["cpu_count"],
+            "device_kind": jax_res.get("device_kind"), "jax_args": args.jax_args,
+            "torch_args": args.torch_args,
             "versions": {"jax": jax_res["jax"], "torch": torch_res["torch"]},
             "xla_flags": jax_res["xla_flags"], **ratios, "table": table,
             "rounds": args.rounds, "jax": jax_res, "torch": torch_res,

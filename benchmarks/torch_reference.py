@@ -2,6 +2,7 @@
 
     pip install -r requirements-bench.txt
     python benchmarks/torch_reference.py [--quick] > torch.json
+    python benchmarks/torch_reference.py --device cuda [--amp] > torch-gpu.json
 
 Two forms per workload: "plain" (NCHW; EOT with the K masked copies stacked
 into one batch) and "best" (channels_last; EOT as a loop over the K masks with
@@ -71,37 +72,48 @@ def augment_and_drop(x_uint8, rate, gen):
   x = x_uint8.float() / 127.5 - 1
   b, c, h, w = x.shape
   padded = F.pad(x, (4, 4, 4, 4), value=-1.0)
-  dy = torch.randint(0, 9, (b,), generator=gen)
-  dx = torch.randint(0, 9, (b,), generator=gen)
-  rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(b, c, h, w)
-  cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(b, c, h, w)
-  x = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
-             rows, cols]
-  flip = torch.rand(b, generator=gen) < 0.5
+  dev = x.device
+  dy = torch.randint(0, 9, (b,), generator=gen, device=dev)
+  dx = torch.randint(0, 9, (b,), generator=gen, device=dev)
+  rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None].expand(b, c, h, w)
+  cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :].expand(b, c, h, w)
+  x = padded[torch.arange(b, device=dev)[:, None, None, None],
+             torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+  flip = torch.rand(b, generator=gen, device=dev) < 0.5
   x = torch.where(flip[:, None, None, None], x.flip(3), x)
-  return x * (torch.rand(x.shape, generator=gen) >= rate).float()
+  return x * (torch.rand(x.shape, generator=gen, device=dev) >= rate).float()
 
 
-def run(quick: bool, repeats: int, threads: int) -> dict:
+def run(quick: bool, repeats: int, threads: int, device: str = "cpu", amp: bool = False,
+        train_batch: int = 128, infer_batch: int = 512) -> dict:
+  """Both forms of the four workloads; ``amp`` = bfloat16 autocast (GPU)."""
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  depth, tb, ib, ab, en, ek, es = (8, 16, 32, 8, 4, 2, 2) if quick else (20, 128, 512, 100, 100, 10, 10)
-  gen = torch.Generator().manual_seed(0)
+  depth, tb, ib, ab, en, ek, es = ((8, 16, 32, 8, 4, 2, 2) if quick else
+                                   (20, train_batch, infer_batch, 100, 100, 10, 10))
+  dev = torch.device(device)
+  gen = torch.Generator(device=dev).manual_seed(0)
   out = {"framework": "torch", "torch": torch.__version__, "threads": threads, "depth": depth,
-         "machine_before": machine(), "results": {}}
+         "device": device, "amp_bf16": amp, "machine_before": machine(), "results": {}}
+  if dev.type == "cuda":
+    out["device_kind"] = torch.cuda.get_device_name(dev)
   res = out["results"]
-  noop = lambda _: None
+  # CUDA runs asynchronously: every timed call ends with a synchronize.
+  noop = (lambda _: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda _: None)
+  rand = lambda *shape: torch.rand(*shape, generator=gen, device=dev)
+  autocast = lambda: torch.autocast(dev.type, torch.bfloat16, enabled=amp)
   for form in ("plain", "best"):
     fmt = torch.channels_last if form == "best" else torch.contiguous_format
-    model = ResNet(depth).to(memory_format=fmt)
+    model = ResNet(depth).to(dev, memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    xb = torch.randint(0, 256, (tb, 3, 32, 32), dtype=torch.uint8)
-    yb = torch.randint(0, 10, (tb,))
+    xb = torch.randint(0, 256, (tb, 3, 32, 32), dtype=torch.uint8, device=dev)
+    yb = torch.randint(0, 10, (tb,), device=dev)
 
     def train_step():
       model.train()
       x = augment_and_drop(xb, 0.9, gen).contiguous(memory_format=fmt)
-      loss = F.cross_entropy(model(x), yb)
+      with autocast():
+        loss = F.cross_entropy(model(x), yb)
       opt.zero_grad(set_to_none=True)
       loss.backward()
       opt.step()
@@ -110,31 +122,31 @@ def run(quick: bool, repeats: int, threads: int) -> dict:
     r = measure(train_step, noop, repeats)
     res[f"train[{form}]"] = {"batch": tb, **r, "images_per_s": tb / r["median_s"]}
     model.eval()
-    xi = (torch.rand(ib, 3, 32, 32) * 2 - 1).contiguous(memory_format=fmt)
+    xi = (rand(ib, 3, 32, 32) * 2 - 1).contiguous(memory_format=fmt)
 
     def infer():
-      with torch.inference_mode():
+      with torch.inference_mode(), autocast():
         return model(xi).sum().item()
 
     r = measure(infer, noop, repeats)
     res[f"infer[{form}]"] = {"batch": ib, **r, "images_per_s": ib / r["median_s"]}
-    xa = (torch.rand(ab, 3, 32, 32) * 2 - 1).contiguous(memory_format=fmt)
+    xa = (rand(ab, 3, 32, 32) * 2 - 1).contiguous(memory_format=fmt)
 
     def avg10():
-      with torch.inference_mode():
+      with torch.inference_mode(), autocast():
         if form == "plain":
           xs = xa.repeat(10, 1, 1, 1)
-          p = F.softmax(model(xs * (torch.rand(xs.shape, generator=gen) >= 0.9)), -1)
+          p = F.softmax(model(xs * (rand(xs.shape) >= 0.9)).float(), -1)
           return p.view(10, ab, -1).mean(0).sum().item()
         acc = 0
         for _ in range(10):
-          acc = acc + F.softmax(model(xa * (torch.rand(xa.shape, generator=gen) >= 0.9)), -1)
+          acc = acc + F.softmax(model(xa * (rand(xa.shape) >= 0.9)).float(), -1)
         return (acc / 10).sum().item()
 
     r = measure(avg10, noop, repeats)
     res[f"avg10[{form}]"] = {"batch": ab, "masks": 10, **r, "images_per_s": ab / r["median_s"]}
-    x0 = (torch.rand(en, 3, 32, 32) * 2 - 1).contiguous(memory_format=fmt)
-    y0 = torch.zeros(en, dtype=torch.long)
+    x0 = (rand(en, 3, 32, 32) * 2 - 1).contiguous(memory_format=fmt)
+    y0 = torch.zeros(en, dtype=torch.long, device=dev)
     eps, step = 32 / 255, 4 / 255
     for p_ in model.parameters():
       p_.requires_grad_(False)
@@ -145,14 +157,16 @@ def run(quick: bool, repeats: int, threads: int) -> dict:
         x.requires_grad_(True)
         if form == "plain":
           xs = x.repeat(ek, 1, 1, 1)
-          m = (torch.rand(xs.shape, generator=gen) >= 0.9).float()
-          loss = F.cross_entropy(model(xs * m), y0.repeat(ek), reduction="sum")
+          m = (rand(xs.shape) >= 0.9).float()
+          with autocast():
+            loss = F.cross_entropy(model(xs * m).float(), y0.repeat(ek), reduction="sum")
           g, = torch.autograd.grad(loss, x)
         else:
           g = torch.zeros_like(x)
           for _ in range(ek):
-            m = (torch.rand(x.shape, generator=gen) >= 0.9).float()
-            loss = F.cross_entropy(model(x * m), y0, reduction="sum")
+            m = (rand(x.shape) >= 0.9).float()
+            with autocast():
+              loss = F.cross_entropy(model(x * m).float(), y0, reduction="sum")
             g += torch.autograd.grad(loss, x)[0]
         with torch.no_grad():
           x = (x0 + (x + step * g.sign() - x0).clamp(-eps, eps)).clamp(-1, 1)
@@ -170,9 +184,15 @@ def main(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+  p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                 help="CPU threads (torch.set_num_threads)")
+  p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+  p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
+  p.add_argument("--train_batch", type=int, default=128, help="train-step batch size")
+  p.add_argument("--infer_batch", type=int, default=512, help="inference batch size")
   args = p.parse_args(argv)
-  json.dump(run(args.quick, args.repeats, args.threads), sys.stdout, indent=1)
+  json.dump(run(args.quick, args.repeats, args.threads, args.device, args.amp,
+                args.train_batch, args.infer_batch), sys.stdout, indent=1)
   print()
 
 
