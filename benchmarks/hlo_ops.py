@@ -29,7 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import bench  # noqa: E402
 from dropjax.training import parallel, step as step_lib  # noqa: E402
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?\S+\s*=\s*\S+\s+([a-z][a-z0-9-]*)\(")
+# "%name = TYPE opcode(" where TYPE may be a tuple "(f32[...], u8[...])".
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?\S+\s*=\s*(?:\([^()]*\)|\S+)\s+([a-z][a-z0-9-]*)\(")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _KIND = re.compile(r"kind=(k\w+)")
 
@@ -48,27 +49,52 @@ def compiled_text(workload: str, batch: int, half_precision: bool) -> str:
   raise ValueError(f"unknown workload {workload!r}: infer or train")
 
 
-def count_ops(hlo: str) -> dict:
-  """Opcode counts over the computations that run as kernels (fusion bodies excluded)."""
-  ops, targets, kinds = collections.Counter(), collections.Counter(), collections.Counter()
-  in_fused = False
+_CONTROL = re.compile(r"(?:body|condition|true_computation|false_computation|to_apply_loop)"
+                      r"=%?([\w.-]+)|branch_computations=\{([^}]*)\}")
+
+
+def _computations(hlo: str) -> tuple[dict, str | None]:
+  """Computation name -> its instruction lines, and the entry computation's name."""
+  comps, entry, name = {}, None, None
   for line in hlo.splitlines():
-    if line and not line.startswith(" "):  # a computation header or its closing brace
-      in_fused = line.startswith("%fused") or line.startswith("fused") or "fused_computation" in line
+    if line and not line.startswith(" ") and "{" in line:
+      head = line.split("(")[0].split()
+      is_entry = head[0] == "ENTRY"
+      name = head[-1].lstrip("%")
+      comps[name] = []
+      if is_entry:
+        entry = name
+    elif name is not None and line.startswith(" "):
+      comps[name].append(line)
+  return comps, entry
+
+
+def count_ops(hlo: str) -> dict:
+  """Opcode counts over the computations that launch kernels: the entry
+  computation and the while bodies / conditional branches it runs (fusion
+  bodies and reducers are not counted; each fusion is one kernel)."""
+  comps, entry = _computations(hlo)
+  todo, seen = [entry], set()
+  ops, targets, kinds = collections.Counter(), collections.Counter(), collections.Counter()
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
       continue
-    if in_fused:
-      continue
-    m = _INSTR.match(line)
-    if not m:
-      continue
-    op = m.group(1)
-    if op in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
-      continue
-    ops[op] += 1
-    if op == "custom-call" and (t := _TARGET.search(line)):
-      targets[t.group(1)] += 1
-    if op == "fusion" and (k := _KIND.search(line)):
-      kinds[k.group(1)] += 1
+    seen.add(name)
+    for line in comps[name]:
+      for single, many in _CONTROL.findall(line):
+        todo.extend([single] if single else [c.strip().lstrip("%") for c in many.split(",")])
+      m = _INSTR.match(line)
+      if not m:
+        continue
+      op = m.group(1)
+      if op in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
+        continue
+      ops[op] += 1
+      if op == "custom-call" and (t := _TARGET.search(line)):
+        targets[t.group(1)] += 1
+      if op == "fusion" and (k := _KIND.search(line)):
+        kinds[k.group(1)] += 1
   return {"ops": dict(ops.most_common()), "custom_call_targets": dict(targets.most_common()),
           "fusion_kinds": dict(kinds.most_common())}
 

@@ -29,3 +29,29 @@ def test_eot_memory_analysis_grows_with_the_number_of_masks():
   # The backward pass keeps the activations of batch x masks images alive.
   assert four["temp_size_in_bytes"] > 2 * one["temp_size_in_bytes"]
   assert four["peak_estimate_gib"] > one["peak_estimate_gib"]
+
+
+def test_hlo_ops_counts_kernels_in_loop_bodies_not_inside_fusions():
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import hlo_ops
+
+  w = jnp.ones((3, 3, 2, 2))
+
+  def conv(x):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def f(x):  # one convolution before a rolled loop of three, elementwise work between
+    x = jnp.tanh(conv(x)) * 2
+    return jax.lax.fori_loop(0, 3, lambda i, x: jnp.sin(conv(x)) + 1, x)
+
+  x = jnp.ones((2, 8, 8, 2))
+  row = hlo_ops.count_ops(jax.jit(f).lower(x).compile().as_text())
+  # The loop body is counted once (it is one computation), the fusion bodies never:
+  # exactly the two convolutions of the program text, and no bare tanh/sin ops.
+  convs = row["ops"].get("convolution", 0) + sum(row["custom_call_targets"].values())
+  assert convs == 2, row
+  assert row["ops"].get("while", 0) == 1
+  assert "tanh" not in row["ops"] and "sine" not in row["ops"]
+  assert row["ops"].get("fusion", 0) >= 2
