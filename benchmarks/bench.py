@@ -156,7 +156,9 @@ def main(argv=None):
                                    (20, args.train_batch, args.infer_batch, 100, 100, 10, 10))
   cfg, model, tx, state = setup(depth, args.half_precision)
   logits_fn = step_lib.make_logits_fn(model)
-  variables = state.variables
+  # On the device once: host (NumPy) parameters would be copied to the
+  # accelerator on every call (~3.6 ms per call on an H200).
+  variables = jax.device_put(state.variables)
   out = {"framework": "jax", "jax": jax.__version__, "backend": jax.default_backend(),
          "devices": [str(d) for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
          "depth": depth, "half_precision": args.half_precision, "machine_before": machine(),
