@@ -91,13 +91,17 @@ class CifarResNet(nn.Module):
     if backend.barrier_conv_inputs(train):
       conv_fn = functools.partial(fusion.conv_general_dilated, conv_fn=conv_fn)
     x = x.astype(self.dtype)
-    x = nn.Conv(self.width, (3, 3), padding=PAD1, use_bias=False,
-                kernel_init=he_normal, dtype=self.dtype, name="stem",
-                conv_general_dilated=conv_fn)(x)
+    stem = nn.Conv(self.width, (3, 3), padding=PAD1, use_bias=False,
+                   kernel_init=he_normal, dtype=self.dtype, name="stem",
+                   conv_general_dilated=conv_fn)
+    x = stem(x)
     x = nn.relu(norm(name="stem_bn")(x))
+    stream_barrier = backend.barrier_block_inputs(train)
     for stage in range(3):
       for block in range(n):
         strides = 2 if stage > 0 and block == 0 else 1
+        if stream_barrier:  # one materialized block input for its conv, shortcut and backward
+          x = fusion.fusion_barrier(x, stem.variables["params"]["kernel"])
         x = BasicBlock(self.width * 2 ** stage, strides, norm, self.dtype, conv_fn,
                        name=f"stage{stage + 1}_block{block + 1}")(x)
     x = jnp.mean(x, axis=(1, 2))

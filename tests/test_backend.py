@@ -1,0 +1,88 @@
+"""Per-backend process defaults (dropjax.backend): XLA flags and the host allocator."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs a jitted program whose temporaries (~64 MB) XLA:CPU allocates on every
+# call, and reports the page faults of the later calls.
+_PROBE = r"""
+import json, resource, sys
+sys.path.insert(0, {repo!r})
+import dropjax
+from dropjax import backend
+import jax, jax.numpy as jnp
+
+@jax.jit
+def f(x):  # several big intermediates that cannot all be fused away
+  y = jnp.sort(x * 2.0 + 1.0, axis=0)
+  return jnp.sum(jnp.cumsum(y, axis=1) * jnp.flip(y, 0))
+
+x = jnp.ones((2048, 4096), jnp.float32)
+temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
+for _ in range({warmup}):  # glibc's heap reaches its steady state
+  f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+  f(x).block_until_ready()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+print(json.dumps({{"faults_per_call": faults, "temp_pages": temp / 4096,
+                  "xla_flags": __import__("os").environ.get("XLA_FLAGS", "")}}))
+"""
+
+
+def _probe(warmup=10, **env):
+  full = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+  full.pop("DROPJAX_NO_XLA_DEFAULTS", None)
+  out = subprocess.run([sys.executable, "-c", _PROBE.format(repo=REPO, warmup=warmup)], env=full,
+                       capture_output=True, text=True, check=True, timeout=300)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+def test_host_allocator_reuses_xla_temporaries_instead_of_faulting_them_in():
+  off = _probe(DROPJAX_HOST_MALLOC="0")
+  on = _probe()
+  assert off["temp_pages"] > 10_000  # the probe really has big temporaries
+  # glibc's default: the temporaries are mmap-ed afresh and faulted in on every call.
+  assert off["faults_per_call"] > 0.5 * off["temp_pages"], off
+  # dropjax's default on CPU: once the heap holds a free block that fits (the
+  # first few calls grow it), the memory is reused and nothing is faulted in.
+  assert on["faults_per_call"] < 0.1 * off["faults_per_call"], (on, off)
+
+
+def test_host_allocator_switches():
+  from dropjax import backend
+  old = dict(os.environ)
+  try:
+    os.environ["DROPJAX_HOST_MALLOC"] = "0"
+    assert backend.configure_host_allocator() is False
+    os.environ.pop("DROPJAX_HOST_MALLOC")
+    os.environ["JAX_PLATFORMS"] = "cuda"
+    assert backend.configure_host_allocator() is False  # an accelerator run: left alone
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["DROPJAX_NO_XLA_DEFAULTS"] = "1"
+    assert backend.configure_host_allocator() is False
+  finally:
+    os.environ.clear()
+    os.environ.update(old)
+
+
+def test_cpu_xla_flag_added_unless_the_user_set_it():
+  from dropjax import backend
+  old = dict(os.environ)
+  try:
+    os.environ.pop("DROPJAX_NO_XLA_DEFAULTS", None)
+    os.environ["XLA_FLAGS"] = "--xla_dump_to=/tmp/x"
+    backend.configure_xla_flags()
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", *backend.CPU_XLA_FLAGS]
+    os.environ["XLA_FLAGS"] = "--xla_cpu_experimental_ynn_fusion_type=all"
+    backend.configure_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=all"
+  finally:
+    os.environ.clear()
+    os.environ.update(old)
