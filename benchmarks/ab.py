@@ -14,7 +14,8 @@ each variant to the first; ``--out`` also writes the rows (JSON lines).
 of 100 images x 10 masks) compiles every variant in one process and then
 alternates them call by call: much less noisy, but only for settings the
 model reads when it is traced (``DROPJAX_CPU_CONV``, ``DROPJAX_NATIVE_CONV``,
-``DROPJAX_NATIVE_FORWARD``, ``DROPJAX_POLYPHASE``, ``DROPJAX_CONV_BARRIER``),
+``DROPJAX_NATIVE_FORWARD``, ``DROPJAX_POLYPHASE``, ``DROPJAX_CONV_BARRIER``,
+``DROPJAX_BLOCK_BARRIER``),
 not for ``XLA_FLAGS``, which a process reads once.
 
     python benchmarks/ab.py --inprocess --workload eot_grad --preset native_forward
@@ -49,6 +50,16 @@ PRESETS = {
     },
     # dropjax.conv as a whole (native weight gradient + polyphase strided input
     # gradient) against XLA's convolution gradients.
+    # The fusion barrier on each residual block's input (train step, --inprocess).
+    "block_barrier": {
+        "no_block_barrier (session 4)": {"DROPJAX_BLOCK_BARRIER": "0"},
+        "block_barrier (default)": {"DROPJAX_BLOCK_BARRIER": "1"},
+    },
+    # glibc keeping XLA:CPU's per-run temporaries (a process setting: not --inprocess).
+    "host_malloc": {
+        "glibc_default (session 4)": {"DROPJAX_HOST_MALLOC": "0"},
+        "host_malloc (default)": {},
+    },
     "cpu_conv": {
         "xla_gradients (session 2)": {"DROPJAX_CPU_CONV": "0"},
         "native_dw": {"DROPJAX_CPU_CONV": "1", "DROPJAX_POLYPHASE": "0"},
