@@ -11,6 +11,12 @@ Routing the convolution input through a ``lax.cond`` whose predicate XLA
 cannot evaluate at compile time makes the transpose read the one tensor that
 is already in memory (those transposes fell from 389 to 76 ms per step).  ``lax.optimization_barrier``
 in the same place made no difference in our measurements.
+
+The model also puts each residual block's input behind a barrier
+(:func:`dropjax.backend.barrier_block_inputs`): otherwise XLA:CPU recomputes the
+residual stream's chain inside every non-convolution consumer (the shortcut
+addition, the backward pass).  A barrier only changes fusion decisions, so
+float32 results may differ in the last bits (an FMA rounds once).
 """
 from __future__ import annotations
 
