@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, measure  # noqa: E402
+from benchmarks.common import TRAIN_WARMUP, machine, measure  # noqa: E402
 from dropjax import defense  # noqa: E402
 from dropjax.attacks import AttackConfig, make_pgd  # noqa: E402
 from dropjax.attacks.pgd import eot_gradient  # noqa: E402
@@ -62,7 +62,7 @@ def bench_train(cfg, model, tx, state, batch: int, repeats: int) -> dict:
     box["s"], m = runner.step(box["s"], b, key)
     return m["loss"]
 
-  r = measure(run, sync, repeats)
+  r = measure(run, sync, repeats, warmup=TRAIN_WARMUP)
   r["images_per_s"] = batch / r["median_s"]
   return r
 

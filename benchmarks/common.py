@@ -25,6 +25,14 @@ def machine() -> dict:
           "loadavg": os.getloadavg()}
 
 
+# Train steps run before timing, in both frameworks.  Beyond the first (compile)
+# call, XLA:CPU's per-run temporaries need a few steps before glibc's heap holds
+# a block that fits them (dropjax.backend.configure_host_allocator): up to three
+# of the first ~15 steps fault ~200 MB in (+~90 ms each), none after that.  A
+# training run takes thousands of steps, so the steady state is what is timed.
+TRAIN_WARMUP = 20
+
+
 def measure(run, sync, repeats: int, warmup: int = 1) -> dict:
   """``run()`` returns something ``sync`` blocks on.  First call = compile + run."""
   t0 = time.perf_counter()

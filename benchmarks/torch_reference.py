@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import machine, measure  # noqa: E402
+from benchmarks.common import TRAIN_WARMUP, machine, measure  # noqa: E402
 
 
 class Block(nn.Module):
@@ -119,7 +119,7 @@ def run(quick: bool, repeats: int, threads: int, device: str = "cpu", amp: bool 
       opt.step()
       return loss.item()
 
-    r = measure(train_step, noop, repeats)
+    r = measure(train_step, noop, repeats, warmup=TRAIN_WARMUP)
     res[f"train[{form}]"] = {"batch": tb, **r, "images_per_s": tb / r["median_s"]}
     model.eval()
     xi = (rand(ib, 3, 32, 32) * 2 - 1).contiguous(memory_format=fmt)
