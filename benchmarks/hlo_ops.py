@@ -49,7 +49,7 @@ def compiled_text(workload: str, batch: int, half_precision: bool) -> str:
   raise ValueError(f"unknown workload {workload!r}: infer or train")
 
 
-_CONTROL = re.compile(r"(?:body|condition|true_computation|false_computation|to_apply_loop)"
+_CONTROL = re.compile(r"(?:body|condition|true_computation|false_computation)"
                       r"=%?([\w.-]+)|branch_computations=\{([^}]*)\}")
 
 
