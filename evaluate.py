@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import dropjax  # noqa: F401  (sets the per-backend XLA defaults first)
+from dropjax import backend
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  backend.configure_process()  # XLA:CPU flag and allocator, before JAX starts
   args = parser().parse_args(argv)
   from dropjax import evaluation  # pylint: disable=g-import-not-at-top
   from dropjax.data.local import DataError  # pylint: disable=g-import-not-at-top

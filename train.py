@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import sys
 
-import dropjax  # noqa: F401  (sets the per-backend XLA defaults first)
+from dropjax import backend
 from dropjax import cli
 
 
 def main(argv=None) -> int:
+  backend.configure_process()  # XLA:CPU flag and allocator, before JAX starts
   args = cli.train_parser().parse_args(argv)
   return cli.run_train(args)
 

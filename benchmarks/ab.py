@@ -3,8 +3,8 @@
     python benchmarks/ab.py --preset native_conv --rounds 4
     python benchmarks/ab.py --variant base= --variant no_barrier=DROPJAX_CONV_BARRIER=0
 
-Each measurement is a fresh process (XLA reads its flags, and the model its
-per-backend choices, at start-up) running ``bench.py --workloads ...``;
+Each measurement is a fresh process (XLA reads its flags, and
+``dropjax.backend.resolve`` the switches, at start-up) running ``bench.py --workloads ...``;
 alternating the variants spreads background load evenly over them, which
 matters on a VM whose speed drifts by +-20-30% between minutes.  Prints JSON
 rows, one per measurement, then the per-variant median and the ratio of
@@ -12,13 +12,19 @@ each variant to the first; ``--out`` also writes the rows (JSON lines).
 
 ``--inprocess`` (the train step, or ``--workload eot_grad``: one EOT gradient
 of 100 images x 10 masks) compiles every variant in one process and then
-alternates them call by call: much less noisy, but only for settings the
-model reads when it is traced (``DROPJAX_CPU_CONV``, ``DROPJAX_NATIVE_CONV``,
+alternates them call by call: much less noisy, but only for the switches
+``dropjax.backend.resolve`` reads (``DROPJAX_CPU_CONV``, ``DROPJAX_NATIVE_CONV``,
 ``DROPJAX_NATIVE_FORWARD``, ``DROPJAX_POLYPHASE``, ``DROPJAX_CONV_BARRIER``,
-``DROPJAX_BLOCK_BARRIER``),
-not for ``XLA_FLAGS``, which a process reads once.
+``DROPJAX_BLOCK_BARRIER``, ...), not for ``XLA_FLAGS``, which a process reads once.
 
     python benchmarks/ab.py --inprocess --workload eot_grad --preset native_forward
+
+``--checkout NAME=DIR`` adds a variant that runs ``DIR/benchmarks/bench.py``
+(another checkout of dropjax, e.g. the commit before a change), so two
+commits are compared in alternating fresh processes:
+
+    git worktree add /tmp/before HEAD~1
+    python benchmarks/ab.py --checkout before=/tmp/before --checkout after=. --rounds 6
 """
 from __future__ import annotations
 
@@ -39,29 +45,29 @@ PRESETS = {
     },
     # The native weight-gradient kernel and the fusion barrier (train step).
     "native_conv": {
-        "xla_dw+barrier (session 2)": {"DROPJAX_NATIVE_CONV": "0", "DROPJAX_CONV_BARRIER": "1"},
+        "xla_dw+barrier": {"DROPJAX_NATIVE_CONV": "0", "DROPJAX_CONV_BARRIER": "1"},
         "native_dw+barrier": {"DROPJAX_NATIVE_CONV": "1", "DROPJAX_CONV_BARRIER": "1"},
         "native_dw": {"DROPJAX_NATIVE_CONV": "1", "DROPJAX_CONV_BARRIER": "0"},
     },
     # The native forward / input-gradient kernel (conv_forward.cc) against XLA's.
     "native_forward": {
-        "xla_forward (session 3)": {"DROPJAX_NATIVE_FORWARD": "0"},
+        "xla_forward": {"DROPJAX_NATIVE_FORWARD": "0"},
         "native_forward (default)": {},
     },
     # dropjax.conv as a whole (native weight gradient + polyphase strided input
     # gradient) against XLA's convolution gradients.
     # The fusion barrier on each residual block's input (train step, --inprocess).
     "block_barrier": {
-        "no_block_barrier (session 4)": {"DROPJAX_BLOCK_BARRIER": "0"},
+        "no_block_barrier": {"DROPJAX_BLOCK_BARRIER": "0"},
         "block_barrier (default)": {"DROPJAX_BLOCK_BARRIER": "1"},
     },
     # glibc keeping XLA:CPU's per-run temporaries (a process setting: not --inprocess).
     "host_malloc": {
-        "glibc_default (session 4)": {"DROPJAX_HOST_MALLOC": "0"},
+        "glibc_default": {"DROPJAX_HOST_MALLOC": "0"},
         "host_malloc (default)": {},
     },
     "cpu_conv": {
-        "xla_gradients (session 2)": {"DROPJAX_CPU_CONV": "0"},
+        "xla_gradients": {"DROPJAX_CPU_CONV": "0"},
         "native_dw": {"DROPJAX_CPU_CONV": "1", "DROPJAX_POLYPHASE": "0"},
         "native_dw+polyphase (default)": {"DROPJAX_CPU_CONV": "1"},
     },
@@ -84,16 +90,18 @@ def _inprocess_workload(workload: str):
   from benchmarks import bench  # pylint: disable=g-import-not-at-top
   from dropjax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  cfg, model, tx, state = bench.setup(20)
+  _, _, _, state, _ = bench.setup(20)
   key = jax.random.PRNGKey(1)
   if workload == "train":
     batch = jax.tree.map(jnp.asarray, bench.synthetic_batch(128))
-    return (lambda: jax.jit(step_lib.make_train_step(cfg, model, tx)),
-            (state, batch, key), 128)
+
+    def make_train():  # the model's layers resolved under the variant's switches
+      cfg, model, tx, _, _ = bench.setup(20)
+      return jax.jit(step_lib.make_train_step(cfg, model, tx))
+    return make_train, (state, batch, key), 128
   # eot_grad: one EOT gradient, 100 images x 10 masks (the body of an EOT-PGD step)
-  logits_fn = step_lib.make_logits_fn(model)
   x, y = bench.images(100), jnp.zeros((100,), jnp.int32)
-  return (lambda: bench.eot_grad_fn(logits_fn, 10, "vmap", key),
+  return (lambda: bench.eot_grad_fn(bench.setup(20)[4], 10, "vmap", key),
           (state.variables, x, y), 100)
 
 
@@ -138,6 +146,9 @@ def main(argv=None):
   p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of variants")
   p.add_argument("--variant", action="append", default=[],
                  help="NAME=ENV=VALUE[,ENV=VALUE...] (repeatable; after the preset's)")
+  p.add_argument("--checkout", action="append", default=[],
+                 help="NAME=DIR: a variant running DIR/benchmarks/bench.py (another "
+                 "checkout, e.g. the commit before a change); repeatable")
   p.add_argument("--rounds", type=int, default=2, help="A B ... rounds")
   p.add_argument("--workload", default="train",
                  choices=["train", "infer", "avg10", "eot_pgd", "eot_grad"],
@@ -151,8 +162,17 @@ def main(argv=None):
   args = p.parse_args(argv)
   variants = dict(PRESETS.get(args.preset, {}))
   variants.update(parse_variant(v) for v in args.variant)
+  checkouts = {}
+  for text in args.checkout:
+    name, _, path = text.partition("=")
+    if not os.path.isfile(os.path.join(path, "benchmarks", "bench.py")):
+      p.error(f"--checkout {text}: no benchmarks/bench.py under {path!r}")
+    checkouts[name] = os.path.abspath(path)
+    variants[name] = {}
   if not variants:
-    p.error("give --preset or --variant")
+    p.error("give --preset, --variant or --checkout")
+  if args.inprocess and checkouts:
+    p.error("--checkout variants run in fresh processes (no --inprocess)")
   if args.inprocess and args.workload not in ("train", "eot_grad"):
     p.error("--inprocess runs the train or eot_grad workload")
   if args.workload == "eot_grad" and not args.inprocess:
@@ -161,7 +181,8 @@ def main(argv=None):
   for r in range(0 if args.inprocess else args.rounds):
     for name, env in variants.items():
       extra = ["--eot_forms", args.eot_form] if args.workload == "eot_pgd" else []
-      out = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--workloads",
+      script = os.path.join(checkouts.get(name, os.path.dirname(HERE)), "benchmarks", "bench.py")
+      out = subprocess.run([sys.executable, script, "--workloads",
                             args.workload, "--repeats", str(args.repeats), *extra],
                            env={**os.environ, **env}, capture_output=True, text=True,
                            check=True)
@@ -169,6 +190,7 @@ def main(argv=None):
       result = next(v for k, v in res["results"].items() if k.split("[")[0] == args.workload)
       rate = next(v for k, v in result.items() if k.endswith("_per_s"))
       row = {"round": r, "variant": name, "env": env, "workload": args.workload,
+             "checkout": checkouts.get(name),
              "rate": rate, "median_s": result.get("median_s"),
              "xla_flags": res["xla_flags"], "loadavg": res["machine_before"]["loadavg"]}
       rows.append(row)

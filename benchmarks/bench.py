@@ -19,13 +19,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dropjax  # noqa: E402,F401  (per-backend XLA defaults)
+from dropjax import backend as backend_lib  # noqa: E402
+
+if __name__ == "__main__":
+  backend_lib.configure_process()  # before JAX creates its CPU client
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import TRAIN_WARMUP, machine, measure  # noqa: E402
 from dropjax import defense  # noqa: E402
+from dropjax.masks import DropSpec  # noqa: E402
 from dropjax.attacks import AttackConfig, make_pgd  # noqa: E402
 from dropjax.attacks.pgd import eot_gradient  # noqa: E402
 from dropjax.attacks.losses import attack_objective  # noqa: E402
@@ -35,13 +39,20 @@ from dropjax.training import parallel, state as state_lib, step as step_lib  # n
 sync = jax.block_until_ready
 
 
+DROP = DropSpec.fixed(0.9)  # the benchmarked defense's masks
+
+
 def setup(depth: int, half_precision: bool = False):
+  """``(cfg, train model, tx, state, inference logits_fn)`` built from the
+  resolved backend's layers, as ``train.py`` / ``evaluate.py`` build them."""
   cfg = TrainConfig(depth=depth, drop="fixed", drop_rate=0.9, crop_pad=4, hflip=True,
                     half_precision=half_precision)
-  model = state_lib.make_model(cfg, 10)
+  backend = backend_lib.resolve()
+  model = state_lib.make_model(cfg, 10, backend.layers(train=True))
   tx = state_lib.make_optimizer(cfg, 100)
   state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, (32, 32, 3))
-  return cfg, model, tx, state
+  logits_fn = step_lib.make_logits_fn(state_lib.make_model(cfg, 10, backend.layers(train=False)))
+  return cfg, model, tx, state, logits_fn
 
 
 def synthetic_batch(batch: int) -> dict:
@@ -80,7 +91,7 @@ def bench_infer(logits_fn, variables, batch, repeats):
 
 
 def bench_avg(logits_fn, variables, batch, masks_, repeats):
-  f = jax.jit(lambda k, v, x: defense.mask_average_probs(k, logits_fn, v, x, 0.9, masks_))
+  f = jax.jit(lambda k, v, x: defense.mask_average_probs(k, logits_fn, v, x, DROP, masks_))
   x, key = images(batch), jax.random.PRNGKey(3)
   r = measure(lambda: f(key, variables, x), sync, repeats)
   r["images_per_s"] = batch / r["median_s"]
@@ -88,13 +99,9 @@ def bench_avg(logits_fn, variables, batch, masks_, repeats):
 
 
 def bench_eot_pgd(logits_fn, variables, n, k, steps, impl, unroll, repeats):
-  os.environ["DROPJAX_LOOP_UNROLL"] = "full" if unroll is True else str(unroll)
-  try:
-    cfg = AttackConfig(norm="linf", eps=16 / 255, step_size=2 / 255, num_steps=steps,
-                       eot_samples=k, drop_rate=0.9, eot_impl=impl)
-    attack = jax.jit(make_pgd(logits_fn, cfg))
-  finally:
-    del os.environ["DROPJAX_LOOP_UNROLL"]
+  cfg = AttackConfig(norm="linf", eps=16 / 255, step_size=2 / 255, num_steps=steps,
+                     eot_samples=k, drop=DROP, eot_impl=impl)
+  attack = jax.jit(make_pgd(logits_fn, cfg, unroll=unroll))
   x, y, key = images(n), jnp.zeros((n,), jnp.int32), jax.random.PRNGKey(4)
   r = measure(lambda: attack(key, variables, x, y), sync, repeats)
   r["image_steps_per_s"] = n * steps / r["median_s"]
@@ -107,7 +114,7 @@ def eot_grad_fn(logits_fn, k: int, impl: str, key):
   drop rate 0.9, ``k`` masks, EOT form ``impl``), as inside an EOT-PGD step."""
   obj = attack_objective("ce", False)
   return jax.jit(lambda v, x, y: eot_gradient(
-      key, lambda xx, yy: obj(logits_fn(v, xx), yy), x, y, 0.9, k, impl=impl))
+      key, lambda xx, yy: obj(logits_fn(v, xx), yy), x, y, DROP, k, impl=impl))
 
 
 def bench_eot_grad(logits_fn, variables, n, k, impl, repeats):
@@ -154,13 +161,13 @@ def main(argv=None):
   q = args.quick
   depth, tb, ib, ab, en, ek, es = ((8, 16, 32, 8, 4, 2, 2) if q else
                                    (20, args.train_batch, args.infer_batch, 100, 100, 10, 10))
-  cfg, model, tx, state = setup(depth, args.half_precision)
-  logits_fn = step_lib.make_logits_fn(model)
+  cfg, model, tx, state, logits_fn = setup(depth, args.half_precision)
   # On the device once: host (NumPy) parameters would be copied to the
   # accelerator on every call (~3.6 ms per call on an H200).
   variables = jax.device_put(state.variables)
   out = {"framework": "jax", "jax": jax.__version__, "backend": jax.default_backend(),
          "devices": [str(d) for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
+         "dropjax_backend": backend_lib.resolve().describe(),
          "depth": depth, "half_precision": args.half_precision, "machine_before": machine(),
          **device_facts(), "results": {}}
   res = out["results"]

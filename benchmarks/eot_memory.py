@@ -27,12 +27,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dropjax  # noqa: E402,F401
+from dropjax import backend as backend_lib  # noqa: E402
+
+if __name__ == "__main__":
+  backend_lib.configure_process()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from dropjax.attacks import AttackConfig, make_pgd  # noqa: E402
 from dropjax.config import TrainConfig  # noqa: E402
+from dropjax.masks import DropSpec  # noqa: E402
 from dropjax.training import state as state_lib, step as step_lib  # noqa: E402
 
 
@@ -42,15 +46,11 @@ EPS = 8 / 255  # the paper's L-inf budget on CIFAR-10 ([0, 1] pixel scale)
 def analyse(batch: int, masks: int, steps: int, depth: int, unroll: str = "1",
             run: bool = False) -> dict:
   cfg = TrainConfig(depth=depth)
-  model = state_lib.make_model(cfg, 10)
+  model = state_lib.make_model(cfg, 10, backend_lib.resolve().layers(train=False))
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
-  os.environ["DROPJAX_LOOP_UNROLL"] = unroll
-  try:
-    attack = jax.jit(make_pgd(step_lib.make_logits_fn(model), AttackConfig(
-        norm="linf", eps=EPS, step_size=2 / 255, num_steps=steps, eot_samples=masks,
-        drop_rate=0.5)))
-  finally:
-    del os.environ["DROPJAX_LOOP_UNROLL"]
+  attack = jax.jit(make_pgd(step_lib.make_logits_fn(model), AttackConfig(
+      norm="linf", eps=EPS, step_size=2 / 255, num_steps=steps, eot_samples=masks,
+      drop=DropSpec.fixed(0.5)), unroll=True if unroll == "full" else int(unroll)))
   x = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32)
   y = jax.ShapeDtypeStruct((batch,), jnp.int32)
   key = jax.eval_shape(lambda: jax.random.PRNGKey(0))

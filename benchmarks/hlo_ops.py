@@ -22,7 +22,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dropjax  # noqa: E402,F401
+from dropjax import backend as backend_lib  # noqa: E402
+
+if __name__ == "__main__":
+  backend_lib.configure_process()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -36,8 +39,7 @@ _KIND = re.compile(r"kind=(k\w+)")
 
 
 def compiled_text(workload: str, batch: int, half_precision: bool) -> str:
-  cfg, model, tx, state = bench.setup(20, half_precision)
-  logits_fn = step_lib.make_logits_fn(model)
+  cfg, model, tx, state, logits_fn = bench.setup(20, half_precision)
   if workload == "infer":
     x = jnp.zeros((batch, 32, 32, 3), jnp.float32)
     return jax.jit(logits_fn).lower(state.variables, x).compile().as_text()

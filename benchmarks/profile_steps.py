@@ -32,13 +32,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dropjax  # noqa: E402,F401  (per-backend XLA defaults)
+from dropjax import backend as backend_lib  # noqa: E402
+
+if __name__ == "__main__":
+  backend_lib.configure_process()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from benchmarks import bench  # noqa: E402
-from dropjax import conv as conv_lib  # noqa: E402
 from benchmarks.common import machine, measure  # noqa: E402
 from dropjax.attacks.losses import attack_objective  # noqa: E402
 from dropjax.attacks.pgd import eot_gradient  # noqa: E402
@@ -91,7 +93,12 @@ def trace_ops(fn, args, steps: int = 3) -> dict:
 
 def conv_shapes(batch: int, repeats: int) -> list[dict]:
   """Forward / input-gradient / weight-gradient time of each ResNet-20 conv shape,
-  XLA's and dropjax's (``dropjax.conv``: the native kernels where they run)."""
+  XLA's and dropjax's (the resolved backend's inference convolution:
+  ``dropjax.xla_cpu.conv`` with the native kernels where they run)."""
+  backend = backend_lib.resolve()
+  conv_fn = getattr(backend.layers(train=False).conv, "keywords", {}).get(
+      "conv_general_dilated", lax.conv_general_dilated)
+  choices = backend.describe()
   dn = ("NHWC", "HWIO", "NHWC")
   pads = ((1, 1), (1, 1))
   rows = []
@@ -102,7 +109,7 @@ def conv_shapes(batch: int, repeats: int) -> list[dict]:
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, c, o))
     g = jax.random.normal(jax.random.PRNGKey(2), (batch, h // s, h // s, o))
     xla = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pads, dimension_numbers=dn)
-    ours = lambda x, w: conv_lib.conv_general_dilated(x, w, (s, s), pads, dimension_numbers=dn)
+    ours = lambda x, w: conv_fn(x, w, (s, s), pads, dimension_numbers=dn)
     fns = {}
     for tag, conv in (("", xla), ("_dropjax", ours)):
       fns["forward" + tag] = (jax.jit(conv), (x, w))
@@ -112,8 +119,8 @@ def conv_shapes(batch: int, repeats: int) -> list[dict]:
           jax.jit(lambda g, x, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]), (g, x))
     gflop = 2 * batch * (h // s) ** 2 * 9 * c * o / 1e9
     row = {"hw": h, "cin": c, "cout": o, "stride": s, "batch": batch, "gflop": gflop,
-           "native_forward": conv_lib.use_native_conv(),
-           "native_weight_grad": conv_lib.use_native_weight_grad(o)}
+           "native_forward": bool(choices.get("native_forward")),
+           "native_weight_grad": bool(choices.get("native_weight_grad")) and o % 8 == 0}
     for name, (f, a) in fns.items():
       sec = measure(lambda: f(*a), sync, repeats)["median_s"]
       row[f"{name}_ms"] = round(1e3 * sec, 2)
@@ -138,7 +145,7 @@ def main(argv=None):
   out = {"machine_before": machine(), "jax": jax.__version__,
          "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
-  cfg, model, tx, state = bench.setup(20)  # the benchmarked workload
+  cfg, model, tx, state, logits_fn = bench.setup(20)  # the benchmarked workload
   b = 128
   batch = jax.tree.map(jnp.asarray, bench.synthetic_batch(b))
   key = jax.random.PRNGKey(1)
@@ -164,7 +171,6 @@ def main(argv=None):
   out["train_ms"] = {n: round(1e3 * measure(lambda: f(*a), sync, repeats)["median_s"], 1)
                      for n, (f, a) in stages.items()}
 
-  logits_fn = step_lib.make_logits_fn(model)
   v = state.variables
   n, k = 100, 10
   x = bench.images(n)
@@ -191,7 +197,8 @@ def main(argv=None):
       objective = lambda xx, yy: obj(logits_fn(v, xx), yy)
 
       def body(i, xx):
-        g = eot_gradient(jax.random.fold_in(key, i), objective, xx, y, 0.9, k, impl="vmap")
+        g = eot_gradient(jax.random.fold_in(key, i), objective, xx, y, bench.DROP, k,
+                        impl="vmap")
         return jnp.clip(x + jnp.clip(xx + 0.01 * jnp.sign(g) - x, -0.1, 0.1), -1, 1)
 
       return lax.fori_loop(0, steps, body, x, unroll=unroll)

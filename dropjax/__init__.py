@@ -1,11 +1,9 @@
 """dropjax: Dropping Pixels for Adversarial Robustness, in JAX/Flax.
 
 Reimplementation of Hosseini, Kannan and Poovendran, "Dropping Pixels for
-Adversarial Robustness" (CVPR Workshops 2019).
+Adversarial Robustness" (CVPR Workshops 2019).  Importing the package changes
+nothing in the process; entry points call
+:func:`dropjax.backend.configure_process` and :func:`dropjax.backend.resolve`
+(see :mod:`dropjax.backend`).
 """
-from dropjax import backend as _backend
-
-_backend.configure_xla_flags()
-_backend.configure_host_allocator()
-
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,173 +1,230 @@
-"""Per-backend performance defaults, chosen in exactly one place.
+"""Backend choices, resolved in one place and passed to the code that runs.
 
-Importing :mod:`dropjax` calls :func:`configure_xla_flags` *before* JAX is
-imported, so the CPU defaults below take effect for every entry point
-(``train.py``, ``evaluate.py``, benchmarks, tests).  A user's own ``XLA_FLAGS``
-always win: a flag the user already set is never overridden, and setting
-``DROPJAX_NO_XLA_DEFAULTS=1`` disables the defaults entirely.
+The model, masks, attacks, defense and certification are written for any
+backend and import nothing from here.  Whoever owns the devices (``train.py``,
+``evaluate.py``, benchmarks, a user's script) calls:
 
-Measured choices (see ``benchmarks/README.md`` for the numbers and commands):
+* :func:`configure_process` first thing in ``main``, before JAX computes
+  anything: the XLA:CPU flag and the host-allocator setting
+  (:mod:`dropjax.xla_cpu.process`).  ``import dropjax`` changes nothing in the
+  process; a library user calls it or not.
+* :func:`resolve` once: a :class:`Backend` with the model's layers for
+  training and for inference (``conv``, ``norm``, ``block_input``, given to
+  :class:`dropjax.models.CifarResNet`), the attack loops' unroll and the EOT
+  form.  On GPU/TPU the layers are plain ``flax.linen.Conv`` and
+  ``flax.linen.BatchNorm`` and attack loops stay rolled.  On CPU they are the
+  measured speed-ups of :mod:`dropjax.xla_cpu` (``benchmarks/README.md``):
 
-* ``--xla_cpu_experimental_ynn_fusion_type=`` (empty) makes the XLA:CPU
-  ResNet-20 train step faster on the 2-core AVX2 development machine.
-* XLA:CPU fuses batch norm / ReLU / residual chains into the transposes that
-  feed each convolution's weight gradient, which makes them very slow; on CPU
-  the model puts its training-mode convolution inputs behind a
-  :func:`dropjax.fusion.fusion_barrier` (``barrier_conv_inputs``).
-* XLA:CPU's convolutions are slow for these shapes (the 3-channel stem most
-  of all), its weight gradients go through transposed copies, and its input
-  gradients of strided convolutions through a dilated-input convolution; on
-  CPU the model's convolutions use :mod:`dropjax.conv` (``cpu_conv``): native
-  forward, input-gradient and weight-gradient kernels (:mod:`dropjax.native`)
-  and a polyphase input gradient.
-* Inside a rolled ``lax.fori_loop`` XLA:CPU loses most of its convolution
-  speed, so on CPU the attack loops are fully unrolled (``loop_unroll``).
-  On GPU/TPU a rolled loop compiles faster and runs as fast.
-* XLA:CPU allocates each run's temporaries (~200 MB for a ResNet-20 train
-  step) with ``posix_memalign`` on a worker thread; glibc serves that from
-  ``mmap`` and returns it with ``munmap``, so every step page-faults (and the
-  kernel zeroes) all of it again: ~50,000 faults and ~0.16 s of system time per
-  train step on the development machine.  ``configure_host_allocator`` keeps
-  freed memory in the process for reuse (``mallopt``), where JAX will run on
-  the CPU.
+  - convolutions by native AVX2 kernels (forward, input and weight
+    gradients; single-device runs, since XLA cannot partition a custom call)
+    and polyphase input gradients of strided convolutions;
+  - in training, a fusion barrier on every convolution input and on every
+    residual block's input (XLA:CPU otherwise fuses, and recomputes, the
+    batch-norm/ReLU/residual chain inside the weight-gradient transposes and
+    every other consumer);
+  - batch norm with wide per-channel reductions and native one-pass moments;
+  - attack loops fully unrolled (a rolled ``while`` loop around convolutions
+    runs ~5x slower on XLA:CPU).
+
+This module is the only place that reads the performance switches:
+
+=============================  ===================================================
+``DROPJAX_NO_XLA_DEFAULTS=1``  :func:`configure_process` changes nothing
+``DROPJAX_HOST_MALLOC=0|1``    the allocator setting off / on even off-CPU
+``DROPJAX_CPU_CONV=0|1``       :mod:`dropjax.xla_cpu.conv` at all (default: on CPU)
+``DROPJAX_NATIVE=0``           never build or load the native kernels
+``DROPJAX_NATIVE_CONV=0|1``    native kernels off / on even with several devices
+``DROPJAX_NATIVE_FORWARD=0``   XLA's forward and input-gradient convolutions
+``DROPJAX_NATIVE_MOMENTS=0``   XLA's batch-norm sums instead of the native pass
+``DROPJAX_POLYPHASE=0``        XLA's input gradient of strided convolutions
+``DROPJAX_CONV_BARRIER=0|1``   barrier on convolution inputs (training; default: CPU)
+``DROPJAX_BLOCK_BARRIER=0|1``  barrier on block inputs (default: as the conv barrier)
+``DROPJAX_LOOP_UNROLL=N|full`` attack-loop unroll (default: full on CPU, 1 elsewhere)
+``DROPJAX_EOT_IMPL=vmap|batch|scan``  default EOT form (vmap)
+``DROPJAX_CACHE_DIR=DIR``      where the native kernels are compiled to
+=============================  ===================================================
 """
 from __future__ import annotations
 
-import ctypes
-import importlib.util
+import dataclasses
+import functools
+import logging
 import os
-import sys
+from typing import Any, Callable, Mapping
 
-# Flags added to XLA_FLAGS on CPU unless the user already set the same flag.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+import flax.linen as nn
+
+from dropjax.models import ModelLayers
+
+log = logging.getLogger("dropjax.backend")
+
+# Attack loops longer than this are unrolled by this factor on CPU instead of fully.
+_FULL_UNROLL_MAX_STEPS, _PARTIAL_UNROLL = 200, 10
 
 
-def configure_xla_flags() -> None:
-  """Adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS``.
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """The resolved choices for one platform and device count.
 
-  XLA reads ``XLA_FLAGS`` when the first backend is created, so this works as
-  long as no JAX computation has run yet in the process.
+  Attributes:
+    platform: ``jax.default_backend()`` at resolution ("cpu", "gpu", "tpu").
+    train_layers / eval_layers: the model's layers in training / inference mode.
+    unroll_override: ``DROPJAX_LOOP_UNROLL`` (``True`` = full), else ``None``.
+    eot_impl: default EOT form for attacks (``vmap``, ``batch`` or ``scan``).
+    choices: what was chosen and why, for logs and benchmark records.
   """
-  if os.environ.get("DROPJAX_NO_XLA_DEFAULTS") == "1":
-    return
-  current = os.environ.get("XLA_FLAGS", "")
-  have = {f.split("=")[0] for f in current.split()}
-  extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in have]
-  if extra:
-    os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+  platform: str
+  train_layers: ModelLayers
+  eval_layers: ModelLayers
+  unroll_override: int | bool | None = None
+  eot_impl: str = "vmap"
+  choices: tuple[tuple[str, Any], ...] = ()
+
+  def layers(self, train: bool) -> ModelLayers:
+    return self.train_layers if train else self.eval_layers
+
+  def loop_unroll(self, num_steps: int) -> int | bool:
+    """Unroll of an on-device loop of ``num_steps`` steps around the model
+    (``lax.fori_loop(..., unroll=)``): full on CPU (partial past 200 steps),
+    rolled elsewhere."""
+    if self.unroll_override is not None:
+      return self.unroll_override
+    if self.platform == "cpu":
+      return True if num_steps <= _FULL_UNROLL_MAX_STEPS else _PARTIAL_UNROLL
+    return 1
+
+  def describe(self) -> dict[str, Any]:
+    return {"platform": self.platform, **dict(self.choices)}
 
 
-# glibc's mallopt parameters (<malloc.h>).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-# JAX plugins whose presence means the process will most likely compute on an accelerator.
-_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-                        "jax_rocm7_plugin", "libtpu")
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+  value = env.get(name)
+  if value in (None, ""):
+    return default
+  if value not in ("0", "1"):
+    raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+  return value == "1"
 
 
-def _runs_on_cpu() -> bool:
-  platforms = os.environ.get("JAX_PLATFORMS", "")
-  if platforms:
-    return platforms.split(",")[0].strip() == "cpu"
-  return not any(importlib.util.find_spec(p) for p in _ACCELERATOR_PLUGINS)
+def _unroll_override(env: Mapping[str, str]) -> int | bool | None:
+  value = env.get("DROPJAX_LOOP_UNROLL")
+  if not value:
+    return None
+  if value == "full":
+    return True
+  try:
+    return max(1, int(value))
+  except ValueError:
+    raise ValueError(f"DROPJAX_LOOP_UNROLL must be an integer or 'full', got {value!r}") from None
 
 
-def configure_host_allocator() -> bool:
-  """Makes glibc keep and reuse large freed blocks; returns whether it did.
+def _cpu_layers(env: Mapping[str, str], num_devices: int) -> tuple[ModelLayers, ModelLayers, dict]:
+  """The XLA:CPU training and inference layers, and the choices made."""
+  from dropjax.xla_cpu import batch_norm, conv, fusion, native  # pylint: disable=g-import-not-at-top
 
-  Sets one malloc arena for all threads (large blocks of other arenas are
-  always ``mmap``-ed), no ``mmap`` for large blocks and no trimming of the
-  heap, so the memory of one XLA:CPU run's temporaries is reused by the next
-  instead of being unmapped and faulted in again.  The process then keeps its
-  peak host memory until it exits.  Applied at ``import dropjax`` (before
-  JAX's threads allocate) on Linux with glibc, when JAX will run on the CPU
-  (``JAX_PLATFORMS`` starts with ``cpu``, or no GPU/TPU plugin is installed).
-  ``DROPJAX_HOST_MALLOC=0`` leaves the allocator alone, ``=1`` applies it anyway.
+  cpu_conv = _switch(env, "DROPJAX_CPU_CONV", True)
+  conv_barrier = _switch(env, "DROPJAX_CONV_BARRIER", True)
+  block_barrier = _switch(env, "DROPJAX_BLOCK_BARRIER", conv_barrier)
+  if not cpu_conv:
+    kernels, reason = False, "DROPJAX_CPU_CONV=0"
+  elif env.get("DROPJAX_NATIVE") == "0":
+    kernels, reason = False, "disabled by DROPJAX_NATIVE=0"
+  else:
+    kernels = native.load(env.get("DROPJAX_CACHE_DIR") or native.DEFAULT_CACHE_DIR)
+    reason = native.unavailable_reason()
+  # XLA cannot partition a custom call over a multi-device mesh (it would
+  # gather the operands): the kernels run on single-device runs unless forced.
+  native_ok = kernels and _switch(env, "DROPJAX_NATIVE_CONV", num_devices == 1)
+  options = dict(native_forward=native_ok and env.get("DROPJAX_NATIVE_FORWARD") != "0",
+                 native_weight_grad=native_ok,
+                 polyphase=cpu_conv and env.get("DROPJAX_POLYPHASE") != "0")
+  norm = functools.partial(
+      batch_norm.BatchNorm, native_moments=native_ok and env.get("DROPJAX_NATIVE_MOMENTS") != "0")
+
+  def conv_cls(input_barrier: bool):
+    opts = conv.ConvOptions(**options, input_barrier=input_barrier)
+    if opts == conv.ConvOptions(polyphase=False):
+      return nn.Conv
+    return functools.partial(nn.Conv, conv_general_dilated=conv.make_conv_general_dilated(opts))
+
+  train = ModelLayers(conv=conv_cls(conv_barrier), norm=norm,
+                      block_input=fusion.fusion_barrier if block_barrier else None)
+  infer = ModelLayers(conv=conv_cls(False), norm=norm)
+  choices = {**options, "native_moments": norm.keywords["native_moments"],
+             "native_kernels": bool(kernels), "native_unavailable": None if kernels else reason,
+             "conv_barrier": conv_barrier, "block_barrier": block_barrier,
+             "num_devices": num_devices}
+  return train, infer, choices
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(platform: str, num_devices: int, env_items: tuple[tuple[str, str], ...]) -> Backend:
+  env = dict(env_items)
+  eot_impl = env.get("DROPJAX_EOT_IMPL") or "vmap"  # checked by AttackConfig.validate
+  if platform == "cpu":
+    train, infer, choices = _cpu_layers(env, num_devices)
+  else:
+    train = infer = ModelLayers()
+    choices = {"layers": "flax.linen.Conv + flax.linen.BatchNorm"}
+  backend = Backend(platform=platform, train_layers=train, eval_layers=infer,
+                    unroll_override=_unroll_override(env), eot_impl=eot_impl,
+                    choices=tuple(sorted(choices.items())))
+  log.info("dropjax backend: %s", backend.describe())
+  return backend
+
+
+def resolve(platform: str | None = None, num_devices: int | None = None,
+            env: Mapping[str, str] | None = None) -> Backend:
+  """The :class:`Backend` for ``platform`` (default ``jax.default_backend()``)
+  with ``num_devices`` (default ``jax.device_count()``) under the switches in
+  ``env`` (default ``os.environ``; see the module docstring).
+
+  The same arguments return the same object, so models built from it compare
+  equal and compiled functions are reused.  On CPU this may compile the
+  native kernels (~10 s, once per machine; cached).
   """
-  env = os.environ.get("DROPJAX_HOST_MALLOC")
-  if env == "0" or os.environ.get("DROPJAX_NO_XLA_DEFAULTS") == "1":
-    return False
-  if sys.platform != "linux" or (env != "1" and not _runs_on_cpu()):
+  import jax  # pylint: disable=g-import-not-at-top
+
+  env = os.environ if env is None else env
+  items = tuple(sorted((k, v) for k, v in env.items() if k.startswith("DROPJAX_")))
+  return _resolve(platform or jax.default_backend(),
+                  jax.device_count() if num_devices is None else num_devices, items)
+
+
+def configure_process(env: Mapping[str, str] | None = None) -> dict[str, bool]:
+  """Applies the XLA:CPU process settings; returns which were applied.
+
+  Adds :data:`dropjax.xla_cpu.process.CPU_XLA_FLAGS` to ``XLA_FLAGS`` (never
+  overriding a flag the user set) and makes glibc reuse XLA:CPU's
+  temporaries, when JAX will run on the CPU.  Call it before JAX computes
+  anything: XLA reads its flags when it creates the CPU client.  Switches:
+  ``DROPJAX_NO_XLA_DEFAULTS=1`` (nothing), ``DROPJAX_HOST_MALLOC=0|1``.
+  """
+  from dropjax.xla_cpu import process  # pylint: disable=g-import-not-at-top
+
+  env = os.environ if env is None else env
+  if env.get("DROPJAX_NO_XLA_DEFAULTS") == "1":
+    return {"xla_flags": False, "host_allocator": False}
+  on_cpu = process.runs_on_cpu(env.get("JAX_PLATFORMS", ""))
+  if _jax_started():
+    log.warning("configure_process() called after JAX created its backends: XLA_FLAGS "
+                "and the allocator setting no longer take effect in this process")
+  flags = False
+  if on_cpu:
+    new = process.with_cpu_xla_flags(os.environ.get("XLA_FLAGS", ""))
+    flags = new != os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = new
+  allocator = _switch(env, "DROPJAX_HOST_MALLOC", on_cpu) and process.configure_host_allocator()
+  return {"xla_flags": flags, "host_allocator": allocator}
+
+
+def _jax_started() -> bool:
+  import sys  # pylint: disable=g-import-not-at-top
+  if "jax" not in sys.modules:
     return False
   try:
-    libc = ctypes.CDLL(None)
-    libc.gnu_get_libc_version  # glibc only (musl has other knobs)
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):
     return False
-  return all(mallopt(param, value) == 1 for param, value in
-             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
 
-
-def loop_unroll(num_steps: int) -> int | bool:
-  """How much to unroll an on-device attack loop of ``num_steps`` steps.
-
-  Returns ``True`` (full unroll) on CPU, where a rolled ``while`` loop around
-  convolutions runs several times slower, and ``1`` (rolled) elsewhere.
-  Override with ``DROPJAX_LOOP_UNROLL`` (an integer, or ``full``).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
-  env = os.environ.get("DROPJAX_LOOP_UNROLL")
-  if env:
-    return True if env == "full" else max(1, int(env))
-  if jax.default_backend() == "cpu":
-    return True if num_steps <= 200 else 10
-  return 1
-
-
-def barrier_conv_inputs(train: bool) -> bool:
-  """Whether the model routes convolution inputs through a fusion barrier.
-
-  True on CPU in training mode (the weight-gradient transposes, see
-  :mod:`dropjax.fusion`); False in inference mode (attacks and evaluation take
-  no weight gradients) and on GPU/TPU, where a conditional per convolution
-  would only add overhead.  Override with ``DROPJAX_CONV_BARRIER`` (0 or 1).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
-  env = os.environ.get("DROPJAX_CONV_BARRIER")
-  if env in ("0", "1"):
-    return env == "1"
-  return train and jax.default_backend() == "cpu"
-
-
-def barrier_block_inputs(train: bool) -> bool:
-  """Whether the model materializes each residual block's input behind a fusion barrier.
-
-  Without it XLA:CPU fuses the residual stream's elementwise chain (batch norm,
-  ReLU and additions of every earlier block of a stage) into each consumer that
-  is not a convolution (the next shortcut addition, the backward pass) and
-  recomputes the chain there.  Same default and override as
-  :func:`barrier_conv_inputs`; ``DROPJAX_BLOCK_BARRIER`` (0 or 1) sets it alone.
-  """
-  env = os.environ.get("DROPJAX_BLOCK_BARRIER")
-  if env in ("0", "1"):
-    return env == "1"
-  return barrier_conv_inputs(train)
-
-
-def cpu_conv() -> bool:
-  """Whether the model's convolutions use :mod:`dropjax.conv` (faster on CPU).
-
-  True on CPU: native forward and input-gradient convolutions (training,
-  inference, attacks), the native weight gradient (training) and the
-  polyphase input gradient of strided convolutions.  On GPU/TPU XLA's own
-  convolutions are used.  Override with ``DROPJAX_CPU_CONV`` (0 or 1);
-  ``DROPJAX_NATIVE_CONV=0`` keeps dropjax.conv but only XLA's kernels,
-  ``DROPJAX_NATIVE_FORWARD=0`` XLA's forward and input-gradient convolutions
-  (:func:`dropjax.conv.use_native_conv`, :func:`dropjax.conv.use_native_weight_grad`).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
-  env = os.environ.get("DROPJAX_CPU_CONV")
-  if env in ("0", "1"):
-    return env == "1"
-  return jax.default_backend() == "cpu"
-
-
-def eot_impl() -> str:
-  """Default way to compute the EOT gradient (see ``attacks.pgd.eot_gradient``).
-
-  Override with ``DROPJAX_EOT_IMPL`` (vmap, batch or scan).
-  """
-  return os.environ.get("DROPJAX_EOT_IMPL", "vmap")

@@ -14,7 +14,8 @@ import dataclasses
 import json
 from typing import Any
 
-DROP_MODES = ("none", "fixed", "random")
+from dropjax.masks import DROP_MODES, DropSpec
+
 OBJECTIVES = ("standard", "uniform_original", "uniform_noisy")
 SCHEDULES = ("cosine", "step")
 PARALLEL = ("jit", "pmap")
@@ -142,6 +143,11 @@ class TrainConfig:
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @property
+  def drop_spec(self) -> DropSpec:
+    """The training-time :class:`dropjax.masks.DropSpec` (``drop``, ``drop_rate``, ``per_pixel``)."""
+    return DropSpec(self.drop, self.drop_rate if self.drop == "fixed" else 0.0, self.per_pixel)
 
   @property
   def use_hflip(self) -> bool:

@@ -24,26 +24,22 @@ from dropjax import masks
 Array = jax.Array
 
 
-def masked_probs(key: Array, logits_fn: Callable, variables, x: Array, rate, *,
-                 per_pixel: bool = False, rate_random: bool = False) -> Array:
-  """Softmax of the model on one masked copy of ``x``: (B, C) float32."""
-  if rate_random:
-    k_rate, key = jax.random.split(key)
-    rate = jax.random.uniform(k_rate, (x.shape[0],))
-  xm = masks.drop_pixels(key, x, rate, per_pixel=per_pixel)
+def masked_probs(key: Array, logits_fn: Callable, variables, x: Array,
+                 drop: masks.DropSpec) -> Array:
+  """Softmax of the model on one masked copy of ``x`` (B, H, W, C): (B, C) float32."""
+  xm = masks.spec_drop(key, drop, x)
   return jax.nn.softmax(logits_fn(variables, xm).astype(jnp.float32), axis=-1)
 
 
-def mask_average_probs(key: Array, logits_fn: Callable, variables, x: Array, rate,
-                       num_masks: int, *, per_pixel: bool = False,
-                       rate_random: bool = False) -> Array:
+def mask_average_probs(key: Array, logits_fn: Callable, variables, x: Array,
+                       drop: masks.DropSpec, num_masks: int) -> Array:
   """Mean over ``num_masks`` keyed masks of the softmax probabilities.
 
   Args:
     key: PRNG key; mask ``k`` uses ``split(key, num_masks)[k]``.
     logits_fn: ``(variables, x) -> logits``.
     x: images (B, H, W, C) in [-1, 1].
-    rate: drop rate (scalar or (B,)); ignored with ``rate_random``.
+    drop: how each copy is dropped (e.g. ``DropSpec.fixed(0.9)``).
     num_masks: K >= 1.
 
   Returns:
@@ -52,8 +48,7 @@ def mask_average_probs(key: Array, logits_fn: Callable, variables, x: Array, rat
   if num_masks < 1:
     raise ValueError(f"num_masks must be >= 1, got {num_masks}")
   keys = jax.random.split(key, num_masks)
-  probs = jax.vmap(lambda k: masked_probs(k, logits_fn, variables, x, rate,
-                                          per_pixel=per_pixel, rate_random=rate_random))(keys)
+  probs = jax.vmap(lambda k: masked_probs(k, logits_fn, variables, x, drop))(keys)
   return jnp.mean(probs, axis=0)
 
 

@@ -28,11 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from dropjax import backend as backend_lib
 from dropjax import defense, inference
 from dropjax.attacks import AttackConfig, best_of, make_pgd, paper_attack
 from dropjax.attacks import norms as norms_lib
 from dropjax.config import TrainConfig
 from dropjax.data import augment, load_dataset
+from dropjax.masks import DropSpec
 from dropjax.training import checkpoint as ckpt_lib
 from dropjax.training import state as state_lib, step as step_lib
 
@@ -88,8 +90,13 @@ def setting_id(norm: str, eps: float, rate: float) -> str:
   return f"{norm}_eps{eps:.6g}_r{rate:.6g}"
 
 
-def load_model(workdir: str, data_dir: str | None = None, source: str | None = None):
-  """(train config, variables, logits_fn, dataset) of the run in ``workdir``."""
+def load_model(workdir: str, data_dir: str | None = None, source: str | None = None,
+               backend: backend_lib.Backend | None = None):
+  """(train config, variables, logits_fn, dataset) of the run in ``workdir``.
+
+  ``logits_fn`` is the inference-mode model built from ``backend``'s layers
+  (default :func:`dropjax.backend.resolve`)."""
+  backend = backend or backend_lib.resolve()
   cfg = ckpt_lib.load_config(workdir)
   if data_dir is not None:
     cfg = cfg.replace(data_dir=data_dir)
@@ -97,7 +104,7 @@ def load_model(workdir: str, data_dir: str | None = None, source: str | None = N
     cfg = cfg.replace(source=source)
   data = load_dataset(cfg.dataset, source=cfg.source, data_dir=cfg.data_dir,
                       val_size=cfg.val_size, seed=cfg.seed)
-  model = state_lib.make_model(cfg, data.num_classes)
+  model = state_lib.make_model(cfg, data.num_classes, backend.layers(train=False))
   tx = state_lib.make_optimizer(cfg, 1)
   template = state_lib.create_state(jax.random.PRNGKey(0), model, tx, data.image_shape)
   checkpointer = ckpt_lib.Checkpointer(workdir)
@@ -108,7 +115,7 @@ def load_model(workdir: str, data_dir: str | None = None, source: str | None = N
   return cfg, state.variables, step_lib.make_logits_fn(model), data
 
 
-def make_defense_fn(logits_fn, rate: float, num_masks: int, per_pixel: bool):
+def make_defense_fn(logits_fn, drop: DropSpec, num_masks: int):
   """Jitted ``defend(key, variables, x) -> dict`` of (B, C) probabilities."""
 
   @jax.jit
@@ -116,10 +123,8 @@ def make_defense_fn(logits_fn, rate: float, num_masks: int, per_pixel: bool):
     k_single, k_avg = jax.random.split(key)
     return {
         "plain": jax.nn.softmax(logits_fn(variables, x), -1),
-        "single": defense.masked_probs(k_single, logits_fn, variables, x, rate,
-                                       per_pixel=per_pixel),
-        "avg": defense.mask_average_probs(k_avg, logits_fn, variables, x, rate, num_masks,
-                                          per_pixel=per_pixel),
+        "single": defense.masked_probs(k_single, logits_fn, variables, x, drop),
+        "avg": defense.mask_average_probs(k_avg, logits_fn, variables, x, drop, num_masks),
     }
 
   return defend
@@ -139,11 +144,11 @@ def calibrate(defend, variables, val_x, val_y, batch_size: int, key, max_drop: f
   return th
 
 
-def attack_configs(ev: EvalConfig, dataset: str, eps: float, rate: float,
-                   per_pixel: bool) -> list[AttackConfig]:
+def attack_configs(ev: EvalConfig, dataset: str, eps: float, drop: DropSpec,
+                   eot_impl: str = "vmap") -> list[AttackConfig]:
   base = paper_attack(dataset, ev.norm)
   kw = dict(num_steps=ev.steps, targeted=ev.targeted, random_start=ev.random_start,
-            eot_samples=ev.eot_samples, drop_rate=rate, per_pixel=per_pixel)
+            eot_samples=ev.eot_samples, drop=drop, eot_impl=eot_impl)
   if ev.norm == "l0":
     kw["l0_fraction"] = eps
   else:
@@ -224,13 +229,15 @@ def update_summary(out_dir: str, row: dict) -> None:
 
 def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
              data_dir: str | None = None, source: str | None = None,
-             stop_after_chunks: int | None = None, progress: bool | None = None) -> list[dict]:
+             stop_after_chunks: int | None = None, progress: bool | None = None,
+             backend: backend_lib.Backend | None = None) -> list[dict]:
   """Runs every setting of ``ev`` on the checkpoint in ``workdir``.
 
   Returns the summary rows of the settings completed by this call.
   """
   ev.validate()
-  train_cfg, variables, logits_fn, data = load_model(workdir, data_dir, source)
+  backend = backend or backend_lib.resolve()
+  train_cfg, variables, logits_fn, data = load_model(workdir, data_dir, source, backend)
   out_dir = out_dir or os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   test = data.test.take(ev.num_examples)
@@ -245,7 +252,8 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
   chunks_done_here = 0
   summaries = []
   for rate in rates:
-    defend = make_defense_fn(logits_fn, rate, ev.num_masks, train_cfg.per_pixel)
+    drop = DropSpec.fixed(rate, train_cfg.per_pixel)
+    defend = make_defense_fn(logits_fn, drop, ev.num_masks)
     thresholds = calibrate(defend, variables, data.val.x, data.val.y, ev.batch_size,
                            jax.random.fold_in(root, 10**6), ev.max_drop) if len(data.val) else {
                                "single": float("inf"), "avg": float("inf")}
@@ -255,8 +263,8 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
       os.makedirs(sdir, exist_ok=True)
       attacks = []
       if ev.norm != "none":
-        attacks = [jax.jit(make_pgd(logits_fn, c))
-                   for c in attack_configs(ev, train_cfg.dataset, eps, rate, train_cfg.per_pixel)]
+        attacks = [jax.jit(make_pgd(logits_fn, c, unroll=backend.loop_unroll(c.num_steps)))
+                   for c in attack_configs(ev, train_cfg.dataset, eps, drop, backend.eot_impl)]
       n_chunks = -(-len(test) // ev.batch_size)
       bar = tqdm(total=n_chunks, desc=sid, unit="chunk", dynamic_ncols=True,
                  disable=None if progress is None else not progress)

@@ -40,11 +40,10 @@ def map_batches(fn: Callable[[dict], dict], arrays: dict[str, np.ndarray], batch
   return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def make_predict(logits_fn: Callable, *, drop: str = "none", drop_rate: float = 0.0,
-                 per_pixel: bool = False) -> Callable:
+def make_predict(logits_fn: Callable, drop: masks.DropSpec = masks.DropSpec()) -> Callable:
   """Jitted ``predict(variables, batch, key) -> {"logits"}`` for uint8 batches.
 
-  ``drop`` = "none", "fixed" (rate ``drop_rate``) or "random" (r ~ U[0,1]); the
+  Each image is dropped as ``drop`` says (:func:`dropjax.masks.spec_drop`); the
   mask of example ``i`` comes from ``fold_in(key, index_i)`` so results do not
   depend on the batch size.
   """
@@ -52,15 +51,9 @@ def make_predict(logits_fn: Callable, *, drop: str = "none", drop_rate: float = 
   @jax.jit
   def predict(variables, batch, key):
     x = augment.to_float(batch["image"])
-    if drop != "none":
+    if drop.drops:
       keys = jax.vmap(jax.random.fold_in, (None, 0))(key, batch["index"])
-
-      def one(k, xi):
-        k_rate, k_mask = jax.random.split(k)
-        r = jax.random.uniform(k_rate) if drop == "random" else drop_rate
-        return masks.drop_pixels(k_mask, xi, r, per_pixel=per_pixel)
-
-      x = jax.vmap(one)(keys, x)
+      x = jax.vmap(lambda k, xi: masks.spec_drop(k, drop, xi))(keys, x)
     return {"logits": logits_fn(variables, x)}
 
   return predict

@@ -13,8 +13,15 @@ Two granularities:
 The drop rate ``r`` is a scalar or an array whose shape is a prefix of the batch
 dimensions of ``x`` (typically ``(B,)``: one rate per example).  All functions
 take the PRNG key first and are pure, so they work under ``jit`` and ``vmap``.
+
+The paper's three ways of dropping are one small spec, :class:`DropSpec`
+(``none``, ``fixed`` rate ``r``, or ``random``: ``r ~ U[0, 1]`` per image), and
+one function samples its rate and then its mask, :func:`spec_mask`; training,
+inference, the defense, the attacks and the evaluation all call it.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -103,19 +110,75 @@ def drop_pixels(key: Array, x: Array, rate, *, per_pixel: bool = False) -> Array
                          dtype=jnp.result_type(x))
 
 
-def sample_drop_rates(key: Array, num: int, *, low: float = 0.0,
-                      high: float = 1.0) -> Array:
-  """Draws one drop rate per example, ``r ~ U[low, high]``; shape ``(num,)``."""
-  if not 0.0 <= low <= high <= 1.0:
-    raise ValueError(f"need 0 <= low <= high <= 1, got low={low} high={high}")
-  return jax.random.uniform(key, (num,), minval=low, maxval=high)
+DROP_MODES = ("none", "fixed", "random")
 
 
-def drop_many(key: Array, x: Array, rate, num_masks: int, *,
-              per_pixel: bool = False) -> Array:
-  """``num_masks`` independently dropped copies of ``x``: shape ``(K, *x.shape)``.
+@dataclasses.dataclass(frozen=True)
+class DropSpec:
+  """How pixels are dropped: the paper's three settings.
 
-  Equivalent to ``vmap`` of :func:`drop_pixels` over ``jax.random.split(key, K)``.
+  Attributes:
+    mode: ``"none"`` (no dropping), ``"fixed"`` (rate ``rate``) or
+      ``"random"`` (a rate ``r ~ U[0, 1]`` per image, then the mask).
+    rate: the drop rate of ``"fixed"`` (ignored otherwise), in ``[0, 1]``.
+    per_pixel: drop all channels of a pixel together (the paper drops single values).
   """
-  keys = jax.random.split(key, num_masks)
-  return jax.vmap(lambda k: drop_pixels(k, x, rate, per_pixel=per_pixel))(keys)
+  mode: str = "none"
+  rate: float = 0.0
+  per_pixel: bool = False
+
+  def __post_init__(self):
+    if self.mode not in DROP_MODES:
+      raise ValueError(f"unknown drop mode {self.mode!r}; choose one of {DROP_MODES}")
+    if not 0.0 <= float(self.rate) <= 1.0:
+      raise ValueError(f"drop rate must be in [0, 1], got {self.rate}")
+
+  @classmethod
+  def fixed(cls, rate: float, per_pixel: bool = False) -> "DropSpec":
+    """Fixed rate ``rate`` (0 keeps everything)."""
+    return cls("fixed", float(rate), per_pixel)
+
+  @property
+  def drops(self) -> bool:
+    """Whether any value can be dropped."""
+    return self.mode == "random" or (self.mode == "fixed" and self.rate > 0)
+
+  def describe(self) -> str:
+    return {"none": "no dropping", "fixed": f"r = {self.rate:g}",
+            "random": "r ~ U[0, 1]"}[self.mode]
+
+
+def spec_rates(key: Array, spec: DropSpec, batch_shape=()) -> Array:
+  """The drop rate of every image: ``batch_shape`` float32 (a scalar for ``()``)."""
+  if spec.mode == "random":
+    return jax.random.uniform(key, tuple(batch_shape))
+  rate = spec.rate if spec.mode == "fixed" else 0.0
+  return jnp.full(tuple(batch_shape), rate, jnp.float32)
+
+
+def spec_mask(key: Array, spec: DropSpec, shape, dtype=jnp.float32) -> Array:
+  """The keep-mask of :class:`DropSpec` ``spec`` for images of ``shape`` (..., H, W, C).
+
+  Samples the rate first (``random``: one ``r ~ U[0, 1]`` per image, from the
+  first half of ``split(key)``), then ``M ~ Bernoulli(1 - r)`` (:func:`sample_mask`,
+  from the second half; ``fixed`` uses ``key`` itself).  ``none`` is all ones.
+  Returns ``shape`` of 0/1 in ``dtype``.
+  """
+  shape = tuple(shape)
+  if spec.mode == "none":
+    if len(shape) < 3:
+      raise ValueError(f"mask shape must be (..., H, W, C), got {shape}")
+    return jnp.ones(shape, dtype)
+  if spec.mode == "fixed":
+    return sample_mask(key, shape, spec.rate, per_pixel=spec.per_pixel, dtype=dtype)
+  k_rate, k_mask = jax.random.split(key)
+  rates = spec_rates(k_rate, spec, shape[:-3])
+  return sample_mask(k_mask, shape, rates, per_pixel=spec.per_pixel, dtype=dtype)
+
+
+def spec_drop(key: Array, spec: DropSpec, x: Array) -> Array:
+  """``x * spec_mask(key, spec, x.shape)``: images (..., H, W, C) -> same shape and dtype."""
+  _check_images(x)
+  if spec.mode == "none":
+    return x
+  return x * spec_mask(key, spec, jnp.shape(x), dtype=jnp.result_type(x))

@@ -3,8 +3,7 @@
 Exactly the architecture of the widely used PyTorch reference
 (``resnet20/32/44/56/110``): a 3x3 stem conv with 16 filters, three stages of
 ``n`` basic blocks with 16/32/64 filters (depth ``6n + 2``), batch norm
-(eps 1e-5, PyTorch momentum 0.1 == Flax momentum 0.9; :mod:`dropjax.batch_norm`,
-the same layer as ``nn.BatchNorm`` with faster reductions) before every ReLU,
+(eps 1e-5, PyTorch momentum 0.1 == Flax momentum 0.9) before every ReLU,
 option-A (parameter-free) shortcuts, global average pooling and a dense head.
 Every 3x3 convolution pads one pixel on each side explicitly, like PyTorch's
 ``padding=1`` (XLA's ``'SAME'`` pads stride-2 convolutions asymmetrically),
@@ -13,41 +12,60 @@ so published PyTorch weights map one-to-one.  Convolutions carry no bias.
 The model maps images ``(B, H, W, 3)`` (any float dtype; the project feeds
 values in ``[-1, 1]``) to logits ``(B, num_classes)`` in float32, with no
 built-in preprocessing.
+
+As in flax's ``examples/imagenet``, the layers are module attributes:
+``conv`` (default ``nn.Conv``), ``norm`` (default ``nn.BatchNorm``) and
+``block_input`` (applied to each residual block's input; default none).  The
+code that owns the devices passes faster equivalents where it has them
+(:func:`dropjax.backend.resolve`); the parameters and their names are the
+same whatever is passed.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
 
-from dropjax import backend, fusion
-from dropjax import conv as conv_lib
-from dropjax.batch_norm import BatchNorm
+ModuleDef = Any
 
 # PyTorch's kaiming_normal_ (fan_in, gain sqrt(2)), the He et al. init.
 he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 PAD1 = ((1, 1), (1, 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelLayers:
+  """What :class:`dropjax.models.CifarResNet` is built from.
+
+  Attributes:
+    conv: a ``flax.linen.Conv``-like module class (or partial).
+    norm: a ``flax.linen.BatchNorm``-like module class (or partial).
+    block_input: applied to each residual block's input (an identity in
+      value); ``None`` for none.
+  """
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  block_input: Callable | None = None
+
+  def as_kwargs(self) -> dict[str, Any]:
+    return {"conv": self.conv, "norm": self.norm, "block_input": self.block_input}
+
+
 class BasicBlock(nn.Module):
-  """Two 3x3 convs with an option-A shortcut."""
+  """Two 3x3 convs with an option-A shortcut: ``relu(bn(conv(relu(bn(conv(x))))) + x)``."""
   filters: int
   strides: int
-  norm: Any
-  dtype: Any = jnp.float32
-  conv_fn: Any = lax.conv_general_dilated
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=PAD1,
-                             use_bias=False, kernel_init=he_normal,
-                             dtype=self.dtype, conv_general_dilated=self.conv_fn)
-    y = conv(self.filters, strides=(self.strides, self.strides))(x)
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)
     y = nn.relu(self.norm()(y))
-    y = conv(self.filters)(y)
+    y = self.conv(self.filters, (3, 3))(y)
     y = self.norm()(y)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.filters:
@@ -68,12 +86,19 @@ class CifarResNet(nn.Module):
     width: filters of the first stage (16 in He et al.); stages use w, 2w, 4w.
     dtype: compute dtype (``jnp.bfloat16`` for GPU/TPU); params stay float32.
     bn_axis_name: ``pmap`` axis over which batch-norm statistics are averaged.
+    conv: convolution module (``nn.Conv`` signature).
+    norm: batch-norm module (``nn.BatchNorm`` signature).
+    block_input: function applied to each residual block's input; it must
+      return its argument's values (e.g. a compiler fusion barrier).
   """
   depth: int = 20
   num_classes: int = 10
   width: int = 16
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+  block_input: Callable | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -82,38 +107,30 @@ class CifarResNet(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"expected images of shape (B, H, W, C), got {x.shape}")
     n = (self.depth - 2) // 6
-    norm = functools.partial(
-        BatchNorm, use_running_average=not train, momentum=0.9,
-        epsilon=1e-5, dtype=self.dtype, axis_name=self.bn_axis_name if train else None)
-    # On CPU, convolutions take faster gradients (dropjax.conv) and, in
-    # training, read their input through a fusion barrier (dropjax.fusion).
-    conv_fn = conv_lib.conv_general_dilated if backend.cpu_conv() else lax.conv_general_dilated
-    if backend.barrier_conv_inputs(train):
-      conv_fn = functools.partial(fusion.conv_general_dilated, conv_fn=conv_fn)
+    conv = functools.partial(self.conv, padding=PAD1, use_bias=False,
+                             kernel_init=he_normal, dtype=self.dtype)
+    norm = functools.partial(self.norm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype,
+                             axis_name=self.bn_axis_name if train else None)
     x = x.astype(self.dtype)
-    stem = nn.Conv(self.width, (3, 3), padding=PAD1, use_bias=False,
-                   kernel_init=he_normal, dtype=self.dtype, name="stem",
-                   conv_general_dilated=conv_fn)
-    x = stem(x)
+    x = conv(self.width, (3, 3), name="stem")(x)
     x = nn.relu(norm(name="stem_bn")(x))
-    stream_barrier = backend.barrier_block_inputs(train)
     for stage in range(3):
       for block in range(n):
         strides = 2 if stage > 0 and block == 0 else 1
-        if stream_barrier:  # one materialized block input for its conv, shortcut and backward
-          x = fusion.fusion_barrier(x, stem.variables["params"]["kernel"])
-        x = BasicBlock(self.width * 2 ** stage, strides, norm, self.dtype, conv_fn,
+        if self.block_input is not None:
+          x = self.block_input(x)
+        x = BasicBlock(self.width * 2 ** stage, strides, conv, norm,
                        name=f"stage{stage + 1}_block{block + 1}")(x)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, kernel_init=he_normal, dtype=self.dtype,
-                 name="head")(x)
+    x = nn.Dense(self.num_classes, kernel_init=he_normal, dtype=self.dtype, name="head")(x)
     return x.astype(jnp.promote_types(self.dtype, jnp.float32))  # f32 (f64 in x64 tests)
 
 
-def resnet(depth: int, num_classes: int, *, width: int = 16,
-           half_precision: bool = False, bn_axis_name: str | None = None
-           ) -> CifarResNet:
+def resnet(depth: int, num_classes: int, *, width: int = 16, half_precision: bool = False,
+           bn_axis_name: str | None = None, conv: ModuleDef = nn.Conv,
+           norm: ModuleDef = nn.BatchNorm, block_input: Callable | None = None) -> CifarResNet:
   """Builds a CIFAR ResNet; ``half_precision`` computes in bfloat16."""
   return CifarResNet(depth=depth, num_classes=num_classes, width=width,
                      dtype=jnp.bfloat16 if half_precision else jnp.float32,
-                     bn_axis_name=bn_axis_name)
+                     bn_axis_name=bn_axis_name, conv=conv, norm=norm, block_input=block_input)

@@ -6,7 +6,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import dropjax  # noqa: E402,F401  (applies the CPU XLA defaults)
+from dropjax import backend  # noqa: E402
+
+backend.configure_process()  # the CPU XLA defaults, as the entry points apply them
 import jax  # noqa: E402
 import pytest  # noqa: E402
 import tempfile  # noqa: E402
@@ -84,24 +86,26 @@ def tiny_workdir(tiny_data_dir, tmp_path_factory):
 
 def train_gradients_per_setting(monkeypatch, env_var: str, width: int):
   """Loss, gradients and batch statistics of a depth-8 ResNet in training mode,
-  and its lowered program, with ``env_var`` set to "0" and to "1" (a fresh
-  trace per setting).  Returns ``(results, programs)`` keyed by "0"/"1"."""
+  and its lowered program, with ``env_var`` set to "0" and to "1" (the model's
+  layers from ``dropjax.backend.resolve`` under each setting).  Returns ``(results, programs)`` keyed by "0"/"1"."""
   import jax.numpy as jnp
   from dropjax import models
 
-  model = models.resnet(8, 5, width=width)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
-  variables = model.init(jax.random.PRNGKey(1), x)
+  variables = models.resnet(8, 5, width=width).init(jax.random.PRNGKey(1), x)
 
-  def loss(params):
-    out, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                           train=True, mutable=["batch_stats"])
-    return jnp.sum(out ** 2), upd
+  def make_loss(model):
+    def loss(params):
+      out, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                             train=True, mutable=["batch_stats"])
+      return jnp.sum(out ** 2), upd
+    return loss
 
   results, programs = {}, {}
   for flag in ("0", "1"):
     monkeypatch.setenv(env_var, flag)
-    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    model = models.resnet(8, 5, width=width, **backend.resolve().layers(train=True).as_kwargs())
+    fn = jax.jit(jax.value_and_grad(make_loss(model), has_aux=True))
     results[flag] = fn(variables["params"])
     programs[flag] = fn.lower(variables["params"]).as_text()
   return results, programs

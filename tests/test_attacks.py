@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from dropjax import masks
+from dropjax.masks import DropSpec
 from dropjax.attacks import AttackConfig, best_of, eot_gradient, make_pgd, paper_attack
 from dropjax.attacks import losses, norms
 
@@ -47,7 +48,7 @@ def test_outputs_satisfy_constraints(norm, batch, eps, seed, eot, loss, unit):
   x, y = data(batch, seed)
   l0_eps = float(int(eps * 40))
   cfg = AttackConfig(norm=norm, eps=l0_eps if norm == "l0" else eps, step_size=0.1,
-                     num_steps=3, loss=loss, eot_samples=eot, drop_rate=0.5, l0_unit=unit)
+                     num_steps=3, loss=loss, eot_samples=eot, drop=DropSpec.fixed(0.5), l0_unit=unit)
   x_adv = run(cfg, x, y, key=jax.random.PRNGKey(seed))
   assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
   assert float(x_adv.min()) >= -1 and float(x_adv.max()) <= 1
@@ -107,7 +108,7 @@ def test_targeted_hits_target():
 def test_same_key_same_examples_different_key_differs():
   x, y = data(6)
   cfg = AttackConfig(norm="l2", eps=0.3, step_size=0.1, num_steps=4, eot_samples=3,
-                     drop_rate=0.5)
+                     drop=DropSpec.fixed(0.5))
   a, b = run(cfg, x, y, key=KEY), run(cfg, x, y, key=KEY)
   np.testing.assert_array_equal(a, b)
   c = run(cfg, x, y, key=jax.random.PRNGKey(9))
@@ -121,7 +122,8 @@ def test_eot_gradient_equals_python_loop_reference(impl):
   # A nonlinear objective so the masks matter beyond linearity.
   objective = lambda xx, yy: losses.cross_entropy(jnp.tanh(linear_logits(v, xx)) * 3, yy)
   key, k = jax.random.PRNGKey(3), 10
-  got = jax.jit(lambda x: eot_gradient(key, objective, x, y, 0.7, k, impl=impl))(x)
+  got = jax.jit(lambda x: eot_gradient(key, objective, x, y, DropSpec.fixed(0.7), k,
+                                        impl=impl))(x)
   ref = np.zeros(x.shape)
   for kk in jax.random.split(key, k):
     m = masks.sample_mask(kk, x.shape, 0.7)
@@ -134,8 +136,8 @@ def test_eot_gradient_equals_python_loop_reference(impl):
 def test_eot_off_equals_plain_pgd():
   x, y = data(4)
   plain = AttackConfig(norm="linf", eps=0.1, step_size=0.02, num_steps=3, eot_samples=0,
-                       drop_rate=0.9)
-  no_rate = plain.replace(eot_samples=10, drop_rate=0.0)
+                       drop=DropSpec.fixed(0.9))
+  no_rate = plain.replace(eot_samples=10, drop=DropSpec.fixed(0.0))
   np.testing.assert_array_equal(run(plain, x, y), run(no_rate, x, y))
 
 
@@ -189,7 +191,8 @@ def test_best_of_keeps_first_success():
                                     (dict(eps=-0.1), "eps must be"),
                                     (dict(num_steps=0), "num_steps"),
                                     (dict(loss="hinge"), "unknown attack loss"),
-                                    (dict(drop_rate=2.0), "drop_rate")])
+                                    (dict(drop=0.9), "DropSpec"),
+                                    (dict(eot_impl="loop"), "eot_impl")])
 def test_bad_arguments_raise(kw, msg):
   with pytest.raises(ValueError, match=msg):
     make_pgd(linear_logits, AttackConfig(**kw))

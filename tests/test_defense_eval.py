@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dropjax import defense, evaluation
+from dropjax.masks import DropSpec
 from dropjax.training.checkpoint import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,17 +23,18 @@ def linear_logits(v, x):
 def test_one_mask_at_rate_zero_is_the_plain_model():
   v = jax.random.normal(KEY, (48, 5))
   x = jax.random.uniform(KEY, (7, 4, 4, 3), minval=-1, maxval=1)
-  p = defense.mask_average_probs(KEY, linear_logits, v, x, 0.0, 1)
+  p = defense.mask_average_probs(KEY, linear_logits, v, x, DropSpec.fixed(0.0), 1)
   np.testing.assert_allclose(p, jax.nn.softmax(linear_logits(v, x)), rtol=1e-6)
-  p10 = defense.mask_average_probs(KEY, linear_logits, v, x, 0.0, 10)
+  p10 = defense.mask_average_probs(KEY, linear_logits, v, x, DropSpec(), 10)
   np.testing.assert_allclose(p10, p, rtol=1e-6)
 
 
 def test_mask_average_equals_loop_over_keys():
   v = jax.random.normal(KEY, (48, 5))
   x = jax.random.uniform(KEY, (3, 4, 4, 3), minval=-1, maxval=1)
-  got = defense.mask_average_probs(KEY, linear_logits, v, x, 0.6, 4)
-  ref = np.mean([defense.masked_probs(k, linear_logits, v, x, 0.6)
+  got = defense.mask_average_probs(KEY, linear_logits, v, x, DropSpec.fixed(0.6), 4)
+  # Reference from the parts: mask k keeps u >= 0.6 with u from split(key)[k].
+  ref = np.mean([jax.nn.softmax(linear_logits(v, x * (jax.random.uniform(k, x.shape) >= 0.6)))
                  for k in jax.random.split(KEY, 4)], axis=0)
   np.testing.assert_allclose(got, ref, rtol=1e-6)
   np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-6)

@@ -73,15 +73,55 @@ def test_jit_and_vmap_over_keys():
   many = jax.vmap(f, (0, None))(keys, x)
   assert many.shape == (10, 8, 8, 3)
   np.testing.assert_array_equal(many[3], f(keys[3], x))
-  np.testing.assert_array_equal(masks.drop_many(KEY, x, 0.5, 10), many)
   assert len({np.asarray(m).tobytes() for m in many}) == 10
 
 
-def test_rates_sampler_uniform():
-  r = masks.sample_drop_rates(KEY, 20000)
+def test_random_spec_rates_are_uniform_and_fixed_spec_is_constant():
+  r = masks.spec_rates(KEY, masks.DropSpec("random"), (20000,))
   assert r.shape == (20000,)
   assert float(r.min()) >= 0 and float(r.max()) < 1
   assert abs(float(r.mean()) - 0.5) < 0.01
+  assert abs(float(np.mean(np.asarray(r) < 0.25)) - 0.25) < 0.01  # uniform, not just mean 0.5
+  np.testing.assert_array_equal(masks.spec_rates(KEY, masks.DropSpec.fixed(0.3), (4,)),
+                                np.full(4, 0.3, np.float32))
+
+
+def test_spec_mask_is_rate_then_mask():
+  """random: per image, the rate from split(key)[0], the Bernoulli mask from
+  split(key)[1] at that rate (an independent reference built from the parts);
+  fixed: sample_mask with the key itself; none: all ones."""
+  shape = (64, 16, 16, 3)
+  k_rate, k_mask = jax.random.split(KEY)
+  rates = jax.random.uniform(k_rate, (64,))
+  u = jax.random.uniform(k_mask, shape)
+  want = (u >= rates[:, None, None, None]).astype(np.float32)
+  got = masks.spec_mask(KEY, masks.DropSpec("random"), shape)
+  np.testing.assert_array_equal(got, want)
+  kept = np.asarray(got).mean(axis=(1, 2, 3))
+  np.testing.assert_allclose(kept, 1 - np.asarray(rates), atol=0.06)  # each image at its own rate
+  np.testing.assert_array_equal(masks.spec_mask(KEY, masks.DropSpec.fixed(0.7), shape),
+                                masks.sample_mask(KEY, shape, 0.7))
+  np.testing.assert_array_equal(masks.spec_mask(KEY, masks.DropSpec(), shape), np.ones(shape))
+  x = images((2, 8, 8, 3))
+  np.testing.assert_array_equal(masks.spec_drop(KEY, masks.DropSpec("random"), x),
+                                x * masks.spec_mask(KEY, masks.DropSpec("random"), x.shape))
+
+
+def test_spec_per_pixel_and_vmap_per_example():
+  spec = masks.DropSpec("fixed", 0.5, per_pixel=True)
+  m = masks.spec_mask(KEY, spec, (4, 8, 8, 3))
+  np.testing.assert_array_equal(m, np.broadcast_to(m[..., :1], m.shape))
+  keys = jax.random.split(KEY, 4)  # one key per example, rate drawn per example
+  per = jax.vmap(lambda k: masks.spec_mask(k, masks.DropSpec("random"), (8, 8, 3)))(keys)
+  assert per.shape == (4, 8, 8, 3)
+  assert len({float(v) for v in np.asarray(per).mean(axis=(1, 2, 3))}) == 4
+
+
+@pytest.mark.parametrize("kw,msg", [({"mode": "sometimes"}, "unknown drop mode"),
+                                    ({"mode": "fixed", "rate": 1.5}, r"\[0, 1\]")])
+def test_bad_spec_raises(kw, msg):
+  with pytest.raises(ValueError, match=msg):
+    masks.DropSpec(**kw)
 
 
 @pytest.mark.parametrize("rate,msg", [

@@ -1,10 +1,12 @@
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import train_gradients_per_setting
-from dropjax import models
+from dropjax import backend, models
 
 KEY = jax.random.PRNGKey(0)
 
@@ -51,7 +53,10 @@ def test_conv_padding_is_symmetric_like_pytorch(stride):
 
 
 def test_option_a_shortcut_subsamples_and_zero_pads():
-  block = models.BasicBlock(filters=8, strides=2, norm=lambda: (lambda y: y))
+  import functools
+  import flax.linen as nn
+  conv = functools.partial(nn.Conv, padding=models.PAD1, use_bias=False)
+  block = models.BasicBlock(filters=8, strides=2, conv=conv, norm=lambda: (lambda y: y))
   x = jax.random.normal(KEY, (2, 8, 8, 4))
   v = block.init(KEY, x)
   zero = jax.tree.map(jnp.zeros_like, v)  # residual branch -> 0
@@ -146,3 +151,109 @@ def test_block_input_barrier_changes_no_numbers_one_per_block(monkeypatch):
   num_blocks = 3  # depth 8: one block per stage
   assert count(programs["0"]) == 0
   assert count(programs["1"]) == 2 * num_blocks  # each barrier and its transpose
+
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def test_checkpoint_written_before_the_layer_refactor_restores():
+  """A checkpoint written by commit 1a819f3 (the model with backend choices
+  inside) restores into today's model, plain flax layers or the CPU backend's,
+  and computes the logits recorded then."""
+  from dropjax.training import checkpoint as ckpt_lib, state as state_lib, step as step_lib
+  wd = os.path.join(DATA, "checkpoint_1a819f3")
+  expected = np.load(os.path.join(wd, "expected.npz"))
+  cfg = ckpt_lib.load_config(wd)
+  for layers in (models.ModelLayers(), backend.resolve().layers(train=False)):
+    model = state_lib.make_model(cfg, 43, layers)
+    tx = state_lib.make_optimizer(cfg, 1)
+    template = state_lib.create_state(KEY, model, tx, (32, 32, 3))
+    ckpt = ckpt_lib.Checkpointer(wd)
+    try:
+      state = ckpt.restore(template)
+    finally:
+      ckpt.close()
+    assert int(state.step) == int(expected["step"])
+    np.testing.assert_array_equal(state.params["stem"]["kernel"], expected["stem_kernel"])
+    logits = step_lib.make_logits_fn(model)(state.variables, jnp.asarray(expected["x"]))
+    np.testing.assert_allclose(logits, expected["logits"], rtol=1e-4, atol=1e-4)
+
+
+def torch_state_dict_names(depth: int, num_classes: int) -> dict[str, tuple]:
+  """The parameter and buffer names and shapes of the PyTorch reference
+  ``resnet{depth}`` (conv weights OIHW, linear (out, in))."""
+  n = (depth - 2) // 6
+  names = {"conv1.weight": (16, 3, 3, 3)}
+  bn = lambda p, c: {f"{p}.{k}": (c,) for k in ("weight", "bias", "running_mean", "running_var")}
+  names.update(bn("bn1", 16))
+  cin = 16
+  for s, c in enumerate((16, 32, 64), start=1):
+    for b in range(n):
+      p = f"layer{s}.{b}"
+      names[f"{p}.conv1.weight"] = (c, cin, 3, 3)
+      names[f"{p}.conv2.weight"] = (c, c, 3, 3)
+      names.update(bn(f"{p}.bn1", c))
+      names.update(bn(f"{p}.bn2", c))
+      cin = c
+  names.update({"linear.weight": (num_classes, 64), "linear.bias": (num_classes,)})
+  return names
+
+
+def torch_name_to_flax(name: str) -> tuple[str, tuple[str, ...]]:
+  """(collection, path) of a PyTorch reference name in dropjax's variables."""
+  parts = name.split(".")
+  leaf = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+  if parts[0] == "linear":
+    return "params", ("head", "kernel" if parts[1] == "weight" else "bias")
+  if parts[0] == "conv1":
+    return "params", ("stem", "kernel")
+  if parts[0] == "bn1":
+    coll = "batch_stats" if parts[1].startswith("running") else "params"
+    return coll, ("stem_bn", leaf[parts[1]])
+  block = f"stage{parts[0][-1]}_block{int(parts[1]) + 1}"
+  layer = {"conv1": "Conv_0", "conv2": "Conv_1", "bn1": "BatchNorm_0", "bn2": "BatchNorm_1"}[parts[2]]
+  if parts[2].startswith("conv"):
+    return "params", (block, layer, "kernel")
+  coll = "batch_stats" if parts[3].startswith("running") else "params"
+  return coll, (block, layer, leaf[parts[3]])
+
+
+@pytest.mark.parametrize("depth", [20, 56])
+def test_pytorch_reference_names_map_one_to_one(depth):
+  """Every tensor of the PyTorch reference's state_dict has exactly one
+  variable here with the transposed shape (OIHW -> HWIO, (out, in) -> (in,
+  out)), and nothing is left over: published weights load one-to-one."""
+  v = jax.eval_shape(lambda: models.resnet(depth, 10).init(KEY, jnp.zeros((1, 32, 32, 3))))
+  flat = {(coll, tuple(k.key for k in path)): leaf.shape
+          for coll in ("params", "batch_stats")
+          for path, leaf in jax.tree_util.tree_flatten_with_path(v[coll])[0]}
+  seen = set()
+  for name, shape in torch_state_dict_names(depth, 10).items():
+    key = torch_name_to_flax(name)
+    assert key in flat, (name, key)
+    want = shape[::-1] if len(shape) == 2 else (shape[2:] + shape[1::-1] if len(shape) == 4
+                                                 else shape)
+    assert flat[key] == want, (name, flat[key], want)
+    seen.add(key)
+  assert seen == set(flat)
+
+
+def test_backend_layers_compute_what_flax_layers_compute():
+  """The CPU backend's layers (native convolutions, fusion barriers, its batch
+  norm) give the training-mode outputs, statistics and gradients of plain
+  nn.Conv + nn.BatchNorm, up to float32 rounding; same variables."""
+  x = jax.random.normal(KEY, (4, 16, 16, 3))
+  plain = models.resnet(8, 5, width=8)
+  fast = models.resnet(8, 5, width=8, **backend.resolve(num_devices=1).layers(True).as_kwargs())
+  v = plain.init(KEY, x)
+  assert jax.tree.structure(v) == jax.tree.structure(fast.init(KEY, x))
+
+  def run(m):
+    def loss(p):
+      out, upd = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                         mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(out)), upd
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"])
+
+  for a, b in zip(jax.tree.leaves(run(plain)), jax.tree.leaves(run(fast))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)

@@ -15,10 +15,14 @@ internally (an L-inf budget of 16/255 moves each value by at most 32/255 in
 (``D = H*W`` for pixels, ``H*W*C`` for values), e.g. the paper's 0.03·D.
 
 EOT (the paper's estimator): at every step the gradient is the mean over
-``eot_samples`` fresh masks ``M_k`` of ``∇_x ℓ(f(x∘M_k), y)``, which by the
+``eot_samples`` fresh masks ``M_k`` (drawn as ``AttackConfig.drop`` says, a
+:class:`dropjax.masks.DropSpec`) of ``∇_x ℓ(f(x∘M_k), y)``, which by the
 chain rule equals ``∇ℓ(x∘M_k)∘M_k``.  It is written as ``vmap`` of ``grad``
-over ``K`` split keys, then a mean.  ``eot_samples = 0`` or ``drop_rate = 0``
-attacks the undefended model with plain PGD.
+over ``K`` split keys, then a mean.  ``eot_samples = 0`` or a spec that drops
+nothing attacks the undefended model with plain PGD.
+
+``make_pgd(..., unroll=)`` is how far the step loop is unrolled; the caller
+that owns the devices passes ``dropjax.backend.resolve().loop_unroll(steps)``.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from dropjax import backend, masks
+from dropjax import masks
 from dropjax.attacks import losses, norms
 
 Array = jax.Array
@@ -46,12 +50,10 @@ class AttackConfig:
   targeted: bool = False
   random_start: bool = True
   eot_samples: int = 10           # K masks per step; 0 = no EOT
-  drop_rate: float = 0.0          # r of the defended model's masks (or "random" via rate_random)
-  rate_random: bool = False       # masks with r ~ U[0, 1] (random-rate models)
-  per_pixel: bool = False
+  drop: masks.DropSpec = masks.DropSpec()  # the defended model's masks
   l0_unit: str = "pixel"          # what an L0 budget counts
   l0_fraction: float | None = None  # budget as a fraction of D (overrides eps for L0)
-  eot_impl: str | None = None     # "vmap", "batch" or "scan"; None = backend default
+  eot_impl: str = "vmap"          # "vmap", "batch" or "scan" (same value, different speed)
 
   def validate(self) -> "AttackConfig":
     if self.norm not in norms.NORMS:
@@ -66,11 +68,11 @@ class AttackConfig:
       raise ValueError(f"unknown attack loss {self.loss!r}; choose one of {losses.LOSSES}")
     if self.eot_samples < 0:
       raise ValueError(f"eot_samples must be >= 0, got {self.eot_samples}")
-    if not 0.0 <= self.drop_rate <= 1.0:
-      raise ValueError(f"drop_rate must be in [0, 1], got {self.drop_rate}")
+    if not isinstance(self.drop, masks.DropSpec):
+      raise ValueError(f"drop must be a dropjax.masks.DropSpec, got {self.drop!r}")
     if self.l0_unit not in norms.L0_UNITS:
       raise ValueError(f"l0_unit must be one of {norms.L0_UNITS}, got {self.l0_unit!r}")
-    if self.eot_impl is not None and self.eot_impl not in EOT_IMPLS:
+    if self.eot_impl not in EOT_IMPLS:
       raise ValueError(f"eot_impl must be one of {EOT_IMPLS}, got {self.eot_impl!r}")
     if self.l0_fraction is not None and not 0 <= self.l0_fraction <= 1:
       raise ValueError(f"l0_fraction must be in [0, 1], got {self.l0_fraction}")
@@ -78,7 +80,7 @@ class AttackConfig:
 
   @property
   def uses_eot(self) -> bool:
-    return self.eot_samples > 0 and (self.drop_rate > 0 or self.rate_random)
+    return self.eot_samples > 0 and self.drop.drops
 
   def l0_budget(self, image_shape: Sequence[int]) -> int:
     """The L0 budget as a count for images of shape (H, W, C)."""
@@ -96,8 +98,8 @@ EOT_IMPLS = ("vmap", "batch", "scan")
 
 
 def eot_gradient(key: Array, objective: Callable[[Array, Array], Array], x: Array,
-                 labels: Array, rate, num_masks: int, *, per_pixel: bool = False,
-                 rate_random: bool = False, impl: str = "vmap") -> Array:
+                 labels: Array, drop: masks.DropSpec, num_masks: int, *,
+                 impl: str = "vmap", unroll: int | bool = 1) -> Array:
   """Mean over ``num_masks`` keyed masks of ``∇_x sum(objective(x∘M_k, labels))``.
 
   Args:
@@ -105,14 +107,14 @@ def eot_gradient(key: Array, objective: Callable[[Array, Array], Array], x: Arra
     objective: ``(images (N, H, W, C), labels (N,)) -> (N,)`` per-example values.
     x: images (B, H, W, C).
     labels: (B,) labels passed to ``objective``.
-    rate: drop rate (scalar); ignored with ``rate_random`` (r ~ U[0,1] per
-      example and mask).
+    drop: how each mask is drawn (:func:`dropjax.masks.spec_mask`; ``random``
+      draws a rate per example and mask).
     num_masks: K >= 1.
     impl: how the K gradients are computed -- all give the same value:
       ``"vmap"`` (``vmap`` of ``grad`` over the K keys), ``"batch"`` (the K
       masked copies folded into one batch of K*B, one ``grad``; the sum of
       per-copy gradients is ∑ₖ ∇ℓ(x∘Mₖ)∘Mₖ) or ``"scan"`` (one mask at a time,
-      B images per pass; the scan is unrolled where ``backend.loop_unroll`` says).
+      B images per pass, the scan unrolled by ``unroll``).
 
   Returns:
     Gradient with the shape of ``x``.  Per-example objectives make the gradient
@@ -123,12 +125,7 @@ def eot_gradient(key: Array, objective: Callable[[Array, Array], Array], x: Arra
   keys = jax.random.split(key, num_masks)
 
   def mask(k):
-    if rate_random:
-      k_rate, k = jax.random.split(k)
-      r = jax.random.uniform(k_rate, (x.shape[0],))
-    else:
-      r = rate
-    return masks.sample_mask(k, x.shape, r, per_pixel=per_pixel, dtype=x.dtype)
+    return masks.spec_mask(k, drop, x.shape, dtype=x.dtype)
 
   def grad_one(k):
     m = mask(k)
@@ -138,7 +135,7 @@ def eot_gradient(key: Array, objective: Callable[[Array, Array], Array], x: Arra
     return jnp.mean(jax.vmap(grad_one)(keys), axis=0)
   if impl == "scan":
     total, _ = jax.lax.scan(lambda acc, k: (acc + grad_one(k), None), jnp.zeros_like(x), keys,
-                            unroll=backend.loop_unroll(num_masks))
+                            unroll=unroll)
     return total / num_masks
   ms = jax.vmap(mask)(keys)  # (K, B, H, W, C)
   tiled = jnp.tile(labels, num_masks)
@@ -155,12 +152,14 @@ def random_targets(key: Array, labels: Array, num_classes: int) -> Array:
   return (labels + shift) % num_classes
 
 
-def make_pgd(logits_fn: Callable, config: AttackConfig) -> Callable:
+def make_pgd(logits_fn: Callable, config: AttackConfig, *, unroll: int | bool = 1) -> Callable:
   """Builds ``attack(key, variables, x, y, target=None) -> x_adv``.
 
   Args:
     logits_fn: ``(variables, x) -> logits (B, C)``.
     config: the attack.
+    unroll: unroll of the step loop (and of the ``scan`` EOT form):
+      ``dropjax.backend.resolve().loop_unroll(config.num_steps)``.
 
   The returned function takes ``x`` float (B, H, W, C) in [-1, 1] and ``y``
   int (B,).  For targeted attacks ``target`` (B,) is the class to reach; when
@@ -172,8 +171,6 @@ def make_pgd(logits_fn: Callable, config: AttackConfig) -> Callable:
   scale = 1.0 if config.norm == "l0" else 2.0  # [0,1] scale -> [-1,1] units
   eps, step = scale * config.eps, scale * config.step_size
   num_steps = int(config.num_steps)
-  unroll = backend.loop_unroll(num_steps)
-  eot_impl = config.eot_impl or backend.eot_impl()
 
   def attack(key: Array, variables, x: Array, y: Array, target: Array | None = None) -> Array:
     chex.assert_rank(x, 4)
@@ -205,9 +202,8 @@ def make_pgd(logits_fn: Callable, config: AttackConfig) -> Callable:
 
     def gradient(k, xx):
       if config.uses_eot:
-        return eot_gradient(k, objective, xx, labels, config.drop_rate, config.eot_samples,
-                            per_pixel=config.per_pixel, rate_random=config.rate_random,
-                            impl=eot_impl)
+        return eot_gradient(k, objective, xx, labels, config.drop, config.eot_samples,
+                            impl=config.eot_impl, unroll=unroll)
       return jax.grad(lambda v: jnp.sum(objective(v, labels)))(xx)
 
     def body(i, xx):

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from dropjax import backend as backend_lib
 from dropjax import inference
 from dropjax.config import TrainConfig
 from dropjax.data import load_dataset
@@ -62,8 +63,8 @@ def make_evaluator(config: TrainConfig, logits_fn):
   """``evaluate(variables, split, key) -> dict``: clean accuracy and accuracy at
   the run's drop rate (single mask).  Compiled once per run."""
   clean = inference.make_predict(logits_fn)
-  dropped = None if config.drop == "none" else inference.make_predict(
-      logits_fn, drop=config.drop, drop_rate=config.drop_rate, per_pixel=config.per_pixel)
+  dropped = (inference.make_predict(logits_fn, config.drop_spec)
+             if config.drop_spec.drops else None)
 
   def evaluate(variables, split, key) -> dict:
     variables = jax.device_put(variables, jax.local_devices()[0])
@@ -78,7 +79,7 @@ def make_evaluator(config: TrainConfig, logits_fn):
 
 
 def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = None,
-          progress: bool | None = None) -> dict:
+          progress: bool | None = None, backend: backend_lib.Backend | None = None) -> dict:
   """Trains (or resumes) the run in ``workdir``; returns the final metrics.
 
   Args:
@@ -87,8 +88,10 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
     stop_after_steps: stop after this many steps of *this call* (as if
       killed right after the last checkpoint); used by tests and time-boxed runs.
     progress: show a progress bar (default: when stderr is a terminal).
+    backend: the model's layers (default :func:`dropjax.backend.resolve`).
   """
   config.validate()
+  backend = backend or backend_lib.resolve()
   if os.path.exists(os.path.join(workdir, ckpt_lib.CONFIG_FILE)):
     ckpt_lib.check_compatible(ckpt_lib.load_config(workdir), config, workdir)
   data = load_dataset(config.dataset, source=config.source, data_dir=config.data_dir,
@@ -104,8 +107,9 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
 
   root = jax.random.PRNGKey(config.seed)
   bn_axis = parallel.PMAP_AXIS if config.parallel == "pmap" else None
-  model = state_lib.make_model(config, data.num_classes, bn_axis_name=bn_axis)
-  eval_model = state_lib.make_model(config, data.num_classes)
+  model = state_lib.make_model(config, data.num_classes, backend.layers(train=True),
+                               bn_axis_name=bn_axis)
+  eval_model = state_lib.make_model(config, data.num_classes, backend.layers(train=False))
   evaluate = make_evaluator(config, step_lib.make_logits_fn(eval_model))
   tx = state_lib.make_optimizer(config, spe)
   host_state = state_lib.create_state(jax.random.fold_in(root, INIT_STREAM), model, tx,

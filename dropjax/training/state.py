@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from dropjax import models
+from dropjax.models import ModelLayers
 from dropjax.config import TrainConfig
 
 
@@ -25,9 +26,15 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def make_model(config: TrainConfig, num_classes: int, bn_axis_name: str | None = None):
+def make_model(config: TrainConfig, num_classes: int, layers: ModelLayers | None = None,
+               bn_axis_name: str | None = None) -> models.CifarResNet:
+  """The run's ResNet built from ``layers`` (default: plain ``nn.Conv`` /
+  ``nn.BatchNorm``; pass ``dropjax.backend.resolve().layers(train)`` for the
+  backend's fast equivalents -- same parameters either way)."""
+  layers = layers or ModelLayers()
   return models.resnet(config.depth, num_classes, width=config.width,
-                       half_precision=config.half_precision, bn_axis_name=bn_axis_name)
+                       half_precision=config.half_precision, bn_axis_name=bn_axis_name,
+                       **layers.as_kwargs())
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:

@@ -27,14 +27,6 @@ def example_keys(key: Array, step: Array, index: Array) -> Array:
   return jax.vmap(jax.random.fold_in, (None, 0))(step_key, index)
 
 
-def drop_rates(config: TrainConfig, keys: Array) -> Array:
-  """Per-example drop rate (B,) for the run's drop mode."""
-  if config.drop == "random":
-    return jax.vmap(lambda k: jax.random.uniform(k))(keys)
-  rate = config.drop_rate if config.drop == "fixed" else 0.0
-  return jnp.full(keys.shape[:1], rate, jnp.float32)
-
-
 def prepare_inputs(config: TrainConfig, key: Array, step: Array, batch: dict):
   """Scales, augments and drops pixels of a batch, on device.
 
@@ -45,15 +37,14 @@ def prepare_inputs(config: TrainConfig, key: Array, step: Array, batch: dict):
     further sampling.
   """
   ex_keys = example_keys(key, step, batch["index"])
-  k_aug, k_rate, k_mask, k_extra = (jax.vmap(lambda k: jax.random.split(k, 4))(ex_keys)
-                                    .transpose(1, 0, *range(2, ex_keys.ndim + 1)))
+  k_aug, k_drop, k_extra = (jax.vmap(lambda k: jax.random.split(k, 3))(ex_keys)
+                            .transpose(1, 0, *range(2, ex_keys.ndim + 1)))
   x = augment.to_float(batch["image"])
   x = augment.augment_batch(k_aug, x, crop_pad=config.crop_pad, hflip=config.use_hflip)
-  if config.drop == "none":
+  spec = config.drop_spec
+  if not spec.drops:
     return x, x, jnp.ones_like(x), k_extra
-  rates = drop_rates(config, k_rate)
-  m = jax.vmap(lambda k, r: masks.sample_mask(k, x.shape[1:], r, per_pixel=config.per_pixel))(
-      k_mask, rates)
+  m = jax.vmap(lambda k: masks.spec_mask(k, spec, x.shape[1:]))(k_drop)
   return x, x * m, m, k_extra
 
 

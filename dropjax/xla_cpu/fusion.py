@@ -12,10 +12,10 @@ cannot evaluate at compile time makes the transpose read the one tensor that
 is already in memory (those transposes fell from 389 to 76 ms per step).  ``lax.optimization_barrier``
 in the same place made no difference in our measurements.
 
-The model also puts each residual block's input behind a barrier
-(:func:`dropjax.backend.barrier_block_inputs`): otherwise XLA:CPU recomputes the
-residual stream's chain inside every non-convolution consumer (the shortcut
-addition, the backward pass).  A barrier only changes fusion decisions, so
+:func:`dropjax.backend.resolve` also hands the model :func:`fusion_barrier` as
+its ``block_input`` (applied to each residual block's input): otherwise XLA:CPU
+recomputes the residual stream's chain inside every non-convolution consumer
+(the shortcut addition, the backward pass).  A barrier only changes fusion decisions, so
 float32 results may differ in the last bits (an FMA rounds once).
 """
 from __future__ import annotations
@@ -24,19 +24,14 @@ import jax
 from jax import lax
 
 
-def fusion_barrier(x: jax.Array, witness: jax.Array) -> jax.Array:
+def fusion_barrier(x: jax.Array, witness: jax.Array | None = None) -> jax.Array:
   """Returns ``x`` unchanged, as the output of an unfusible conditional.
 
   Args:
     x: any array.
-    witness: any small array whose first element decides the (always equal)
-      branches at run time, e.g. a replicated weight; reading it costs nothing
-      and, unlike reading ``x``, needs no communication when ``x`` is sharded.
+    witness: a small array whose first element decides the (always equal)
+      branches at run time; default ``x`` itself.  A convolution passes its
+      (replicated) kernel, which needs no communication when ``x`` is sharded.
   """
-  w = witness.reshape(-1)[0]
+  w = (x if witness is None else witness).reshape(-1)[0]
   return lax.cond(w == w, lambda v: v, lambda v: v + 0, x)  # either branch returns x's values
-
-
-def conv_general_dilated(lhs, rhs, *args, conv_fn=lax.conv_general_dilated, **kwargs):
-  """``conv_fn`` (``lax.conv_general_dilated``) with its input behind a :func:`fusion_barrier`."""
-  return conv_fn(fusion_barrier(lhs, rhs), rhs, *args, **kwargs)

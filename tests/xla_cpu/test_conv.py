@@ -1,5 +1,6 @@
-"""The native CPU convolution kernels (dropjax.native, dropjax.conv): the
-weight gradient and the stride-1 convolution (forward and input gradients)."""
+"""The native CPU convolution kernels (dropjax.xla_cpu.native, dropjax.xla_cpu.conv):
+the weight gradient and the stride-1 convolution (forward and input gradients),
+and the switches dropjax.backend.resolve reads for them."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,13 +8,18 @@ import pytest
 from jax import lax
 
 from conftest import train_gradients_per_setting
-from dropjax import conv, models, native
+from dropjax import backend, models
+from dropjax.xla_cpu import conv, native
 
 DN = ("NHWC", "HWIO", "NHWC")
 
 needs_native = pytest.mark.skipif(
-    not conv.native_available(),
-    reason=f"native kernel unavailable here: {native.unavailable_reason()}")
+    not native.load(), reason=f"native kernel unavailable here: {native.unavailable_reason()}")
+
+# The convolution with every fast path (what the CPU backend trains with on one device).
+FAST = conv.make_conv_general_dilated(
+    conv.ConvOptions(native_forward=True, native_weight_grad=True, polyphase=True))
+XLA_ONLY_GRADS = conv.make_conv_general_dilated(conv.ConvOptions(polyphase=True))
 
 
 def _grads(fn, x, w, strides, pads):
@@ -58,19 +64,18 @@ def test_native_weight_grad_matches_reference(shape, kernel, strides, pads, cout
 
 @needs_native
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
-def test_conv_gradients_equal_xla_and_use_the_kernel(strides, monkeypatch):
-  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")  # two test devices: force it
+def test_conv_gradients_equal_xla_and_use_the_kernel(strides):
   x = jax.random.normal(jax.random.PRNGKey(2), (4, 8, 8, 6))
   w = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 6, 16))
   pads = ((1, 1), (1, 1))
-  out = conv.conv_general_dilated(x, w, strides, pads, dimension_numbers=DN)
+  out = FAST(x, w, strides, pads, dimension_numbers=DN)
   want = lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=DN)
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)  # native forward
-  (dx, dw), (rx, rw) = (_grads(conv.conv_general_dilated, x, w, strides, pads),
+  (dx, dw), (rx, rw) = (_grads(FAST, x, w, strides, pads),
                         _grads(lax.conv_general_dilated, x, w, strides, pads))
   np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)  # native / polyphase of native
   np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)
-  grad_both = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv.conv_general_dilated(
+  grad_both = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(FAST(
       x, w, strides, pads, dimension_numbers=DN))), argnums=(0, 1)))
   hlo = grad_both.lower(x, w).as_text()
   assert native.TARGET in hlo
@@ -90,10 +95,10 @@ def test_native_weight_grad_is_deterministic():
 
 
 @pytest.mark.parametrize("case", ["cout_not_multiple_of_8", "bfloat16", "groups", "dilation"])
-def test_unsupported_cases_fall_back_to_xla_exactly(case, monkeypatch):
-  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")
+def test_unsupported_cases_fall_back_to_xla_exactly(case):
+  fn = FAST
   if case == "cout_not_multiple_of_8":  # the forward kernel takes any cout: test dW alone
-    monkeypatch.setenv("DROPJAX_NATIVE_FORWARD", "0")
+    fn = conv.make_conv_general_dilated(conv.ConvOptions(native_weight_grad=True))
   x = jax.random.normal(jax.random.PRNGKey(6), (2, 6, 6, 4))
   w = jax.random.normal(jax.random.PRNGKey(7), (3, 3, 4, 8))
   kwargs = {}
@@ -109,11 +114,11 @@ def test_unsupported_cases_fall_back_to_xla_exactly(case, monkeypatch):
   def loss(fn):
     return lambda x, w: jnp.sum(jnp.sin(fn(x, w, (1, 1), ((1, 1), (1, 1)),
                                             dimension_numbers=DN, **kwargs)))
-  got = jax.grad(loss(conv.conv_general_dilated), argnums=(0, 1))(x, w)
+  got = jax.grad(loss(fn), argnums=(0, 1))(x, w)
   want = jax.grad(loss(lax.conv_general_dilated), argnums=(0, 1))(x, w)
   for a, b in zip(got, want):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-  hlo = jax.jit(jax.grad(loss(conv.conv_general_dilated), argnums=(0, 1))).lower(x, w).as_text()
+  hlo = jax.jit(jax.grad(loss(fn), argnums=(0, 1))).lower(x, w).as_text()
   assert native.TARGET not in hlo and native.FORWARD_TARGET not in hlo
 
 
@@ -132,20 +137,24 @@ def test_model_train_gradients_native_vs_xla(monkeypatch):
   assert "custom_call" not in programs["0"]
 
 
-def test_native_weight_grad_needs_one_device_unless_forced(monkeypatch):
-  from dropjax import backend
-  monkeypatch.delenv("DROPJAX_NATIVE_CONV", raising=False)
+def _choices(num_devices=None, **env):
+  return backend.resolve("cpu", num_devices, env=env).describe()
+
+
+def test_native_kernels_need_one_device_unless_forced():
   assert jax.device_count() == 2  # the test session's two virtual CPU devices
-  assert not conv.use_native_weight_grad(16)
-  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")
-  assert conv.use_native_weight_grad(16) == conv.native_available()
-  assert not conv.use_native_weight_grad(12)  # channels not a multiple of 8
-  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "0")
-  assert not conv.use_native_weight_grad(16)
-  monkeypatch.delenv("DROPJAX_CPU_CONV", raising=False)
-  assert backend.cpu_conv()  # tests run on CPU
-  monkeypatch.setenv("DROPJAX_CPU_CONV", "0")
-  assert not backend.cpu_conv()
+  ok = native.load()
+  assert not _choices()["native_weight_grad"]  # two devices: off
+  assert _choices(num_devices=1)["native_weight_grad"] == ok
+  assert _choices(DROPJAX_NATIVE_CONV="1")["native_weight_grad"] == ok
+  assert not _choices(num_devices=1, DROPJAX_NATIVE_CONV="0")["native_weight_grad"]
+  assert not _choices(num_devices=1, DROPJAX_CPU_CONV="0")["native_forward"]
+  assert not _choices(num_devices=1, DROPJAX_NATIVE="0")["native_kernels"]
+  assert "DROPJAX_NATIVE=0" in _choices(num_devices=1, DROPJAX_NATIVE="0")["native_unavailable"]
+  gpu = backend.resolve("gpu", 1, env={})
+  assert gpu.layers(True) == gpu.layers(False) == models.ModelLayers()  # plain flax layers
+  with pytest.raises(ValueError, match="DROPJAX_CPU_CONV must be 0 or 1"):
+    backend.resolve("cpu", 1, env={"DROPJAX_CPU_CONV": "yes"})
 
 
 def _input_grad_reference(dy, w, strides, pads, x_shape):
@@ -174,8 +183,8 @@ def test_polyphase_input_grad_matches_reference(x_shape, kernel, strides, pads):
   dy_shape = lax.conv_general_dilated(jnp.zeros(x_shape), w, strides, pads,
                                       dimension_numbers=DN).shape
   dy = jax.random.normal(jax.random.PRNGKey(9), dy_shape)
-  got = jax.jit(conv.input_grad_polyphase, static_argnums=(2, 3, 4))(dy, w, strides, pads,
-                                                                     x_shape)
+  got = jax.jit(conv.input_grad_polyphase, static_argnums=(2, 3, 4, 5))(
+      dy, w, strides, pads, x_shape, conv.ConvOptions())
   want = _input_grad_reference(dy, w, strides, pads, x_shape)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
 
@@ -184,42 +193,41 @@ def test_strided_conv_gradients_without_polyphase_fall_back_to_xla():
   """Odd input size with stride 2: the polyphase split does not apply, XLA's form does."""
   x = jax.random.normal(jax.random.PRNGKey(10), (2, 7, 7, 4))
   w = jax.random.normal(jax.random.PRNGKey(11), (3, 3, 4, 8))
-  (dx, dw), (rx, rw) = (_grads(conv.conv_general_dilated, x, w, (2, 2), ((1, 1), (1, 1))),
+  (dx, dw), (rx, rw) = (_grads(XLA_ONLY_GRADS, x, w, (2, 2), ((1, 1), (1, 1))),
                         _grads(lax.conv_general_dilated, x, w, (2, 2), ((1, 1), (1, 1))))
   np.testing.assert_array_equal(dx, rx)
   np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)
 
 
-def test_input_only_gradient_never_runs_the_weight_kernel(monkeypatch):
+def test_input_only_gradient_never_runs_the_weight_kernel():
   """An attack differentiates the input only: no weight-gradient kernel in the
   program (symbolic zeros), and the input gradient equals XLA's."""
-  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")
-  model = models.resnet(8, 5, width=8)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
-  variables = model.init(jax.random.PRNGKey(1), x)
+  variables = models.resnet(8, 5, width=8).init(jax.random.PRNGKey(1), x)
   grads, programs = {}, {}
   for flag in ("0", "1"):
-    monkeypatch.setenv("DROPJAX_CPU_CONV", flag)
-    fn = jax.jit(jax.grad(lambda x: jnp.sum(model.apply(variables, x) ** 2)))
+    layers = backend.resolve("cpu", 1, env={"DROPJAX_CPU_CONV": flag}).layers(train=False)
+    model = models.resnet(8, 5, width=8, **layers.as_kwargs())
+    fn = jax.jit(jax.grad(lambda x, model=model: jnp.sum(model.apply(variables, x) ** 2)))
     grads[flag], programs[flag] = fn(x), fn.lower(x).as_text()
   np.testing.assert_allclose(grads["1"], grads["0"], rtol=1e-4, atol=1e-5)
   assert native.TARGET not in programs["1"]
-  if conv.native_available():  # forward and input gradients: the stride-1 kernel
+  if native.load():  # forward and input gradients: the stride-1 kernel
     assert native.FORWARD_TARGET in programs["1"]
   assert "custom_call" not in programs["0"]
 
 
-def test_missing_compiler_or_opt_out_gives_a_reason(monkeypatch):
+def test_missing_compiler_or_cpu_gives_a_reason(monkeypatch, tmp_path):
   monkeypatch.setattr(native, "_compiler", lambda: None)
   monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
   monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
   monkeypatch.setattr(native, "_state", {})
-  assert native.conv_weight_grad_target() is None
+  assert native.load(tmp_path) is False
   assert "compiler" in native.unavailable_reason()
   monkeypatch.setattr(native, "_state", {})
-  monkeypatch.setenv("DROPJAX_NATIVE", "0")
-  assert native.conv_weight_grad_target() is None
-  assert "DROPJAX_NATIVE=0" in native.unavailable_reason()
+  monkeypatch.setattr(native, "_cpu_flags", lambda: {"sse2"})
+  assert native.load(tmp_path) is False
+  assert "AVX2" in native.unavailable_reason()
 
 
 def _conv_reference(x, w, strides, pads):
@@ -293,13 +301,11 @@ def test_native_conv_under_vmap():
     conv.native_conv(x[0], w[0], (1, 1), ((-1, 1), (1, 1)))
 
 
-def test_native_forward_switches(monkeypatch):
-  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")
-  monkeypatch.delenv("DROPJAX_NATIVE_FORWARD", raising=False)
-  assert conv.use_native_conv() == conv.native_available()
-  monkeypatch.setenv("DROPJAX_NATIVE_FORWARD", "0")
-  assert not conv.use_native_conv()
-  assert conv.use_native_weight_grad(16) == conv.native_available()  # dW unaffected
-  monkeypatch.delenv("DROPJAX_NATIVE_FORWARD")
-  monkeypatch.delenv("DROPJAX_NATIVE_CONV")
-  assert not conv.use_native_conv()  # two test devices: off unless forced
+def test_native_forward_switches():
+  ok = native.load()
+  assert _choices(num_devices=1)["native_forward"] == ok
+  off = _choices(num_devices=1, DROPJAX_NATIVE_FORWARD="0")
+  assert not off["native_forward"]
+  assert off["native_weight_grad"] == ok  # dW unaffected
+  assert not _choices()["native_forward"]  # two test devices: off unless forced
+  assert not _choices(num_devices=1, DROPJAX_POLYPHASE="0")["polyphase"]

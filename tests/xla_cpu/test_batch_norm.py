@@ -1,4 +1,4 @@
-"""dropjax.batch_norm.BatchNorm is the same layer as flax.linen.BatchNorm."""
+"""dropjax.xla_cpu.batch_norm.BatchNorm is the same layer as flax.linen.BatchNorm."""
 import functools
 
 import flax.linen as nn
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import train_gradients_per_setting
-from dropjax import backend, conv, native
-from dropjax.batch_norm import (BatchNorm, channel_affine, channel_moments, channel_sum,
-                                native_channel_sums)
+from dropjax import backend
+from dropjax.xla_cpu import native
+from dropjax.xla_cpu.batch_norm import (BatchNorm, channel_affine, channel_moments, channel_sum,
+                                        native_channel_sums)
 
 
 @pytest.mark.parametrize("shape", [(4, 8, 8, 16), (3, 5, 5, 6), (2, 4, 4, 64), (7, 3)])
@@ -90,8 +91,7 @@ def test_pmap_axis_averages_statistics_like_flax():
 
 
 needs_native = pytest.mark.skipif(
-    not conv.native_available(),
-    reason=f"native kernels unavailable here: {native.unavailable_reason()}")
+    not native.load(), reason=f"native kernels unavailable here: {native.unavailable_reason()}")
 
 
 @needs_native
@@ -121,5 +121,5 @@ def test_native_moments_in_training_match_xla_and_are_in_the_program(monkeypatch
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
   assert programs["1"].count(native.MOMENTS_TARGET) == 7  # every batch norm of depth 8
   assert native.MOMENTS_TARGET not in programs["0"]
-  monkeypatch.setenv("DROPJAX_CPU_CONV", "0")  # dropjax's CPU kernels off: none of them
-  assert not (backend.cpu_conv() and conv.use_native_moments())
+  # dropjax's CPU convolutions off: none of the kernels
+  assert not backend.resolve("cpu", 1, env={"DROPJAX_CPU_CONV": "0"}).describe()["native_moments"]

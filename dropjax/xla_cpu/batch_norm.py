@@ -12,24 +12,23 @@ view ``(B*H*W / k, k*C)`` (``k*C`` >= 128 lanes) and then folding the ``k``
 copies is 5-10x faster (``benchmarks/README.md``, profile section).  Autodiff
 of a broadcast produces the slow form again in the backward pass, so the
 affine map and the moments carry custom VJPs whose reductions use the wide
-form too.  On GPU/TPU it is the same computation (its speed there is not
-measured yet).  On CPU the two moments come from one native pass over the
-activations instead (:func:`dropjax.conv.use_native_moments`): XLA:CPU writes
+form too.  With ``native_moments`` the two moments come from one native pass
+over the activations instead (:mod:`dropjax.xla_cpu.native`): XLA:CPU writes
 ``x * x`` to memory before summing it.  The custom VJPs make the layer
 reverse-mode only: ``jax.jvp`` through a training-mode forward pass is not
-supported.
+supported.  :func:`dropjax.backend.resolve` passes this layer to the model on
+CPU only; elsewhere the model uses ``flax.linen.BatchNorm`` itself.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dropjax import backend
-from dropjax import conv as conv_lib
-from dropjax import native
+from dropjax.xla_cpu import native
 
 # Width (in elements) of the 2-D view a per-channel sum reduces over.
 _LANES = 128
@@ -50,29 +49,33 @@ def channel_sum(x: jax.Array) -> jax.Array:
 
 def native_channel_sums(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per-channel ``(sum x, sum x^2)`` of float32 ``x`` (..., C) by the native
-  kernel, in one pass (float64 accumulation); each (C,) float32.  Call only
-  when :func:`dropjax.conv.use_native_moments`."""
+  kernel, in one pass (float64 accumulation); each (C,) float32.  Needs
+  :func:`dropjax.xla_cpu.native.load`."""
   c = x.shape[-1]
   out = jax.ShapeDtypeStruct((c,), jnp.float32)
   return tuple(jax.ffi.ffi_call(native.MOMENTS_TARGET, (out, out),
                                 vmap_method="sequential")(x.reshape(-1, c)))
 
 
-@jax.custom_vjp
-def channel_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-channel ``(E[x], E[x^2])`` over all axes but the last; each (C,)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def channel_moments(x: jax.Array, use_native: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Per-channel ``(E[x], E[x^2])`` over all axes but the last; each (C,).
+
+  ``use_native``: float32 sums by the native one-pass kernel (needs
+  :func:`dropjax.xla_cpu.native.load`).
+  """
   n = x.size // x.shape[-1]
-  if x.dtype == jnp.float32 and backend.cpu_conv() and conv_lib.use_native_moments():
+  if x.dtype == jnp.float32 and use_native:
     s, s2 = native_channel_sums(x)
     return s / n, s2 / n
   return channel_sum(x) / n, channel_sum(x * x) / n
 
 
-def _moments_fwd(x):
-  return channel_moments(x), x
+def _moments_fwd(x, use_native):
+  return channel_moments(x, use_native), x
 
 
-def _moments_bwd(x, cts):
+def _moments_bwd(use_native, x, cts):
   d_mean, d_mean2 = cts
   n = x.size // x.shape[-1]
   return ((d_mean + 2.0 * x * d_mean2) / n).astype(x.dtype),
@@ -109,12 +112,14 @@ class BatchNorm(nn.Module):
     epsilon: added to the variance.
     dtype: output dtype (statistics are always computed in float32).
     axis_name: ``pmap`` axis over which batch statistics are averaged.
+    native_moments: training statistics by the native one-pass kernel.
   """
   use_running_average: bool = False
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   axis_name: str | None = None
+  native_moments: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -126,7 +131,8 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
-      mean, mean2 = channel_moments(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
+      mean, mean2 = channel_moments(x.astype(jnp.promote_types(x.dtype, jnp.float32)),
+                                    self.native_moments)
       if self.axis_name is not None and not self.is_initializing():
         mean, mean2 = jax.lax.pmean((mean, mean2), self.axis_name)
       var = jnp.maximum(0.0, mean2 - mean * mean)

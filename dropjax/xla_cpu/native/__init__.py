@@ -1,7 +1,7 @@
 """Native CPU kernels, compiled on first use and registered as XLA FFI targets.
 
-Three kernels, used on CPU by :mod:`dropjax.conv` and :mod:`dropjax.batch_norm`
-(``benchmarks/README.md`` has the measurements):
+Three kernels, used on CPU by :mod:`dropjax.xla_cpu.conv` and
+:mod:`dropjax.xla_cpu.batch_norm` (``benchmarks/README.md`` has the measurements):
 
 * ``conv_weight_grad.cc``: the weight gradient of a convolution, which
   XLA:CPU otherwise computes through transposed copies of both operands at a
@@ -13,12 +13,13 @@ Three kernels, used on CPU by :mod:`dropjax.conv` and :mod:`dropjax.batch_norm`
   batch-norm statistics (target :data:`MOMENTS_TARGET`).
 
 The sources are compiled once per (sources, jaxlib, compiler) into one library in
-``$DROPJAX_CACHE_DIR`` (default ``~/.cache/dropjax``) with the system C++
+the ``cache_dir`` given to :func:`load` (:mod:`dropjax.backend` passes
+``$DROPJAX_CACHE_DIR``, default ``~/.cache/dropjax``) with the system C++
 compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the FFI headers that
 ship with jaxlib.  Nothing here is required: without an x86-64 CPU with AVX2
-and FMA, or without a compiler, :func:`conv_weight_grad_target` returns
-``None``, :func:`unavailable_reason` says why, and callers use XLA's own
-kernels (same results up to float rounding).
+and FMA, or without a compiler, :func:`load` returns ``False``,
+:func:`unavailable_reason` says why, and callers use XLA's own kernels (same
+results up to float rounding).  Nothing here reads the environment.
 """
 from __future__ import annotations
 
@@ -46,9 +47,7 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def cache_dir() -> Path:
-  return Path(os.environ.get("DROPJAX_CACHE_DIR",
-                             Path.home() / ".cache" / "dropjax"))
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "dropjax"
 
 
 def _cpu_flags() -> set[str]:
@@ -69,7 +68,7 @@ def _compiler() -> str | None:
   return None
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, cache_dir: Path) -> Path:
   import jax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
 
@@ -81,7 +80,7 @@ def _build(compiler: str) -> Path:
       "\0".join([*(src.read_text() for src in _SOURCES + _HEADERS), jaxlib.__version__, *version,
                  *flags]).encode()
   ).hexdigest()[:16]
-  out = cache_dir() / f"dropjax_kernels-{key}.so"
+  out = Path(cache_dir) / f"dropjax_kernels-{key}.so"
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,24 +101,21 @@ def _build(compiler: str) -> Path:
   return out
 
 
-def _load() -> str | None:
+def _load(cache_dir: Path) -> bool:
   import jax  # pylint: disable=g-import-not-at-top
 
-  if os.environ.get("DROPJAX_NATIVE") == "0":
-    _state["reason"] = "disabled by DROPJAX_NATIVE=0"
-    return None
   if platform.machine().lower() not in ("x86_64", "amd64"):
     _state["reason"] = f"needs x86-64, this is {platform.machine()}"
-    return None
+    return False
   if not {"avx2", "fma"} <= _cpu_flags():
     _state["reason"] = "needs a CPU with AVX2 and FMA"
-    return None
+    return False
   compiler = _compiler()
   if compiler is None:
     _state["reason"] = "no C++ compiler found (set CXX)"
-    return None
+    return False
   try:
-    library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+    library = ctypes.cdll.LoadLibrary(str(_build(compiler, cache_dir)))
     for target, symbol in _SYMBOLS.items():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                   platform="cpu")
@@ -127,20 +123,22 @@ def _load() -> str | None:
     _state["reason"] = f"{type(e).__name__}: {e}"
     logging.warning("dropjax: native CPU kernels unavailable, using XLA's (%s)",
                     _state["reason"])
-    return None
+    return False
   _state["library"] = library  # keep it loaded
-  return TARGET
+  return True
 
 
-def conv_weight_grad_target() -> str | None:
-  """Name of the weight-gradient FFI target, or ``None`` if the kernels cannot be
-  built here (then :data:`FORWARD_TARGET` is not registered either)."""
+def load(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> bool:
+  """Builds (once per process and cache) and registers the kernels' FFI targets
+  (:data:`TARGET`, :data:`FORWARD_TARGET`, :data:`MOMENTS_TARGET`) on the CPU
+  platform; returns whether they are usable.  Later calls return the first answer."""
   with _lock:
-    if "target" not in _state:
-      _state["target"] = _load()
-    return _state["target"]  # type: ignore[return-value]
+    if "loaded" not in _state:
+      _state["loaded"] = _load(Path(cache_dir))
+    return bool(_state["loaded"])
 
 
 def unavailable_reason() -> str | None:
-  """Why :func:`conv_weight_grad_target` is ``None`` (``None`` if available)."""
-  return None if conv_weight_grad_target() else str(_state.get("reason"))
+  """Why :func:`load` returned ``False`` (``None`` if the kernels are loaded or
+  :func:`load` was not called yet)."""
+  return None if _state.get("loaded", True) else str(_state.get("reason"))

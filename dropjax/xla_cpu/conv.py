@@ -1,26 +1,30 @@
 """A drop-in ``lax.conv_general_dilated`` that is faster on XLA:CPU.
 
+:func:`make_conv_general_dilated` returns it for one set of
+:class:`ConvOptions` (chosen by :func:`dropjax.backend.resolve`, never read
+from the environment here).
+
 Three places where XLA:CPU is slow for the CIFAR ResNet shapes
 (``benchmarks/README.md``):
 
 * **convolutions and their input gradients**: the AVX2 kernel of
-  :mod:`dropjax.native` (``conv_forward.cc``) runs them 1.1-2.2x faster than
+  :mod:`dropjax.xla_cpu.native` (``conv_forward.cc``) runs them 1.1-2.2x faster than
   XLA's convolution for 16-64 channels and ~6x faster for the 3-channel stem
-  (:func:`native_conv`).  An input gradient of a stride-1 convolution is the
+  (:func:`native_conv`, ``ConvOptions.native_forward``).  An input gradient of a stride-1 convolution is the
   stride-1 convolution of the output gradient with the flipped kernel, and the
   polyphase input gradient below is made of stride-1 convolutions too, so all
-  of them use it (:func:`use_native_conv`; otherwise XLA's convolution).
+  of them use it (otherwise XLA's convolution).
 
 * **weight gradient**: XLA:CPU transposes the input and the output gradient
   to channel-major layouts and runs a forward convolution (about half the
   forward speed, plus the transposes).  Here the AVX2 kernel of
-  :mod:`dropjax.native` reads the NHWC operands as they are
-  (:func:`weight_grad`), when it is available, the run uses a single device
-  and the output channels are a multiple of 8 (:func:`use_native_weight_grad`);
-  otherwise XLA's weight gradient.
+  :mod:`dropjax.xla_cpu.native` reads the NHWC operands as they are
+  (:func:`weight_grad`), when ``ConvOptions.native_weight_grad`` is set and
+  the output channels are a multiple of 8; otherwise XLA's weight gradient.
 * **input gradient of a strided convolution**: XLA's form (a convolution of
   a dilated input) runs ~3x slower than the same sums written as one small
-  stride-1 convolution per phase (:func:`input_grad_polyphase`).
+  stride-1 convolution per phase (:func:`input_grad_polyphase`,
+  ``ConvOptions.polyphase``).
 
 Gradients are formed only for the arguments being differentiated (symbolic
 zeros), so an attack, which differentiates the input only, never runs the
@@ -28,12 +32,13 @@ weight-gradient kernel.  It applies to float32, NHWC input, HWIO kernel, no
 dilation, no feature groups, non-negative padding, and falls back to
 ``lax.conv_general_dilated`` otherwise.  Results equal XLA's up to float
 rounding (summation order); the native kernel's sums are deterministic.
-Reverse mode only (``jax.grad``/``vjp``), like :mod:`dropjax.batch_norm`.
+Reverse mode only (``jax.grad``/``vjp``), like :mod:`dropjax.xla_cpu.batch_norm`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,50 +46,30 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from dropjax import native
+from dropjax.xla_cpu import fusion, native
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def native_available() -> bool:
-  """Whether the native weight-gradient kernel can run in this process."""
-  return jax.default_backend() == "cpu" and native.conv_weight_grad_target() is not None
+@dataclasses.dataclass(frozen=True)
+class ConvOptions:
+  """Which fast paths a convolution takes (all off: XLA's convolution and gradients).
 
-
-def _native_allowed() -> bool:
-  env = os.environ.get("DROPJAX_NATIVE_CONV")
-  if env == "0" or not native_available():
-    return False
-  return env == "1" or jax.device_count() == 1
-
-
-def use_native_conv() -> bool:
-  """Native convolutions (forward and input gradients) here and now?
-
-  The same conditions as :func:`use_native_weight_grad` (any channel count);
-  ``DROPJAX_NATIVE_FORWARD=0`` turns off this kernel alone.
+  Attributes:
+    native_forward: forward convolutions and stride-1 input gradients by the
+      native kernel (needs :func:`dropjax.xla_cpu.native.load`).
+    native_weight_grad: weight gradients by the native kernel (output
+      channels a multiple of 8; needs the kernels loaded).
+    polyphase: input gradients of strided convolutions as one stride-1
+      convolution per phase.
+    input_barrier: the input passes a :func:`dropjax.xla_cpu.fusion.fusion_barrier`
+      first (training: keeps XLA:CPU from fusing the producer chain into the
+      weight-gradient transposes).
   """
-  return os.environ.get("DROPJAX_NATIVE_FORWARD") != "0" and _native_allowed()
-
-
-def use_native_moments() -> bool:
-  """Native batch-norm moments (:func:`dropjax.batch_norm.channel_moments`) here and now?
-
-  The same conditions as the convolution kernels; ``DROPJAX_NATIVE_MOMENTS=0``
-  turns off this kernel alone.
-  """
-  return os.environ.get("DROPJAX_NATIVE_MOMENTS") != "0" and _native_allowed()
-
-
-def use_native_weight_grad(cout: int) -> bool:
-  """Native weight gradient for ``cout`` output channels here and now?
-
-  Needs the kernel (:func:`native_available`), ``cout % 8 == 0`` and a single
-  device (XLA cannot partition the custom call over a multi-device mesh: it
-  would gather the operands).  ``DROPJAX_NATIVE_CONV=0`` turns it off, ``=1``
-  drops the single-device condition (e.g. for ``pmap``).
-  """
-  return cout % 8 == 0 and _native_allowed()
+  native_forward: bool = False
+  native_weight_grad: bool = False
+  polyphase: bool = True
+  input_barrier: bool = False
 
 
 def _pairs(padding, lhs_shape, rhs_shape, strides):
@@ -152,7 +137,7 @@ def native_conv(x: jax.Array, w: jax.Array, strides, pads) -> jax.Array:
   >= 0.  Returns (B, (H + top + bottom - KH) // sh + 1, ..., Co) float32, equal
   to ``lax.conv_general_dilated`` up to float rounding; every output is one
   sum in a fixed order (deterministic).  It computes in full float32 whatever
-  ``precision`` the caller asked XLA for.  Call only when :func:`use_native_conv`.
+  ``precision`` the caller asked XLA for.  Needs :func:`dropjax.xla_cpu.native.load`.
   """
   strides = tuple(int(s) for s in strides)
   pads = tuple((int(lo), int(hi)) for lo, hi in pads)
@@ -162,9 +147,9 @@ def native_conv(x: jax.Array, w: jax.Array, strides, pads) -> jax.Array:
   return _native_conv_fn(strides, pads)(x, w)
 
 
-def _forward(x, w, strides, pads, precision=None):
-  """The convolution: native when allowed, else XLA's."""
-  if use_native_conv():
+def _forward(x, w, strides, pads, precision, opts: ConvOptions):
+  """The convolution: native when ``opts`` say so, else XLA's."""
+  if opts.native_forward:
     return native_conv(x, w, strides, pads)
   return _xla_conv(x, w, strides, pads, precision)
 
@@ -190,15 +175,16 @@ def _phase_taps(stride: int, pad: int, size: int) -> list[list[tuple[int, int]]]
 
 
 def _polyphase_ok(x_shape, w_shape, strides) -> bool:
-  """Polyphase input gradient applies (``DROPJAX_POLYPHASE=0`` turns it off)?"""
-  if strides == (1, 1) or os.environ.get("DROPJAX_POLYPHASE") == "0":
+  """Can the polyphase input gradient be used for these shapes?"""
+  if strides == (1, 1):
     return False
   if x_shape[1] % strides[0] or x_shape[2] % strides[1]:
     return False
   return all(strides[i] <= w_shape[i] for i in range(2))
 
 
-def input_grad_polyphase(dy: jax.Array, w: jax.Array, strides, pads, x_shape) -> jax.Array:
+def input_grad_polyphase(dy: jax.Array, w: jax.Array, strides, pads, x_shape,
+                         opts: ConvOptions = ConvOptions()) -> jax.Array:
   """Input gradient of a strided convolution as ``s_h * s_w`` stride-1 convolutions.
 
   Input pixel ``(s_h*m + a, s_w*n + b)`` receives contributions only from the
@@ -234,52 +220,52 @@ def input_grad_polyphase(dy: jax.Array, w: jax.Array, strides, pads, x_shape) ->
       lo_hi = ((-r0, mh - ho + r1), (-c0, mw - wo + c1))
       src = dy[:, max(0, r0):ho - max(0, -lo_hi[0][1]), max(0, c0):wo - max(0, -lo_hi[1][1])]
       conv_pads = tuple((max(0, lo), max(0, hi)) for lo, hi in lo_hi)
-      row.append(_forward(src, k, (1, 1), conv_pads))
+      row.append(_forward(src, k, (1, 1), conv_pads, None, opts))
     phases.append(jnp.stack(row))
   out = jnp.stack(phases)  # (sh, sw, B, mh, mw, ci)
   return out.transpose(2, 3, 0, 4, 1, 5).reshape(b, h, wd, ci)
 
 
-def _input_grad(dy, w, strides, pads, precision, x_shape):
+def _input_grad(dy, w, strides, pads, precision, x_shape, opts: ConvOptions):
   kh, kw = w.shape[:2]
   flipped_pads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]),
                   (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
-  if (tuple(strides) == (1, 1) and use_native_conv()
+  if (tuple(strides) == (1, 1) and opts.native_forward
       and all(p >= 0 for pair in flipped_pads for p in pair)):
     # dx = dy convolved with the kernel rotated by 180 degrees, channels swapped.
     return native_conv(dy, jnp.swapaxes(w[::-1, ::-1], 2, 3), (1, 1), flipped_pads)
-  if _polyphase_ok(x_shape, w.shape, strides):
-    return input_grad_polyphase(dy, w, strides, pads, x_shape)
+  if opts.polyphase and _polyphase_ok(x_shape, w.shape, strides):
+    return input_grad_polyphase(dy, w, strides, pads, x_shape, opts)
   _, vjp = jax.vjp(lambda v: _xla_conv(v, w, strides, pads, precision),
                    jnp.zeros(x_shape, dy.dtype))
   return vjp(dy)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, w, strides, pads, precision):
-  return _forward(x, w, strides, pads, precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, w, strides, pads, precision, opts):
+  return _forward(x, w, strides, pads, precision, opts)
 
 
-def _conv_fwd(x, w, strides, pads, precision):
+def _conv_fwd(x, w, strides, pads, precision, opts):
   # symbolic_zeros: x and w arrive as CustomVJPPrimal(value, perturbed); the
   # residual's structure records which gradients the backward pass must form,
   # so an attack (gradient w.r.t. x only) never runs the weight-gradient kernel.
   # An empty (0, *x.shape) array carries x's shape when only dx is needed.
   x_val, w_val = x.value, w.value
-  out = _forward(x_val, w_val, strides, pads, precision)
+  out = _forward(x_val, w_val, strides, pads, precision, opts)
   shape_of_x = jnp.zeros((0,) + x_val.shape, x_val.dtype) if x.perturbed else None
   return out, (w_val, shape_of_x, x_val if w.perturbed else None)
 
 
-def _conv_bwd(strides, pads, precision, residuals, dy):
+def _conv_bwd(strides, pads, precision, opts, residuals, dy):
   w, shape_of_x, x = residuals
   if isinstance(dy, SymbolicZero):
     return None, None
   dx = (None if shape_of_x is None
-        else _input_grad(dy, w, strides, pads, precision, shape_of_x.shape[1:]))
+        else _input_grad(dy, w, strides, pads, precision, shape_of_x.shape[1:], opts))
   if x is None:
     dw = None
-  elif use_native_weight_grad(w.shape[-1]):
+  elif opts.native_weight_grad and w.shape[-1] % 8 == 0:
     dw = weight_grad(x, dy, w.shape, strides, pads)
   else:
     dw = jax.vjp(lambda v: _xla_conv(x, v, strides, pads, precision), w)[1](dy)[0]
@@ -289,18 +275,31 @@ def _conv_bwd(strides, pads, precision, residuals, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None,
-                         feature_group_count=1, batch_group_count=1, precision=None,
-                         preferred_element_type=None):
-  """``lax.conv_general_dilated`` with the faster CPU gradients (module docstring) where they apply."""
-  strides = tuple(int(s) for s in window_strides)
-  pads = _pairs(padding, lhs.shape, rhs.shape, strides)
-  if _supported(lhs, rhs, strides, pads, lhs_dilation, rhs_dilation, dimension_numbers,
-                feature_group_count, batch_group_count, preferred_element_type):
-    return _conv(lhs, rhs, strides, pads, precision)
-  return lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-      precision=precision, preferred_element_type=preferred_element_type)
+def make_conv_general_dilated(opts: ConvOptions) -> Callable:
+  """``lax.conv_general_dilated`` with the fast paths of ``opts`` where they apply.
+
+  The returned function has ``lax.conv_general_dilated``'s signature (pass it
+  as ``flax.linen.Conv(conv_general_dilated=...)``).  Unsupported cases
+  (module docstring), and every case when no fast path is on, are XLA's
+  convolution exactly.
+  """
+  fast = opts.native_forward or opts.native_weight_grad or opts.polyphase
+
+  def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                           rhs_dilation=None, dimension_numbers=None,
+                           feature_group_count=1, batch_group_count=1, precision=None,
+                           preferred_element_type=None):
+    if opts.input_barrier:
+      lhs = fusion.fusion_barrier(lhs, rhs)
+    strides = tuple(int(s) for s in window_strides)
+    pads = _pairs(padding, lhs.shape, rhs.shape, strides)
+    if fast and _supported(lhs, rhs, strides, pads, lhs_dilation, rhs_dilation, dimension_numbers,
+                  feature_group_count, batch_group_count, preferred_element_type):
+      return _conv(lhs, rhs, strides, pads, precision, opts)
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+
+  return conv_general_dilated
