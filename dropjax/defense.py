@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dropjax import masks
+from dropjax import contracts, masks
 
 Array = jax.Array
 
@@ -27,6 +27,7 @@ Array = jax.Array
 def masked_probs(key: Array, logits_fn: Callable, variables, x: Array,
                  drop: masks.DropSpec) -> Array:
   """Softmax of the model on one masked copy of ``x`` (B, H, W, C): (B, C) float32."""
+  contracts.check_images(x, min_ndim=4)
   xm = masks.spec_drop(key, drop, x)
   return jax.nn.softmax(logits_fn(variables, xm).astype(jnp.float32), axis=-1)
 
@@ -47,6 +48,7 @@ def mask_average_probs(key: Array, logits_fn: Callable, variables, x: Array,
   """
   if num_masks < 1:
     raise ValueError(f"num_masks must be >= 1, got {num_masks}")
+  contracts.check_images(x, min_ndim=4)
   keys = jax.random.split(key, num_masks)
   probs = jax.vmap(lambda k: masked_probs(k, logits_fn, variables, x, drop))(keys)
   return jnp.mean(probs, axis=0)

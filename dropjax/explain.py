@@ -15,8 +15,7 @@ writes ``gradients.{png,svg}``, ``filters.{png,svg}`` and ``gradient_mass.jsonl`
 """
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import os
 import sys
 from typing import Callable
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dropjax import masks
+from dropjax import files, masks
 from dropjax.plots import save_figure
 
 Array = jax.Array
@@ -43,7 +42,7 @@ def input_gradient(logits_fn: Callable, variables, x: Array, y: Array) -> Array:
 def four_maps(key: Array, logits_fn: Callable, variables, x: Array, y: Array, rate,
               per_pixel: bool = False) -> dict[str, Array]:
   """``{"mask", "x_dropped", "E(X)", "E(X')", "E(X')*M", "E(X')*(1-M)"}``."""
-  m = masks.sample_mask(key, x.shape, rate, per_pixel=per_pixel)
+  m = masks.spec_mask(key, masks.DropSpec.fixed(rate, per_pixel), x.shape)
   xd = x * m
   e_x = input_gradient(logits_fn, variables, x, y)
   e_xd = input_gradient(logits_fn, variables, xd, y)
@@ -157,37 +156,48 @@ def explain_workdirs(workdirs: list[str], out_dir: str, *, drop_rate: float = 0.
   os.makedirs(out_dir, exist_ok=True)
   paths = plot_gradients(grad_models, out_dir) + plot_filters(filter_models, out_dir)
   rows_path = os.path.join(out_dir, "gradient_mass.jsonl")
-  with open(rows_path, "w") as f:
-    f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+  files.write_jsonl(rows_path, rows)
   return paths + [rows_path]
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m dropjax.explain", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdirs", nargs="+", required=True,
-                 help="training runs to compare (e.g. normal, fixed r=0.9, random r)")
-  p.add_argument("--out", default="figures", help="output directory")
-  p.add_argument("--drop_rate", type=float, default=0.9, help="r of the mask M in X' = X∘M")
-  p.add_argument("--num_images", type=int, default=4, help="images shown per model")
-  p.add_argument("--num_examples", type=int, default=500,
-                 help="test examples averaged for gradient_mass.jsonl")
-  p.add_argument("--batch_size", type=int, default=100, help="batch size")
-  p.add_argument("--seed", type=int, default=0, help="seed of the masks")
-  p.add_argument("--data_dir", default=None, help="override the runs' data dir")
-  args = p.parse_args(argv)
-  from dropjax.data.local import DataError  # pylint: disable=g-import-not-at-top
-  from dropjax.training.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  try:
-    for path in explain_workdirs(args.workdirs, args.out, drop_rate=args.drop_rate,
-                                 num_images=args.num_images, num_examples=args.num_examples,
-                                 batch_size=args.batch_size, seed=args.seed,
-                                 data_dir=args.data_dir):
-      print(path)
-  except (ValueError, DataError, CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def _f(default, help_text: str, **kw):
+  return dataclasses.field(default=default, metadata={"help": help_text, **kw})
+
+
+@dataclasses.dataclass
+class ExplainConfig:
+  """``python -m dropjax.explain`` (every field a flag)."""
+  workdirs: tuple = _f((), "training runs to compare (e.g. normal, fixed r=0.9, random r)",
+                       required=True)
+  out: str = _f("figures", "output directory")
+  drop_rate: float = _f(0.9, "drop rate r of the mask M in X' = X∘M")
+  num_images: int = _f(4, "images shown per model")
+  num_examples: int = _f(500, "test examples averaged for gradient_mass.jsonl")
+  batch_size: int = _f(100, "batch size (examples)")
+  seed: int = _f(0, "seed of the masks")
+  data_dir: str | None = _f(None, "override the runs' data dir")
+
+  def validate(self) -> "ExplainConfig":
+    if not 0 <= self.drop_rate <= 1:
+      raise ValueError(f"drop_rate must be in [0, 1], got {self.drop_rate}")
+    if min(self.num_images, self.num_examples, self.batch_size) < 1:
+      raise ValueError("num_images, num_examples and batch_size must be >= 1")
+    return self
+
+
+def run(cfg: ExplainConfig) -> int:
+  for path in explain_workdirs(list(cfg.workdirs), cfg.out, drop_rate=cfg.drop_rate,
+                               num_images=cfg.num_images, num_examples=cfg.num_examples,
+                               batch_size=cfg.batch_size, seed=cfg.seed,
+                               data_dir=cfg.data_dir):
+    print(path)
   return 0
+
+
+def main(argv=None) -> int:
+  from dropjax import backend, cli  # pylint: disable=g-import-not-at-top
+  backend.configure_process()
+  return cli.run_command("python -m dropjax.explain", __doc__, ExplainConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dropjax import contracts
+
 Array = jax.Array
 
 
@@ -57,9 +59,7 @@ def _check_rate(rate, x_shape) -> None:
 
 
 def _check_images(x) -> None:
-  if jnp.ndim(x) < 3:
-    raise ValueError(
-        f"images must have shape (..., H, W, C), got shape {jnp.shape(x)}")
+  contracts.check_images(x)
 
 
 def _broadcast_rate(rate, ndim: int) -> Array:

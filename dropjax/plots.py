@@ -13,32 +13,18 @@ writes (PNG and SVG):
 """
 from __future__ import annotations
 
-import argparse
 import collections
+import dataclasses
 import glob
-import json
 import os
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SUMMARY_FILE = "summary.jsonl"
-
-
-def read_summaries(paths: list[str]) -> list[dict]:
-  """Rows from ``summary.jsonl`` files or directories holding one."""
-  rows = []
-  for p in paths:
-    f = os.path.join(p, SUMMARY_FILE) if os.path.isdir(p) else p
-    if not os.path.isfile(f):
-      raise FileNotFoundError(f"no {SUMMARY_FILE} at {p}")
-    with open(f) as fh:
-      rows += [json.loads(line) for line in fh if line.strip()]
-  return rows
-
+from dropjax import files  # noqa: E402
+from dropjax.evaluation.store import read_summaries  # noqa: E402
 
 def model_name(row: dict) -> str:
   drop = {"none": "normal", "fixed": f"fixed r={row.get('train_drop_rate')}",
@@ -118,26 +104,30 @@ def render(paths: list[str], out_dir: str) -> list[str]:
   os.makedirs(out_dir, exist_ok=True)
   written = plot_clean_vs_rate(rows, out_dir) + plot_robust_vs_rate(rows, out_dir)
   table = os.path.join(out_dir, "table.md")
-  with open(table, "w") as f:
-    f.write(markdown_table(rows))
+  files.write_atomic(table, markdown_table(rows))
   return written + [table]
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m dropjax.plots", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("inputs", nargs="+", help="eval dirs or summary.jsonl files (globs ok)")
-  p.add_argument("--out", default="figures", help="output directory for PNG/SVG/markdown")
-  args = p.parse_args(argv)
-  inputs = [m for pat in args.inputs for m in (glob.glob(pat) or [pat])]
-  try:
-    for path in render(inputs, args.out):
-      print(path)
-  except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+@dataclasses.dataclass
+class PlotsConfig:
+  """``python -m dropjax.plots`` (every field a flag)."""
+  inputs: tuple = dataclasses.field(default=(), metadata={
+      "help": "eval dirs or summary.jsonl files (globs ok)", "positional": True})
+  out: str = dataclasses.field(default="figures", metadata={
+      "help": "output directory for PNG/SVG/markdown"})
+
+
+def run(cfg: PlotsConfig) -> int:
+  inputs = [m for pat in cfg.inputs for m in (sorted(glob.glob(pat)) or [pat])]
+  for path in render(inputs, cfg.out):
+    print(path)
   return 0
 
 
+def main(argv=None) -> int:
+  from dropjax import cli  # pylint: disable=g-import-not-at-top
+  return cli.run_command("python -m dropjax.plots", __doc__, PlotsConfig, run, argv)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  raise SystemExit(main())

@@ -44,14 +44,27 @@ def test_input_gradient_matches_finite_differences(tiny_model):
     jax.config.update("jax_enable_x64", False)
 
 
-def test_masked_map_identities(tiny_model):
-  logits_fn, v, x = tiny_model
-  maps = explain.four_maps(KEY, logits_fn, v, x, jnp.array([0, 1]), 0.7)
-  np.testing.assert_allclose(maps["E(X')*M"] + maps["E(X')*(1-M)"], maps["E(X')"], rtol=1e-6)
-  np.testing.assert_array_equal(maps["x_dropped"], x * maps["mask"])
+def test_four_maps_of_a_linear_model_are_its_weights_masked():
+  """For logits z = x·V the explanation map is |V_y| exactly (an independent
+  reference), so E(X) = E(X') = |V_y|, E(X')∘M keeps it on kept values only,
+  and the kept share of the mass is the kept share of |V_y|."""
+  v = jax.random.normal(KEY, (8 * 8 * 3, 5))
+  logits_fn = lambda vv, xx: xx.reshape(xx.shape[0], -1) @ vv
+  x = jax.random.uniform(KEY, (2, 8, 8, 3), minval=-1, maxval=1)
+  y = jnp.array([0, 4])
+  maps = explain.four_maps(KEY, logits_fn, v, x, y, 0.7)
+  want = np.abs(np.asarray(v)[:, [0, 4]].T.reshape(2, 8, 8, 3))
+  np.testing.assert_allclose(maps["E(X)"], want, rtol=1e-6)
+  np.testing.assert_allclose(maps["E(X')"], want, rtol=1e-6)
+  m = np.asarray(maps["mask"])
+  assert set(np.unique(m)) == {0.0, 1.0} and abs(m.mean() - 0.3) < 0.1  # kept with p = 1 - r
+  np.testing.assert_allclose(maps["E(X')*M"], want * m, rtol=1e-6)
+  np.testing.assert_allclose(maps["E(X')*(1-M)"], want * (1 - m), rtol=1e-6)
+  np.testing.assert_array_equal(maps["x_dropped"], np.asarray(x) * m)
   mass = explain.gradient_mass(maps)
-  assert bool(jnp.all((mass["kept_mass_fraction"] >= 0) & (mass["kept_mass_fraction"] <= 1)))
-  assert abs(float(mass["kept_pixel_fraction"].mean()) - 0.3) < 0.15
+  np.testing.assert_allclose(mass["kept_mass_fraction"],
+                             (want * m).sum((1, 2, 3)) / want.sum((1, 2, 3)), rtol=1e-5)
+  np.testing.assert_allclose(mass["kept_pixel_fraction"], m.mean((1, 2, 3)), rtol=1e-6)
 
 
 def test_uniform_objective_minimum_is_log_c():

@@ -51,13 +51,27 @@ def test_loss_decreases_on_fixed_batch():
 @pytest.mark.parametrize("mode,rate", [("none", 0.0), ("fixed", 0.9), ("fixed", 0.3),
                                        ("random", 0.5)])
 def test_drop_modes_change_what_the_model_sees(mode, rate):
+  """The model sees zeros at the mode's rate, a fresh mask for every image at
+  every step, and each image's mask depends only on (seed, step, its index):
+  not on the other images of the batch (so not on how it is split over devices)."""
   cfg = TrainConfig(drop=mode, drop_rate=rate if mode == "fixed" else 0.9, crop_pad=0)
   batch = fixed_batch(n=512, hw=8)
   x, xd, m, _ = step_lib.prepare_inputs(cfg, jax.random.PRNGKey(0), jnp.int32(3), batch)
   zero_frac = float(jnp.mean(xd == 0))
   # random: mean of 512 U[0,1] rates, sd 0.013
   assert abs(zero_frac - rate) < (0.05 if mode == "random" else 0.01)
-  np.testing.assert_array_equal(xd, x * m)
+  if mode == "none":
+    np.testing.assert_array_equal(xd, x)
+    return
+  dropped = np.asarray(m) == 0
+  assert np.all(np.asarray(xd)[dropped] == 0)
+  np.testing.assert_array_equal(np.asarray(xd)[~dropped], np.asarray(x)[~dropped])
+  assert len({np.asarray(m[i]).tobytes() for i in range(16)}) == 16  # per image
+  _, _, m_next, _ = step_lib.prepare_inputs(cfg, jax.random.PRNGKey(0), jnp.int32(4), batch)
+  assert not np.array_equal(m, m_next)  # per step
+  half = {k: v[256:] for k, v in batch.items()}  # same indices, without the first half
+  _, _, m_half, _ = step_lib.prepare_inputs(cfg, jax.random.PRNGKey(0), jnp.int32(3), half)
+  np.testing.assert_array_equal(m_half, m[256:])
   if mode == "random":  # per-image rates spread over [0, 1]
     per_image = np.asarray(jnp.mean(xd == 0, axis=(1, 2, 3)))
     assert per_image.min() < 0.2 and per_image.max() > 0.8
@@ -184,8 +198,11 @@ def test_corrupt_checkpoint_clear_error_and_untouched(tiny_data_dir, tmp_path):
           fh.write(b"garbage")
         damaged.append(p)
   before = sorted(os.listdir(step_dir))
-  with pytest.raises(ckpt_lib.CheckpointError, match=str(step_dir)):
+  with pytest.raises(ckpt_lib.CheckpointError, match=str(step_dir)) as err:
     loop.train(cfg.replace(epochs=2), str(wd), progress=False)
+  message = str(err.value)
+  assert "\n" not in message and len(message) < 600, message  # one readable line
+  assert "{" not in message  # no storage spec
   assert sorted(os.listdir(step_dir)) == before
   assert open(damaged[0], "rb").read() == b"garbage"
 
@@ -294,3 +311,39 @@ def test_metric_writer_jsonl_truncate_and_tensorboard(tmp_path):
   assert [r["step"] for r in rows] == [1, 2]
   events = [f for f in os.listdir(tmp_path / "tensorboard") if "tfevents" in f]
   assert events and os.path.getsize(tmp_path / "tensorboard" / events[0]) > 0
+
+
+def test_design_card_commands_default_workdirs(tiny_data_dir, tmp_path):
+  """`train.py --dataset ...` without --workdir trains into runs/<derived name>
+  (printed) and `evaluate.py --norm linf` without --workdir evaluates the run
+  with the newest checkpoint (printed)."""
+  common = ["--dataset", "gtsrb", "--source", "local", "--data_dir", tiny_data_dir,
+            "--val_size", "16", "--depth", "8", "--width", "4", "--epochs", "1",
+            "--batch_size", "16", "--no_progress"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  wd = os.path.join("runs", "gtsrb-resnet8-normal")
+  assert f"workdir: {wd}" in out.stderr
+  assert os.path.isfile(tmp_path / wd / "final_eval.json")
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--norm", "linf",
+                        "--num_examples", "8", "--batch_size", "8", "--steps", "1",
+                        "--eot_samples", "1", "--num_masks", "1", "--no_progress"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"evaluating the most recent run: {wd}" in out.stderr
+  assert os.path.isfile(tmp_path / wd / "eval" / "summary.jsonl")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py")], env=env, cwd=empty,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and out.stderr.startswith("error: no trained run")
+
+
+def test_default_workdir_names():
+  from dropjax import cli
+  assert cli.default_workdir(from_preset("gtsrb-resnet20-random"), "gtsrb-resnet20-random") == \
+      os.path.join("runs", "gtsrb-resnet20-random")
+  cfg = from_preset(None, dataset="cifar10", drop="fixed", drop_rate=0.5, seed=3)
+  assert cli.default_workdir(cfg, None) == os.path.join("runs", "cifar10-resnet20-fixed0.5-seed3")

@@ -33,7 +33,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from dropjax import masks
+from dropjax import contracts, masks
 from dropjax.attacks import losses, norms
 
 Array = jax.Array
@@ -162,7 +162,9 @@ def make_pgd(logits_fn: Callable, config: AttackConfig, *, unroll: int | bool = 
       ``dropjax.backend.resolve().loop_unroll(config.num_steps)``.
 
   The returned function takes ``x`` float (B, H, W, C) in [-1, 1] and ``y``
-  int (B,).  For targeted attacks ``target`` (B,) is the class to reach; when
+  int (B,); called with concrete arrays it raises ``ValueError`` for images
+  outside [-1, 1] or not finite and for labels that are not class indices
+  (:mod:`dropjax.contracts`; under ``jit`` only shapes and dtypes are checked).  For targeted attacks ``target`` (B,) is the class to reach; when
   omitted a random wrong class is drawn from ``key``.  Returns ``x_adv`` with
   the shape and dtype of ``x``, in [-1, 1] and within the budget.
   """
@@ -174,15 +176,14 @@ def make_pgd(logits_fn: Callable, config: AttackConfig, *, unroll: int | bool = 
 
   def attack(key: Array, variables, x: Array, y: Array, target: Array | None = None) -> Array:
     chex.assert_rank(x, 4)
-    chex.assert_rank(y, 1)
-    if y.shape[0] != x.shape[0]:
-      raise ValueError(f"labels shape {y.shape} does not match batch of images {x.shape}")
-    if target is not None and target.shape != y.shape:
-      raise ValueError(f"target shape {target.shape} does not match labels {y.shape}")
+    contracts.check_images(x, min_ndim=4)
+    num_classes = jax.eval_shape(logits_fn, variables, x).shape[-1]
+    contracts.check_labels(y, num_classes, batch=x.shape[0])
+    if target is not None:
+      contracts.check_labels(target, num_classes, batch=x.shape[0], name="target")
     k_target, k_start, k_steps = jax.random.split(key, 3)
     if config.targeted:
       if target is None:
-        num_classes = jax.eval_shape(logits_fn, variables, x).shape[-1]
         target = random_targets(k_target, y, num_classes)
       labels = target
     else:

@@ -106,7 +106,12 @@ def _load_local(spec: DatasetSpec, data_dir: str) -> dict:
 
 
 def _load_tfds(spec: DatasetSpec, data_dir: str | None) -> dict:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError("loading through tfds needs tensorflow-datasets (pip install "
+                    "'dropjax[tfds]'), or point --data_dir / $DROPJAX_DATA_DIR at a "
+                    f"local copy ({e})") from e
   if spec.name == "gtsrb":
     from dropjax.data import gtsrb_tfds  # noqa: F401  registers the builder
   out = {}

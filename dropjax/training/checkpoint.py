@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dropjax import files
 from dropjax.config import ARCHITECTURE_FIELDS, TrainConfig
 
 CONFIG_FILE = "config.json"
@@ -27,11 +28,7 @@ class CheckpointError(RuntimeError):
 def save_config(workdir: str, config: TrainConfig) -> None:
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    f.write(config.to_json())
-  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+  files.write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json())
 
 
 def load_config(workdir: str) -> TrainConfig:
@@ -55,6 +52,16 @@ def check_compatible(saved: TrainConfig, config: TrainConfig, workdir: str) -> N
     raise CheckpointError(
         f"{os.path.join(workdir, CONFIG_FILE)} was written for a different model or "
         f"dataset (saved vs requested: {diff}); use a new --workdir")
+
+
+def _first_line(error: Exception, limit: int = 160) -> str:
+  """The gist of a storage error: its first line, without the JSON spec
+  (kilobytes of TensorStore configuration) that orbax errors carry."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  for marker in (" {", ": {", "{\""):
+    if marker in text:
+      text = text[:text.index(marker)]
+  return text[:limit].rstrip(" :,") or "unreadable data"
 
 
 class Checkpointer:
@@ -90,9 +97,9 @@ class Checkpointer:
       return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # orbax raises many types for damaged files
       raise CheckpointError(
-          f"checkpoint {path} could not be restored ({type(e).__name__}: {e}). "
-          "It is corrupt or was written by an incompatible model; it was left "
-          "untouched. Delete that step directory to resume from an earlier one.") from e
+          f"checkpoint {path} could not be restored ({type(e).__name__}: {_first_line(e)}); "
+          "it is corrupt or was written by an incompatible model, and was left untouched: "
+          "delete that step directory to resume from an earlier one") from e
 
   def close(self) -> None:
     self.manager.close()

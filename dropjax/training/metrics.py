@@ -6,6 +6,8 @@ import os
 
 import jax
 
+from dropjax import files
+
 
 class MetricWriter:
   """Appends one JSON object per line to ``workdir/<name>``; process 0 only.
@@ -25,12 +27,8 @@ class MetricWriter:
   def truncate_after(self, step: int) -> None:
     if not self.enabled or not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(rows)
-    os.replace(tmp, self.path)
+    files.write_jsonl(self.path, [r for r in files.read_jsonl(self.path)
+                                  if r.get("step", 0) <= step])
 
   def write(self, row: dict) -> None:
     if not self.enabled:

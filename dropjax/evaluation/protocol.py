@@ -1,13 +1,12 @@
-"""Robustness evaluation of a trained checkpoint: rows per example, summaries.
+"""The evaluation protocol: what is computed for a trained checkpoint.
 
 For every *setting* (norm, eps, test-time drop rate) the test examples are
 processed in chunks of ``batch_size``.  Chunk ``c`` draws all its randomness
-from ``fold_in(PRNGKey(seed), c)``, and its rows are written atomically to
-``<out>/<setting>/chunk_<c>.jsonl``; a killed evaluation therefore resumes
-where it stopped and produces exactly the rows of an uninterrupted run.  When
-all chunks exist they are merged into ``<out>/<setting>/rows.jsonl`` and one
-summary row -- an aggregate of those rows -- replaces the setting's row in
-``<out>/summary.jsonl``.
+from ``fold_in(PRNGKey(seed), c)`` (:func:`evaluate_chunk`), so a killed
+evaluation resumes where it stopped and produces exactly the rows of an
+uninterrupted run.  Where rows and summaries are stored is
+:mod:`dropjax.evaluation.store`; a setting's summary is an aggregate of its
+rows only (:func:`summarize`).
 
 Per example: clean predictions (no mask, one mask, K-mask average), the
 attack's adversarial predictions (one mask, K-mask average), entropies,
@@ -18,7 +17,6 @@ pixel count.  The entropy thresholds are calibrated on the validation split
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Sequence
@@ -29,37 +27,52 @@ import numpy as np
 from tqdm import tqdm
 
 from dropjax import backend as backend_lib
-from dropjax import defense, inference
+from dropjax import contracts, defense, inference
 from dropjax.attacks import AttackConfig, best_of, make_pgd, paper_attack
 from dropjax.attacks import norms as norms_lib
 from dropjax.config import TrainConfig
 from dropjax.data import augment, load_dataset
+from dropjax.evaluation.store import SettingStore, update_summary
 from dropjax.masks import DropSpec
 from dropjax.training import checkpoint as ckpt_lib
 from dropjax.training import state as state_lib, step as step_lib
 
 ATTACK_NORMS = ("linf", "l2", "l0", "none")
-SUMMARY_FILE = "summary.jsonl"
+
+
+def _f(default, help_text: str, **kw):
+  return dataclasses.field(default=default, metadata={"help": help_text, **kw})
 
 
 @dataclasses.dataclass
 class EvalConfig:
-  """One evaluation run (possibly a sweep over drop rates and eps)."""
-  norm: str = "linf"
-  eps: Sequence[float] | None = None       # None: paper preset; l0: fraction of D
-  step_size: float | None = None           # None: paper preset
-  steps: int = 20
-  eot_samples: int = 10
-  losses: Sequence[str] = ("ce",)          # several = best of
-  targeted: bool = False
-  restarts: int = 1
-  random_start: bool = True
-  drop_rates: Sequence[float] | None = None  # None: the model's own rate
-  num_masks: int = 10
-  max_drop: float = 0.01                   # calibration: allowed clean accuracy loss
-  num_examples: int | None = 1000          # None: the whole test split
-  batch_size: int = 100
-  seed: int = 0
+  """One evaluation run (possibly a sweep over drop rates and eps).  Every
+  field is an ``evaluate.py`` flag of the same name."""
+  norm: str = _f("linf", "threat model; 'none' only measures clean accuracy (drop-rate "
+                 "sweeps, Fig. 2)", choices=ATTACK_NORMS)
+  eps: tuple | None = _f(None, "budget(s), a sweep if several. L-inf/L2: on the [0,1] pixel "
+                         "scale (e.g. 0.0627 = 16/255); L0: fraction of the pixels D (paper: "
+                         "0.03). Default: the paper's preset for the dataset", type=float)
+  step_size: float | None = _f(None, "attack step ([0,1] scale; L0: multiple of the mean "
+                               "|gradient|); default: the paper's preset")
+  steps: int = _f(20, "PGD steps")
+  eot_samples: int = _f(10, "masks per EOT gradient (0: attack the undefended model, "
+                        "plain PGD)")
+  losses: tuple = _f(("ce",), "attack loss(es); several give a best-of attack (strongest "
+                     "per example)", choices=("ce", "cw"))
+  targeted: bool = _f(False, "targeted attack towards a random wrong class")
+  restarts: int = _f(1, "random restarts per loss (best-of)")
+  random_start: bool = _f(True, "start PGD at a random point of the budget (false: at the "
+                          "clean image)")
+  drop_rates: tuple | None = _f(None, "test-time drop rate(s), a sweep if several (default: "
+                                "the model's training rate; 0.5 for random-rate models; 0 "
+                                "for normal training)", type=float)
+  num_masks: int = _f(10, "masks averaged by the defense")
+  max_drop: float = _f(0.01, "entropy threshold: allowed drop of clean validation accuracy "
+                       "(fraction; rejections count as errors)")
+  num_examples: int = _f(1000, "test examples (0: all)")
+  batch_size: int = _f(100, "examples per chunk (the resume unit)")
+  seed: int = _f(0, "seed of masks and attack randomness")
 
   def validate(self) -> "EvalConfig":
     if self.norm not in ATTACK_NORMS:
@@ -68,8 +81,11 @@ class EvalConfig:
       raise ValueError(f"steps must be >= 1, got {self.steps}")
     if self.num_masks < 1:
       raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
-    if self.batch_size < 1 or (self.num_examples is not None and self.num_examples < 1):
-      raise ValueError("batch_size and num_examples must be >= 1")
+    if self.batch_size < 1 or self.num_examples < 0:
+      raise ValueError("batch_size must be >= 1 and num_examples >= 0 (0: all)")
+    for loss in self.losses:
+      if loss not in ("ce", "cw"):
+        raise ValueError(f"unknown attack loss {loss!r}; choose ce or cw")
     if self.restarts < 1:
       raise ValueError("restarts must be >= 1")
     for r in self.drop_rates or ():
@@ -204,34 +220,41 @@ def summarize(rows: list[dict], thresholds: dict) -> dict:
   return s
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+def evaluate_chunk(key, defend, attacks, variables, batch: dict, thresholds: dict) -> dict:
+  """Rows (as columns of (B,) arrays) of one chunk: clean predictions, and with
+  ``attacks`` the adversarial ones and the perturbation norms.
+
+  ``key`` is the chunk's key; ``batch`` holds uint8 ``image`` (B, H, W, C),
+  ``label`` and ``index``; ``attacks`` are jitted ``(key, variables, x, y) -> x_adv``.
+  """
+  k_attack, k_select, k_clean, k_adv = jax.random.split(key, 4)
+  x = augment.to_float(jnp.asarray(batch["image"]))
+  y = jnp.asarray(batch["label"], jnp.int32)
+  cols = {"index": batch["index"], "label": batch["label"],
+          **prediction_columns(defend(k_clean, variables, x), thresholds, "")}
+  if not attacks:
+    return cols
+  if len(attacks) == 1:
+    x_adv = attacks[0](k_attack, variables, x, y)
+  else:
+    fooled = lambda xa, yy: jnp.argmax(defend(k_select, variables, xa)["avg"], -1) != yy
+    x_adv, _ = best_of(k_attack, attacks, fooled, variables, x, y)
+  cols.update(prediction_columns(defend(k_adv, variables, x_adv), thresholds, "adv_"))
+  for n, v in perturbation_norms(x_adv, x).items():
+    cols[f"norm_{n}"] = v
+  return cols
 
 
-def _read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def update_summary(out_dir: str, row: dict) -> None:
-  """Replaces the row of ``row["setting"]`` in ``summary.jsonl``."""
-  path = os.path.join(out_dir, SUMMARY_FILE)
-  rows = [r for r in (_read_jsonl(path) if os.path.exists(path) else [])
-          if r["setting"] != row["setting"]]
-  rows.append(row)
-  _write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+def _rows(cols: dict, n_valid: int) -> list[dict]:
+  return [{k: np.asarray(v)[i].item() for k, v in cols.items()} for i in range(n_valid)]
 
 
 def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
              data_dir: str | None = None, source: str | None = None,
              stop_after_chunks: int | None = None, progress: bool | None = None,
              backend: backend_lib.Backend | None = None) -> list[dict]:
-  """Runs every setting of ``ev`` on the checkpoint in ``workdir``.
+  """Runs every setting of ``ev`` on the checkpoint in ``workdir``; rows and
+  summaries go to ``out_dir`` (default ``<workdir>/eval``, :mod:`dropjax.evaluation.store`).
 
   Returns the summary rows of the settings completed by this call.
   """
@@ -240,7 +263,8 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
   train_cfg, variables, logits_fn, data = load_model(workdir, data_dir, source, backend)
   out_dir = out_dir or os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
-  test = data.test.take(ev.num_examples)
+  test = data.test.take(ev.num_examples or None)
+  contracts.check_labels(test.y, data.num_classes, name="test labels")
   rates = list(ev.drop_rates) if ev.drop_rates else [default_drop_rate(train_cfg)]
   if ev.norm == "none":
     eps_list = [0.0]
@@ -259,8 +283,7 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
                                "single": float("inf"), "avg": float("inf")}
     for eps in eps_list:
       sid = setting_id(ev.norm, eps, rate)
-      sdir = os.path.join(out_dir, sid)
-      os.makedirs(sdir, exist_ok=True)
+      store = SettingStore(out_dir, sid)
       attacks = []
       if ev.norm != "none":
         attacks = [jax.jit(make_pgd(logits_fn, c, unroll=backend.loop_unroll(c.num_steps)))
@@ -271,45 +294,23 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
       attack_seconds, attacked = 0.0, 0
       for c, (batch, n_valid) in enumerate(inference.padded_batches(
           {"image": test.x, "label": test.y}, ev.batch_size)):
-        path = os.path.join(sdir, f"chunk_{c:05d}.jsonl")
-        if os.path.exists(path):
+        if store.has_chunk(c):
           bar.update(1)
           continue
         if stop_after_chunks is not None and chunks_done_here >= stop_after_chunks:
           bar.close()
           return summaries
-        key = jax.random.fold_in(root, c)
-        k_attack, k_select, k_clean, k_adv = jax.random.split(key, 4)
-        x = augment.to_float(jnp.asarray(batch["image"]))
-        y = jnp.asarray(batch["label"], jnp.int32)
-        rows = {"index": batch["index"], "label": batch["label"],
-                **prediction_columns(defend(k_clean, variables, x), thresholds, "")}
+        t0 = time.perf_counter()
+        cols = jax.block_until_ready(evaluate_chunk(jax.random.fold_in(root, c), defend,
+                                                    attacks, variables, batch, thresholds))
         if attacks:
-          t0 = time.perf_counter()
-          fooled = lambda xa, yy: jnp.argmax(defend(k_select, variables, xa)["avg"], -1) != yy
-          if len(attacks) == 1:
-            x_adv = attacks[0](k_attack, variables, x, y)
-          else:
-            x_adv, _ = best_of(k_attack, attacks, fooled, variables, x, y)
-          x_adv = jax.block_until_ready(x_adv)
           attack_seconds += time.perf_counter() - t0
           attacked += n_valid
-          rows.update(prediction_columns(defend(k_adv, variables, x_adv), thresholds, "adv_"))
-          for n, v in perturbation_norms(x_adv, x).items():
-            rows[f"norm_{n}"] = v
-        lines = []
-        for i in range(n_valid):
-          row = {k: np.asarray(v)[i].item() for k, v in rows.items()}
-          lines.append(json.dumps(row, sort_keys=True) + "\n")
-        _write_atomic(path, "".join(lines))
+        store.write_chunk(c, _rows(cols, n_valid))
         chunks_done_here += 1
         bar.update(1)
       bar.close()
-      rows_all = []
-      for c in range(n_chunks):
-        rows_all += _read_jsonl(os.path.join(sdir, f"chunk_{c:05d}.jsonl"))
-      _write_atomic(os.path.join(sdir, "rows.jsonl"),
-                    "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows_all))
+      rows_all = store.merge(n_chunks)
       summary = {"setting": sid, "workdir": os.path.abspath(workdir),
                  "dataset": train_cfg.dataset, "depth": train_cfg.depth,
                  "train_drop": train_cfg.drop, "train_drop_rate": train_cfg.drop_rate,
