@@ -54,7 +54,7 @@ PRESETS = {
         "xla_forward": {"DROPJAX_NATIVE_FORWARD": "0"},
         "native_forward (default)": {},
     },
-    # dropjax.conv as a whole (native weight gradient + polyphase strided input
+    # dropjax.xla_cpu.conv as a whole (native weight gradient + polyphase strided input
     # gradient) against XLA's convolution gradients.
     # The fusion barrier on each residual block's input (train step, --inprocess).
     "block_barrier": {

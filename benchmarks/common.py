@@ -18,8 +18,24 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
+def vector_extensions() -> list[str]:
+  """The CPU's SIMD extensions that matter for these kernels (from /proc/cpuinfo)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          flags = set(line.split(":", 1)[1].split())
+          return sorted(x for x in flags if x in ("avx", "avx2", "fma", "avx512f", "avx512bw",
+                                                   "avx512vl", "avx512_vnni", "avx512_bf16",
+                                                   "amx_tile"))
+  except OSError:
+    pass
+  return []
+
+
 def machine() -> dict:
-  return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+  return {"cpu_model": cpu_model(), "vector_extensions": vector_extensions(),
+          "cpu_count": os.cpu_count(),
           "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
           "platform": platform.platform(), "python": platform.python_version(),
           "loadavg": os.getloadavg()}
@@ -27,7 +43,7 @@ def machine() -> dict:
 
 # Train steps run before timing, in both frameworks.  Beyond the first (compile)
 # call, XLA:CPU's per-run temporaries need a few steps before glibc's heap holds
-# a block that fits them (dropjax.backend.configure_host_allocator): up to three
+# a block that fits them (dropjax.xla_cpu.process.configure_host_allocator): up to three
 # of the first ~15 steps fault ~200 MB in (+~90 ms each), none after that.  A
 # training run takes thousands of steps, so the steady state is what is timed.
 TRAIN_WARMUP = 20

@@ -182,3 +182,52 @@ def spec_drop(key: Array, spec: DropSpec, x: Array) -> Array:
   if spec.mode == "none":
     return x
   return x * spec_mask(key, spec, jnp.shape(x), dtype=jnp.result_type(x))
+
+
+# --- exact-k pixel ablation (randomized ablation, Levine & Feizi 2020) ------
+
+ABLATION_ENCODINGS = ("zero", "doubled")
+
+
+def ablation_mask(key: Array, shape, keep: int, dtype=jnp.float32) -> Array:
+  """Keeps exactly ``keep`` of the ``H * W`` pixels, chosen uniformly without
+  replacement (all channels of a kept pixel kept).
+
+  ``shape`` is ``(..., H, W, C)``; every leading index gets its own subset from
+  ``key``.  Returns ``shape`` of 0/1 in ``dtype`` with exactly ``keep * C`` ones
+  per image.
+  """
+  shape = tuple(shape)
+  if len(shape) < 3:
+    raise ValueError(f"mask shape must be (..., H, W, C), got {shape}")
+  *lead, h, w, c = shape
+  if not 0 <= keep <= h * w:
+    raise ValueError(f"keep must be in [0, {h * w}] for {h}x{w} images, got {keep}")
+  u = jax.random.uniform(key, (int(np.prod(lead, dtype=np.int64)), h * w))
+  _, idx = jax.lax.top_k(u, keep)  # keep distinct positions, uniformly at random
+  flat = jax.vmap(lambda i: jnp.zeros((h * w,), dtype).at[i].set(1))(idx)
+  return jnp.broadcast_to(flat.reshape(*lead, h, w, 1), shape)
+
+
+def ablate(key: Array, x: Array, keep: int, encoding: str = "zero") -> Array:
+  """The ablated image a randomized-ablation classifier sees: ``keep`` pixels of
+  ``x`` (..., H, W, C) in [-1, 1] kept (:func:`ablation_mask`).
+
+  Encodings (:data:`ABLATION_ENCODINGS`):
+
+  * ``"zero"``: ``x ∘ M`` -- an ablated pixel is 0, the mid-grey of [-1, 1]
+    (what a pixel-dropping model is trained on: the paper-model variant);
+  * ``"doubled"`` (Levine & Feizi's encoding, which keeps ablated pixels
+    distinguishable from real values): ``2C`` channels, ``[v, 1 - v]`` with
+    ``v = (x + 1) / 2`` on the [0, 1] scale for kept pixels and ``[0, 0]`` for
+    ablated ones (the model's stem then takes 6 channels).
+  """
+  if encoding not in ABLATION_ENCODINGS:
+    raise ValueError(f"unknown ablation encoding {encoding!r}; choose one of "
+                     f"{ABLATION_ENCODINGS}")
+  _check_images(x)
+  m = ablation_mask(key, jnp.shape(x), keep, dtype=jnp.result_type(x))
+  if encoding == "zero":
+    return x * m
+  v = (x + 1) / 2
+  return jnp.concatenate([v * m, (1 - v) * m], axis=-1)
