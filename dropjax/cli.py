@@ -130,6 +130,7 @@ def run_command(prog: str, description: str | None, cls, run: Callable, argv=Non
   args = make_parser(prog, description, cls, extra=extra, epilog=epilog,
                      exclude=exclude).parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
   try:
     overrides = config_overrides(cls, args)
     cfg = make_config(args, overrides) if make_config else cls(**overrides)
