@@ -2,7 +2,12 @@
 
 The base classifier ``f`` sees an *ablated* image: exactly ``k`` of its
 ``d = H * W`` pixels, chosen uniformly without replacement (all channels of a
-kept pixel kept; :func:`dropjax.masks.ablate`).  The smoothed classifier is
+kept pixel kept; :func:`dropjax.masks.ablate`).  It is called as
+``logits_fn(variables, x * M, M)`` with the one-channel keep-mask ``M``: a
+model trained with Levine & Feizi's doubled encoding shows ablated pixels as
+``[0, 0]`` (:func:`dropjax.models.encode_doubled`); a pixel-dropping model of
+the paper (values encoding) sees them as 0, its own dropped value -- the
+paper-model variant (zero fill), certified by exactly the same bound.  The smoothed classifier is
 ``g(x) = argmax_c P(f(ablate(x)) = c)``.  If an attacker changes at most ``ρ``
 pixels, a random k-subset avoids all of them with probability
 ``C(d - ρ, k) / C(d, k)``, so every class probability moves by at most
@@ -119,33 +124,30 @@ def clopper_pearson_lower(successes: int, n: int, alpha: float) -> float:
 # --- sampling on the device -------------------------------------------------
 
 
+def _f(default, help_text: str, **kw):
+  return dataclasses.field(default=default, metadata={"help": help_text, **kw})
+
+
 @dataclasses.dataclass(frozen=True)
 class CertifyConfig:
   """Randomized-ablation certification.
 
   Attributes:
     keep: ``k``, pixels each sample keeps (of ``d = H * W``).
-    encoding: how ablated pixels are shown to the base classifier
-      (:data:`dropjax.masks.ABLATION_ENCODINGS`); ``"zero"`` is the paper-model
-      variant (``x ∘ M`` in ``[-1, 1]``, what a pixel-dropping model was trained on).
     n0: samples that pick the top class.
     n: samples that bound its probability.
     alpha: the certificate holds with probability at least ``1 - alpha``.
     samples_per_pass: samples per image evaluated in one compiled call (memory).
   """
-  keep: int = 75
-  encoding: str = "zero"
-  n0: int = 1000
-  n: int = 10_000
-  alpha: float = 0.05
-  samples_per_pass: int = 100
+  keep: int = _f(75, "k: pixels kept per sample, of d = H*W (Levine & Feizi, CIFAR-10: 75)")
+  n0: int = _f(1000, "samples per image that select the top class")
+  n: int = _f(10_000, "samples per image that bound its probability")
+  alpha: float = _f(0.05, "the certificate holds with probability >= 1 - alpha")
+  samples_per_pass: int = _f(100, "samples per image in one compiled call (memory)")
 
   def validate(self) -> "CertifyConfig":
-    if self.keep < 1:
+    if self.keep is not None and self.keep < 1:
       raise ValueError(f"keep must be >= 1, got {self.keep}")
-    if self.encoding not in masks.ABLATION_ENCODINGS:
-      raise ValueError(f"unknown ablation encoding {self.encoding!r}; choose one of "
-                       f"{masks.ABLATION_ENCODINGS}")
     if self.n0 < 1 or self.n < 1 or self.samples_per_pass < 1:
       raise ValueError("n0, n and samples_per_pass must be >= 1")
     if not 0 < self.alpha < 1:
@@ -167,9 +169,10 @@ def make_vote_counter(logits_fn: Callable, config: CertifyConfig) -> Callable:
   @jax.jit
   def one_pass(key, variables, x, index):
     keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i), s))(index)
-    xs = jax.vmap(lambda ks, xi: jax.vmap(
-        lambda kk: masks.ablate(kk, xi, config.keep, config.encoding))(ks))(keys, x)
-    logits = logits_fn(variables, xs.reshape((-1,) + xs.shape[2:]))
+    xs, ms = jax.vmap(lambda ks, xi: jax.vmap(
+        lambda kk: masks.ablate(kk, xi, config.keep))(ks))(keys, x)
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])
+    logits = logits_fn(variables, flat(xs), flat(ms))
     votes = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.int32)
     return votes.reshape(x.shape[0], s, -1).sum(1)
 
@@ -186,7 +189,10 @@ def make_vote_counter(logits_fn: Callable, config: CertifyConfig) -> Callable:
 def make_certify(logits_fn: Callable, config: CertifyConfig) -> Callable:
   """Builds ``certify(key, variables, x, index=None) -> dict`` of per-image arrays.
 
-  ``x`` float (B, H, W, C) in [-1, 1].  Returns ``prediction`` (B,) int
+  ``logits_fn(variables, x_ablated, keep) -> (N, C) logits`` is the base
+  classifier (``keep``: (N, H, W, 1) 0/1; see the module docstring).
+  ``x`` float (B, H, W, C) in [-1, 1]; ``index`` (B,) ints, the examples'
+  positions in the dataset (each one's randomness is ``fold_in(key, index)``).  Returns ``prediction`` (B,) int
   (``c_A``, or -1 when abstaining), ``p_lower`` (B,) float64, ``radius`` (B,)
   int (-1: abstain), ``votes_top`` and ``votes_n`` (B,) int.  ``n0`` and ``n``
   are rounded up to whole passes of ``samples_per_pass`` samples.

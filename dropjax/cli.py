@@ -7,7 +7,8 @@ metadata, the field's default shown), and every command runs through
 data, a corrupt checkpoint) prints ``error: ...`` on one line and exits 2.
 
 Commands: ``train.py`` (:class:`dropjax.config.TrainConfig`), ``evaluate.py``
-(:class:`dropjax.evaluation.EvalConfig`), ``python -m dropjax.explain``
+(:class:`dropjax.evaluation.EvalConfig`), ``certify.py``
+(:class:`dropjax.certification.CertifyRunConfig`), ``python -m dropjax.explain``
 (:class:`dropjax.explain.ExplainConfig`) and ``python -m dropjax.plots``
 (:class:`dropjax.plots.PlotsConfig`).
 """
@@ -149,8 +150,11 @@ def default_workdir(cfg, preset: str | None) -> str:
   if preset:
     name = preset
   else:
-    drop = {"none": "normal", "fixed": f"fixed{cfg.drop_rate:g}", "random": "random"}[cfg.drop]
+    drop = {"none": "normal", "fixed": f"fixed{cfg.drop_rate:g}", "random": "random",
+            "ablate": f"ablate{cfg.keep}"}[cfg.drop]
     name = f"{cfg.dataset}-resnet{cfg.depth}-{drop}"
+    if cfg.input_encoding != "values":
+      name += f"-{cfg.input_encoding}"
     if cfg.objective != "standard":
       name += f"-{cfg.objective}"
   if cfg.seed:
@@ -224,15 +228,28 @@ def latest_run(root: str = RUNS_DIR) -> str:
   return max(candidates)[1]
 
 
-def _evaluate_flags(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--workdir", default=None,
-                 help="training run directory (config.json + checkpoints/); default: the "
-                 "run under runs/ with the newest checkpoint (printed)")
-  p.add_argument("--out", default=None, help="output directory (default: <workdir>/eval)")
-  p.add_argument("--data_dir", default=None, help="override the run's data dir")
-  p.add_argument("--source", default=None, choices=["auto", "local", "tfds"],
-                 help="override the run's data source")
-  p.add_argument("--no_progress", action="store_true", help="disable progress bars")
+def _trained_run_flags(out_name: str) -> Callable[[argparse.ArgumentParser], None]:
+  """The flags of commands that read a trained run (evaluate, certify)."""
+
+  def add(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", default=None,
+                   help="training run directory (config.json + checkpoints/); default: "
+                   "the run under runs/ with the newest checkpoint (printed)")
+    p.add_argument("--out", default=None,
+                   help=f"output directory (default: <workdir>/{out_name})")
+    p.add_argument("--data_dir", default=None, help="override the run's data dir")
+    p.add_argument("--source", default=None, choices=["auto", "local", "tfds"],
+                   help="override the run's data source")
+    p.add_argument("--no_progress", action="store_true", help="disable progress bars")
+
+  return add
+
+
+def _trained_run(args, verb: str) -> str:
+  workdir = args.workdir or latest_run()
+  if not args.workdir:
+    print(f"{verb} the most recent run: {workdir}", file=sys.stderr)
+  return workdir
 
 
 EVAL_PRINTED = ("clean_accuracy_plain", "clean_accuracy_avg", "robust_accuracy_avg",
@@ -242,9 +259,7 @@ EVAL_PRINTED = ("clean_accuracy_plain", "clean_accuracy_avg", "robust_accuracy_a
 
 def _run_evaluate(ev, args) -> int:
   from dropjax import evaluation  # pylint: disable=g-import-not-at-top
-  workdir = args.workdir or latest_run()
-  if not args.workdir:
-    print(f"evaluating the most recent run: {workdir}", file=sys.stderr)
+  workdir = _trained_run(args, "evaluating")
   rows = evaluation.evaluate(workdir, ev, args.out, data_dir=args.data_dir,
                              source=args.source,
                              progress=False if args.no_progress else None)
@@ -257,4 +272,32 @@ def evaluate_main(argv=None, description: str | None = None) -> int:
   """``evaluate.py``: flags from :class:`dropjax.evaluation.EvalConfig`."""
   from dropjax.evaluation import EvalConfig  # pylint: disable=g-import-not-at-top
   return run_command("evaluate.py", description, EvalConfig, _run_evaluate, argv,
-                     extra=_evaluate_flags)
+                     extra=_trained_run_flags("eval"))
+
+
+# --- certify.py -------------------------------------------------------------
+
+
+CERTIFY_PRINTED = ("clean_accuracy_smoothed", "abstain_rate", "median_radius", "images_per_s")
+
+
+def _run_certify(cfg, args) -> int:
+  from dropjax import certification, plots  # pylint: disable=g-import-not-at-top
+  workdir = _trained_run(args, "certifying")
+  summary = certification.run(workdir, cfg, args.out, data_dir=args.data_dir,
+                              source=args.source,
+                              progress=False if args.no_progress else None)
+  out_dir = args.out or os.path.join(workdir, "certify")
+  curves = plots.certification_curves([out_dir])
+  for path in plots.plot_certified_accuracy(curves, out_dir, certification.PLOT_NAME):
+    print(path, file=sys.stderr)
+  keys = [k for k in summary if k.startswith("certified_accuracy_r")] + list(CERTIFY_PRINTED)
+  print(summary["setting"], " ".join(f"{k}={summary[k]:.4f}" for k in keys if k in summary))
+  return 0
+
+
+def certify_main(argv=None, description: str | None = None) -> int:
+  """``certify.py``: flags from :class:`dropjax.certification.CertifyRunConfig`."""
+  from dropjax.certification import CertifyRunConfig  # pylint: disable=g-import-not-at-top
+  return run_command("certify.py", description, CertifyRunConfig, _run_certify, argv,
+                     extra=_trained_run_flags("certify"))

@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from dropjax.masks import DROP_MODES, DropSpec
+from dropjax.models import INPUT_ENCODINGS
 
 OBJECTIVES = ("standard", "uniform_original", "uniform_noisy")
 SCHEDULES = ("cosine", "step")
@@ -44,11 +45,18 @@ class TrainConfig:
   half_precision: bool = _f(False, "bfloat16 compute with float32 params (GPU/TPU)")
   # Pixel dropping.
   drop: str = _f("none", "pixel dropping during training: none (normal "
-                 "training), fixed (rate --drop_rate) or random (r ~ U[0,1] "
-                 "per image per step)")
+                 "training), fixed (rate --drop_rate), random (r ~ U[0,1] "
+                 "per image per step) or ablate (exactly --keep whole pixels "
+                 "per image per step: randomized ablation, for certify.py)")
   drop_rate: float = _f(0.9, "drop rate r for --drop fixed")
   per_pixel: bool = _f(False, "drop all channels of a pixel together (the "
                        "paper drops single values)")
+  keep: int = _f(75, "--drop ablate: pixels kept per image, of H*W = 1024 "
+                 "(Levine & Feizi's CIFAR-10 setting: 75)")
+  input_encoding: str = _f("values", "how the model sees dropped pixels: values (a "
+                           "dropped value is 0, the paper) or doubled (Levine & Feizi: "
+                           "channels [v, 1-v] on the [0,1] scale for kept pixels, [0, 0] "
+                           "for ablated ones; 6-channel stem; needs --drop ablate)")
   objective: str = _f("standard", "training objective: standard, "
                       "uniform_original (paper's 'what if' (b): original "
                       "images pushed to uniform) or uniform_noisy ((c): noisy "
@@ -99,6 +107,13 @@ class TrainConfig:
         (self.width > 0, "width must be positive"),
         (self.drop in DROP_MODES, f"drop must be one of {DROP_MODES}, got {self.drop!r}"),
         (0.0 <= self.drop_rate <= 1.0, f"drop_rate must be in [0, 1], got {self.drop_rate}"),
+        (self.keep >= 1, f"keep must be >= 1, got {self.keep}"),
+        (self.input_encoding in INPUT_ENCODINGS,
+         f"input_encoding must be one of {INPUT_ENCODINGS}, got {self.input_encoding!r}"),
+        (self.input_encoding == "values" or self.drop == "ablate",
+         "--input_encoding doubled shows ablated pixels as [0, 0]: it needs --drop ablate"),
+        (self.objective == "standard" or self.drop != "ablate",
+         "the auxiliary objectives are defined for pixel dropping, not ablation"),
         (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
         (self.objective == "standard" or self.drop != "none",
          "the auxiliary objectives need pixel dropping (--drop fixed or random)"),
@@ -146,8 +161,16 @@ class TrainConfig:
 
   @property
   def drop_spec(self) -> DropSpec:
-    """The training-time :class:`dropjax.masks.DropSpec` (``drop``, ``drop_rate``, ``per_pixel``)."""
+    """The training-time :class:`dropjax.masks.DropSpec` (``drop``, ``drop_rate``,
+    ``per_pixel``; ``keep`` for ``ablate``)."""
+    if self.drop == "ablate":
+      return DropSpec.ablation(self.keep)
     return DropSpec(self.drop, self.drop_rate if self.drop == "fixed" else 0.0, self.per_pixel)
+
+  @property
+  def model_takes_mask(self) -> bool:
+    """Whether the model must be told which pixels are kept (``doubled`` encoding)."""
+    return self.input_encoding == "doubled"
 
   @property
   def use_hflip(self) -> bool:
@@ -157,7 +180,7 @@ class TrainConfig:
 
 # Fields that define the model and its checkpoint layout; a workdir's saved
 # config must agree on them to resume or evaluate.
-ARCHITECTURE_FIELDS = ("dataset", "depth", "width")
+ARCHITECTURE_FIELDS = ("dataset", "depth", "width", "input_encoding")
 
 _DROP_PRESETS = {"normal": dict(drop="none"),
                  "fixed": dict(drop="fixed", drop_rate=0.9),
@@ -178,6 +201,11 @@ def _build_presets() -> dict[str, dict[str, Any]]:
   for mode in ("uniform_original", "uniform_noisy"):
     presets[f"cifar10-resnet20-fixed-{mode}"] = {
         **presets["cifar10-resnet20-fixed"], "objective": mode}
+  # Randomized-ablation models for certification (Levine & Feizi: k = 75 on CIFAR-10).
+  for ds, epochs in (("cifar10", 180), ("gtsrb", 30)):
+    presets[f"{ds}-resnet20-ablate75"] = dict(dataset=ds, epochs=epochs, depth=20,
+                                             drop="ablate", keep=75,
+                                             input_encoding="doubled")
   # A few-minute CPU smoke run: real data, small subset, ResNet-8.
   presets["quick"] = dict(dataset="gtsrb", depth=8, drop="random", epochs=3,
                           train_examples=8192, batch_size=128, val_size=600,

@@ -40,21 +40,26 @@ def map_batches(fn: Callable[[dict], dict], arrays: dict[str, np.ndarray], batch
   return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def make_predict(logits_fn: Callable, drop: masks.DropSpec = masks.DropSpec()) -> Callable:
+def make_predict(logits_fn: Callable, drop: masks.DropSpec = masks.DropSpec(), *,
+                 pass_mask: bool = False) -> Callable:
   """Jitted ``predict(variables, batch, key) -> {"logits"}`` for uint8 batches.
 
-  Each image is dropped as ``drop`` says (:func:`dropjax.masks.spec_drop`); the
+  Each image is dropped as ``drop`` says (:func:`dropjax.masks.spec_mask`); the
   mask of example ``i`` comes from ``fold_in(key, index_i)`` so results do not
-  depend on the batch size.
+  depend on the batch size.  ``pass_mask``: also give the mask to the model as
+  ``logits_fn(variables, x, keep)`` (models with the doubled input encoding).
   """
 
   @jax.jit
   def predict(variables, batch, key):
     x = augment.to_float(batch["image"])
-    if drop.drops:
-      keys = jax.vmap(jax.random.fold_in, (None, 0))(key, batch["index"])
-      x = jax.vmap(lambda k, xi: masks.spec_drop(k, drop, xi))(keys, x)
-    return {"logits": logits_fn(variables, x)}
+    if not drop.drops:
+      return {"logits": logits_fn(variables, x)}
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, batch["index"])
+    m = jax.vmap(lambda k: masks.spec_mask(k, drop, x.shape[1:], x.dtype))(keys)
+    if pass_mask:
+      return {"logits": logits_fn(variables, x * m, m)}
+    return {"logits": logits_fn(variables, x * m)}
 
   return predict
 

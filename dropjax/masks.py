@@ -17,7 +17,10 @@ take the PRNG key first and are pure, so they work under ``jit`` and ``vmap``.
 The paper's three ways of dropping are one small spec, :class:`DropSpec`
 (``none``, ``fixed`` rate ``r``, or ``random``: ``r ~ U[0, 1]`` per image), and
 one function samples its rate and then its mask, :func:`spec_mask`; training,
-inference, the defense, the attacks and the evaluation all call it.
+inference, the defense, the attacks and the evaluation all call it.  The same
+spec names randomized ablation (``ablate``: exactly ``keep`` of the ``H * W``
+pixels kept, Levine & Feizi 2020; :func:`ablation_mask`), which training and
+certification (:mod:`dropjax.certify`) use.
 """
 from __future__ import annotations
 
@@ -110,42 +113,53 @@ def drop_pixels(key: Array, x: Array, rate, *, per_pixel: bool = False) -> Array
                          dtype=jnp.result_type(x))
 
 
-DROP_MODES = ("none", "fixed", "random")
+DROP_MODES = ("none", "fixed", "random", "ablate")
 
 
 @dataclasses.dataclass(frozen=True)
 class DropSpec:
-  """How pixels are dropped: the paper's three settings.
+  """How pixels are dropped: the paper's three settings, and randomized ablation.
 
   Attributes:
-    mode: ``"none"`` (no dropping), ``"fixed"`` (rate ``rate``) or
-      ``"random"`` (a rate ``r ~ U[0, 1]`` per image, then the mask).
+    mode: ``"none"`` (no dropping), ``"fixed"`` (rate ``rate``),
+      ``"random"`` (a rate ``r ~ U[0, 1]`` per image, then the mask) or
+      ``"ablate"`` (exactly ``keep`` whole pixels kept, :func:`ablation_mask`).
     rate: the drop rate of ``"fixed"`` (ignored otherwise), in ``[0, 1]``.
-    per_pixel: drop all channels of a pixel together (the paper drops single values).
+    per_pixel: drop all channels of a pixel together (the paper drops single
+      values; ``"ablate"`` always keeps whole pixels).
+    keep: pixels kept per image by ``"ablate"`` (ignored otherwise).
   """
   mode: str = "none"
   rate: float = 0.0
   per_pixel: bool = False
+  keep: int = 0
 
   def __post_init__(self):
     if self.mode not in DROP_MODES:
       raise ValueError(f"unknown drop mode {self.mode!r}; choose one of {DROP_MODES}")
     if not 0.0 <= float(self.rate) <= 1.0:
       raise ValueError(f"drop rate must be in [0, 1], got {self.rate}")
+    if self.mode == "ablate" and int(self.keep) < 1:
+      raise ValueError(f"ablation must keep at least one pixel, got keep={self.keep}")
 
   @classmethod
   def fixed(cls, rate: float, per_pixel: bool = False) -> "DropSpec":
     """Fixed rate ``rate`` (0 keeps everything)."""
     return cls("fixed", float(rate), per_pixel)
 
+  @classmethod
+  def ablation(cls, keep: int) -> "DropSpec":
+    """Exactly ``keep`` whole pixels kept per image (randomized ablation)."""
+    return cls("ablate", 0.0, True, int(keep))
+
   @property
   def drops(self) -> bool:
     """Whether any value can be dropped."""
-    return self.mode == "random" or (self.mode == "fixed" and self.rate > 0)
+    return self.mode in ("random", "ablate") or (self.mode == "fixed" and self.rate > 0)
 
   def describe(self) -> str:
     return {"none": "no dropping", "fixed": f"r = {self.rate:g}",
-            "random": "r ~ U[0, 1]"}[self.mode]
+            "random": "r ~ U[0, 1]", "ablate": f"k = {self.keep} pixels kept"}[self.mode]
 
 
 def spec_rates(key: Array, spec: DropSpec, batch_shape=()) -> Array:
@@ -161,10 +175,13 @@ def spec_mask(key: Array, spec: DropSpec, shape, dtype=jnp.float32) -> Array:
 
   Samples the rate first (``random``: one ``r ~ U[0, 1]`` per image, from the
   first half of ``split(key)``), then ``M ~ Bernoulli(1 - r)`` (:func:`sample_mask`,
-  from the second half; ``fixed`` uses ``key`` itself).  ``none`` is all ones.
+  from the second half; ``fixed`` uses ``key`` itself).  ``none`` is all ones;
+  ``ablate`` is :func:`ablation_mask` with ``spec.keep`` from ``key``.
   Returns ``shape`` of 0/1 in ``dtype``.
   """
   shape = tuple(shape)
+  if spec.mode == "ablate":
+    return ablation_mask(key, shape, spec.keep, dtype)
   if spec.mode == "none":
     if len(shape) < 3:
       raise ValueError(f"mask shape must be (..., H, W, C), got {shape}")
@@ -185,8 +202,6 @@ def spec_drop(key: Array, spec: DropSpec, x: Array) -> Array:
 
 
 # --- exact-k pixel ablation (randomized ablation, Levine & Feizi 2020) ------
-
-ABLATION_ENCODINGS = ("zero", "doubled")
 
 
 def ablation_mask(key: Array, shape, keep: int, dtype=jnp.float32) -> Array:
@@ -209,25 +224,15 @@ def ablation_mask(key: Array, shape, keep: int, dtype=jnp.float32) -> Array:
   return jnp.broadcast_to(flat.reshape(*lead, h, w, 1), shape)
 
 
-def ablate(key: Array, x: Array, keep: int, encoding: str = "zero") -> Array:
-  """The ablated image a randomized-ablation classifier sees: ``keep`` pixels of
-  ``x`` (..., H, W, C) in [-1, 1] kept (:func:`ablation_mask`).
+def ablate(key: Array, x: Array, keep: int) -> tuple[Array, Array]:
+  """Randomized ablation of images ``x`` (..., H, W, C) in [-1, 1].
 
-  Encodings (:data:`ABLATION_ENCODINGS`):
-
-  * ``"zero"``: ``x ∘ M`` -- an ablated pixel is 0, the mid-grey of [-1, 1]
-    (what a pixel-dropping model is trained on: the paper-model variant);
-  * ``"doubled"`` (Levine & Feizi's encoding, which keeps ablated pixels
-    distinguishable from real values): ``2C`` channels, ``[v, 1 - v]`` with
-    ``v = (x + 1) / 2`` on the [0, 1] scale for kept pixels and ``[0, 0]`` for
-    ablated ones (the model's stem then takes 6 channels).
+  Returns ``(x * M, M[..., :1])``: the images with all but ``keep`` pixels set
+  to 0 (the mid-grey of [-1, 1]; :func:`ablation_mask`) and the keep-mask, one
+  channel, float 0/1.  How a model shows ablated pixels (as 0 values, or in
+  Levine & Feizi's doubled encoding, which needs the mask) is the model's input
+  encoding (:class:`dropjax.models.CifarResNet`).
   """
-  if encoding not in ABLATION_ENCODINGS:
-    raise ValueError(f"unknown ablation encoding {encoding!r}; choose one of "
-                     f"{ABLATION_ENCODINGS}")
   _check_images(x)
   m = ablation_mask(key, jnp.shape(x), keep, dtype=jnp.result_type(x))
-  if encoding == "zero":
-    return x * m
-  v = (x + 1) / 2
-  return jnp.concatenate([v * m, (1 - v) * m], axis=-1)
+  return x * m, m[..., :1]

@@ -11,7 +11,11 @@ so published PyTorch weights map one-to-one.  Convolutions carry no bias.
 
 The model maps images ``(B, H, W, 3)`` (any float dtype; the project feeds
 values in ``[-1, 1]``) to logits ``(B, num_classes)`` in float32, with no
-built-in preprocessing.
+built-in preprocessing.  How it sees dropped pixels is its ``input_encoding``:
+``"values"`` (the paper: a dropped value is simply 0) or ``"doubled"``
+(randomized ablation, Levine & Feizi 2020: the stem takes ``2C`` channels
+:func:`encode_doubled`, so ablated pixels differ from every real value; the
+keep-mask is passed as ``keep``).
 
 As in flax's ``examples/imagenet``, the layers are module attributes:
 ``conv`` (default ``nn.Conv``), ``norm`` (default ``nn.BatchNorm``) and
@@ -34,6 +38,22 @@ ModuleDef = Any
 # PyTorch's kaiming_normal_ (fan_in, gain sqrt(2)), the He et al. init.
 he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 PAD1 = ((1, 1), (1, 1))
+INPUT_ENCODINGS = ("values", "doubled")
+
+
+def encode_doubled(x, keep=None):
+  """Levine & Feizi's ablation encoding: ``[v * M, (1 - v) * M]`` on the [0, 1]
+  scale, ``v = (x + 1) / 2``.
+
+  ``x`` (B, H, W, C) in [-1, 1]; ``keep`` 0/1 of shape (B, H, W, 1) or
+  (B, H, W, C) (``None``: every pixel kept).  Returns (B, H, W, 2C): a kept
+  pixel is ``[v, 1 - v]`` (its channels sum to 1), an ablated one ``[0, 0]``.
+  """
+  v = (x + 1) / 2
+  if keep is None:
+    return jnp.concatenate([v, 1 - v], axis=-1)
+  keep = keep.astype(x.dtype)
+  return jnp.concatenate([v * keep, (1 - v) * keep], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +110,8 @@ class CifarResNet(nn.Module):
     norm: batch-norm module (``nn.BatchNorm`` signature).
     block_input: function applied to each residual block's input; it must
       return its argument's values (e.g. a compiler fusion barrier).
+    input_encoding: ``"values"`` (``x * keep``; 3-channel stem) or
+      ``"doubled"`` (:func:`encode_doubled`; 6-channel stem).
   """
   depth: int = 20
   num_classes: int = 10
@@ -99,13 +121,23 @@ class CifarResNet(nn.Module):
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
   block_input: Callable | None = None
+  input_encoding: str = "values"
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, keep=None):
+    """``x`` (B, H, W, C) in [-1, 1]; ``keep`` an optional 0/1 keep-mask
+    (B, H, W, 1) or (B, H, W, C) of the pixels shown (``None``: all)."""
     if (self.depth - 2) % 6 != 0 or self.depth < 8:
       raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {self.depth}")
     if x.ndim != 4:
       raise ValueError(f"expected images of shape (B, H, W, C), got {x.shape}")
+    if self.input_encoding not in INPUT_ENCODINGS:
+      raise ValueError(f"unknown input encoding {self.input_encoding!r}; choose one of "
+                       f"{INPUT_ENCODINGS}")
+    if self.input_encoding == "doubled":
+      x = encode_doubled(x, keep)
+    elif keep is not None:
+      x = x * keep.astype(x.dtype)
     n = (self.depth - 2) // 6
     conv = functools.partial(self.conv, padding=PAD1, use_bias=False,
                              kernel_init=he_normal, dtype=self.dtype)
@@ -129,8 +161,10 @@ class CifarResNet(nn.Module):
 
 def resnet(depth: int, num_classes: int, *, width: int = 16, half_precision: bool = False,
            bn_axis_name: str | None = None, conv: ModuleDef = nn.Conv,
-           norm: ModuleDef = nn.BatchNorm, block_input: Callable | None = None) -> CifarResNet:
+           norm: ModuleDef = nn.BatchNorm, block_input: Callable | None = None,
+           input_encoding: str = "values") -> CifarResNet:
   """Builds a CIFAR ResNet; ``half_precision`` computes in bfloat16."""
   return CifarResNet(depth=depth, num_classes=num_classes, width=width,
                      dtype=jnp.bfloat16 if half_precision else jnp.float32,
-                     bn_axis_name=bn_axis_name, conv=conv, norm=norm, block_input=block_input)
+                     bn_axis_name=bn_axis_name, conv=conv, norm=norm, block_input=block_input,
+                     input_encoding=input_encoding)

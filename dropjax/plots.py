@@ -9,7 +9,9 @@ writes (PNG and SVG):
 * ``robust_vs_drop_rate_<norm>``: robust accuracy with and without rejection vs
   the drop rate, per norm (Figs. 5/6);
 * ``table.md``: a Table-1-style markdown table (per model and norm: clean
-  accuracy, robust accuracy without / with rejection).
+  accuracy, robust accuracy without / with rejection);
+* ``certified_accuracy``: certified accuracy vs L0 radius, one line per
+  certification setting (``certify.py`` output directories, from their rows).
 """
 from __future__ import annotations
 
@@ -99,10 +101,49 @@ def markdown_table(rows: list[dict]) -> str:
   return head + "\n".join(lines) + "\n"
 
 
+def certification_label(summary: dict) -> str:
+  train = (f"ablation k={summary['train_keep']}, {summary['input_encoding']}"
+           if summary.get("train_drop") == "ablate" else
+           {"none": "normal", "fixed": "fixed r", "random": "random r"}.get(
+               summary.get("train_drop"), summary.get("train_drop")))
+  return (f"{summary['dataset']} ResNet-{summary['depth']} ({train}), "
+          f"k={summary['keep']}, n={summary['n']}")
+
+
+def plot_certified_accuracy(curves: dict[str, list[dict]], out_dir: str,
+                            name: str = "certified_accuracy") -> list[str]:
+  """Certified accuracy vs radius from certification rows, one line per label."""
+  from dropjax.certification import certified_curve  # pylint: disable=g-import-not-at-top
+  if not curves:
+    return []
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for label, rows in sorted(curves.items()):
+    radii, acc = certified_curve(rows)
+    ax.step(radii, acc, where="post", label=label)
+  ax.set(xlabel="L0 radius ρ (pixels)", ylabel="certified accuracy", ylim=(0, 1))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  return save_figure(fig, out_dir, name)
+
+
+def certification_curves(paths: list[str]) -> dict[str, list[dict]]:
+  """``{label: rows}`` for the certification settings among ``paths``."""
+  curves = {}
+  for p in paths:
+    d = p if os.path.isdir(p) else os.path.dirname(p)
+    for summary in read_summaries([p]):
+      if "n0" in summary:
+        curves[certification_label(summary)] = files.read_jsonl(
+            os.path.join(d, summary["setting"], "rows.jsonl"))
+  return curves
+
+
 def render(paths: list[str], out_dir: str) -> list[str]:
-  rows = read_summaries(paths)
+  all_rows = read_summaries(paths)
+  rows = [r for r in all_rows if "n0" not in r]  # evaluation summaries
   os.makedirs(out_dir, exist_ok=True)
   written = plot_clean_vs_rate(rows, out_dir) + plot_robust_vs_rate(rows, out_dir)
+  written += plot_certified_accuracy(certification_curves(paths), out_dir)
   table = os.path.join(out_dir, "table.md")
   files.write_atomic(table, markdown_table(rows))
   return written + [table]
@@ -112,7 +153,8 @@ def render(paths: list[str], out_dir: str) -> list[str]:
 class PlotsConfig:
   """``python -m dropjax.plots`` (every field a flag)."""
   inputs: tuple = dataclasses.field(default=(), metadata={
-      "help": "eval dirs or summary.jsonl files (globs ok)", "positional": True})
+      "help": "eval or certify dirs, or their summary.jsonl files (globs ok)",
+      "positional": True})
   out: str = dataclasses.field(default="figures", metadata={
       "help": "output directory for PNG/SVG/markdown"})
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dropjax import certify, masks
+from dropjax import certify, models, masks
 
 KEY = jax.random.PRNGKey(0)
 
@@ -65,23 +65,53 @@ def test_ablation_is_uniform_over_pixels():
   assert np.all(np.abs(freq - 0.25) < 0.03)
 
 
-def test_ablate_encodings():
+def test_ablate_and_the_doubled_encoding():
   x = jax.random.uniform(KEY, (2, 8, 8, 3), minval=-1, maxval=1)
-  z = masks.ablate(KEY, x, 20, "zero")
+  z, keep = masks.ablate(KEY, x, 20)
   m = masks.ablation_mask(KEY, x.shape, 20)
   np.testing.assert_array_equal(z, x * m)
-  dbl = np.asarray(masks.ablate(KEY, x, 20, "doubled"))
+  np.testing.assert_array_equal(keep, m[..., :1])
+  dbl = np.asarray(models.encode_doubled(x, keep))
   assert dbl.shape == (2, 8, 8, 6)
   kept = np.asarray(m[..., 0]) == 1
   v = (np.asarray(x) + 1) / 2
   np.testing.assert_allclose(dbl[kept][:, :3] + dbl[kept][:, 3:], 1.0, rtol=1e-6)  # [v, 1-v]
   np.testing.assert_allclose(dbl[kept][:, :3], v[kept], rtol=1e-6)
   assert np.all(dbl[~kept] == 0)  # ablated: [0, 0], distinct from any real value
-  with pytest.raises(ValueError, match="unknown ablation encoding"):
-    masks.ablate(KEY, x, 20, "mean")
+  # A real pixel is never [0, 0]: its two halves sum to 1.
+  np.testing.assert_allclose(np.asarray(models.encode_doubled(x)).reshape(-1, 2, 3).sum(1), 1,
+                             rtol=1e-6)
 
 
-def _class_of_brightness(v, x):
+def test_doubled_model_has_a_six_channel_stem_and_sees_the_mask():
+  model = models.resnet(8, 5, width=4, input_encoding="doubled")
+  x = jax.random.uniform(KEY, (3, 8, 8, 3), minval=-1, maxval=1)
+  variables = model.init(KEY, x)
+  assert variables["params"]["stem"]["kernel"].shape == (3, 3, 6, 4)
+  z, keep = masks.ablate(KEY, x, 10)
+  # Same kept values, different masks: a values model cannot tell them apart when
+  # the ablated pixels happen to be 0; the doubled model can.
+  zero_img = jnp.zeros_like(x)
+  plain = models.resnet(8, 5, width=4)
+  pv = plain.init(KEY, x)
+  np.testing.assert_array_equal(plain.apply(pv, zero_img, keep=keep), plain.apply(pv, zero_img))
+  assert not np.allclose(model.apply(variables, zero_img, keep=keep),
+                         model.apply(variables, zero_img))
+  with pytest.raises(ValueError, match="unknown input encoding"):
+    models.resnet(8, 5, input_encoding="mean").init(KEY, x)
+
+
+def test_ablation_drop_spec_is_one_vocabulary():
+  spec = masks.DropSpec.ablation(12)
+  assert spec.drops and spec.describe() == "k = 12 pixels kept"
+  m = np.asarray(masks.spec_mask(KEY, spec, (5, 6, 6, 3)))
+  np.testing.assert_array_equal(m[..., 0].sum((1, 2)), 12)
+  np.testing.assert_array_equal(m, masks.ablation_mask(KEY, (5, 6, 6, 3), 12))
+  with pytest.raises(ValueError, match="at least one pixel"):
+    masks.DropSpec("ablate", keep=0)
+
+
+def _class_of_brightness(v, x, keep=None):
   """A fixed classifier: class 1 when the kept pixels are mostly bright."""
   s = jnp.sum(x, axis=(1, 2, 3))
   return jnp.stack([-s, s], -1) * v
@@ -107,3 +137,21 @@ def test_certify_end_to_end_is_deterministic_and_sound():
   np.testing.assert_array_equal(alone["votes_top"], a["votes_top"][:1])
   with pytest.raises(ValueError, match="exceeds"):
     certify.make_certify(_class_of_brightness, cfg.__class__(keep=65, n0=1, n=1))(KEY, 1.0, x)
+
+
+def test_votes_depend_on_the_key_and_the_index_only():
+  """A classifier that reads where the kept pixels are: its votes change with the
+  key, not with the batch the image is in."""
+  def left_half(v, x, keep):
+    s = keep[..., :4, 0].sum((1, 2)) - keep[..., 4:, 0].sum((1, 2))
+    return jnp.stack([-s, s], -1)
+
+  cfg = certify.CertifyConfig(keep=8, n0=1, n=200, samples_per_pass=50)
+  count = certify.make_vote_counter(left_half, cfg)
+  x = jnp.zeros((3, 8, 8, 3))
+  a = np.asarray(count(KEY, None, x, 200))
+  b = np.asarray(count(jax.random.PRNGKey(1), None, x, 200))
+  assert a.sum() == b.sum() == 3 * 200
+  assert not np.array_equal(a, b)
+  np.testing.assert_array_equal(np.asarray(count(KEY, None, x[1:2], 200, index=[1])), a[1:2])
+  assert len({tuple(r) for r in a}) > 1  # each image its own samples

@@ -72,7 +72,7 @@ def test_valid_inputs_pass_and_jit_checks_only_shapes_and_dtypes():
 # Modules that state the paper's method; they must not depend on a backend.
 PAPER_MODULES = ["dropjax/models.py", "dropjax/masks.py", "dropjax/defense.py",
                  "dropjax/objectives.py", "dropjax/attacks/pgd.py", "dropjax/attacks/norms.py",
-                 "dropjax/attacks/losses.py", "dropjax/attacks/presets.py"]
+                 "dropjax/attacks/losses.py", "dropjax/attacks/presets.py", "dropjax/certify.py"]
 ALLOWED_ROOTS = {"__future__", "dataclasses", "functools", "math", "typing", "jax", "flax",
                  "numpy", "chex", "dropjax"}
 BACKEND_SPECIFIC = ("dropjax.xla_cpu", "dropjax.backend")

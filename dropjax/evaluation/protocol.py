@@ -97,8 +97,11 @@ class EvalConfig:
     return self
 
 
-def default_drop_rate(train_cfg: TrainConfig) -> float:
-  """Test-time drop rate: the training rate (fixed), 0.5 (random), 0 (normal)."""
+def default_drop_rate(train_cfg: TrainConfig, num_pixels: int) -> float:
+  """Test-time drop rate: the training rate (fixed), 0.5 (random), 0 (normal),
+  ``1 - keep / num_pixels`` (ablation models with the values encoding)."""
+  if train_cfg.drop == "ablate":
+    return 1.0 - train_cfg.keep / num_pixels
   return {"fixed": train_cfg.drop_rate, "random": 0.5, "none": 0.0}[train_cfg.drop]
 
 
@@ -261,11 +264,16 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
   ev.validate()
   backend = backend or backend_lib.resolve()
   train_cfg, variables, logits_fn, data = load_model(workdir, data_dir, source, backend)
+  if train_cfg.model_takes_mask:
+    raise ValueError(f"{workdir} is a randomized-ablation model with the doubled input "
+                     "encoding: it is certified (python certify.py --workdir ...), not "
+                     "defended by pixel dropping")
   out_dir = out_dir or os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   test = data.test.take(ev.num_examples or None)
   contracts.check_labels(test.y, data.num_classes, name="test labels")
-  rates = list(ev.drop_rates) if ev.drop_rates else [default_drop_rate(train_cfg)]
+  rates = list(ev.drop_rates) if ev.drop_rates else [default_drop_rate(
+      train_cfg, data.image_shape[0] * data.image_shape[1])]
   if ev.norm == "none":
     eps_list = [0.0]
   else:

@@ -63,7 +63,8 @@ def make_evaluator(config: TrainConfig, logits_fn):
   """``evaluate(variables, split, key) -> dict``: clean accuracy and accuracy at
   the run's drop rate (single mask).  Compiled once per run."""
   clean = inference.make_predict(logits_fn)
-  dropped = (inference.make_predict(logits_fn, config.drop_spec)
+  dropped = (inference.make_predict(logits_fn, config.drop_spec,
+                                    pass_mask=config.model_takes_mask)
              if config.drop_spec.drops else None)
 
   def evaluate(variables, split, key) -> dict:

@@ -52,12 +52,13 @@ def per_example_loss(config: TrainConfig, apply_logits: Callable, x: Array,
                      x_dropped: Array, m: Array, keys: Array, labels: Array):
   """Per-example objective (B,) and the logits of the dropped images.
 
-  ``apply_logits(images) -> logits`` runs the model in training mode on one
-  batch; auxiliary inputs are concatenated into that single batch so that
-  batch norm sees them together.
+  ``apply_logits(images, keep=None) -> logits`` runs the model in training
+  mode on one batch (``keep``: the masks, for a model whose input encoding
+  needs them); auxiliary inputs are concatenated into that single batch so
+  that batch norm sees them together.
   """
   if config.objective == "standard":
-    logits = apply_logits(x_dropped)
+    logits = apply_logits(x_dropped, m if config.model_takes_mask else None)
     return objectives.cross_entropy(logits, labels), logits
   if config.objective == "uniform_original":
     aux_in = x
@@ -85,9 +86,9 @@ def make_train_step(config: TrainConfig, model, tx, axis_name: str | None = None
     def loss_fn(params):
       new_stats = {}
 
-      def apply_logits(images):
+      def apply_logits(images, keep=None):
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                      images, train=True, mutable=["batch_stats"])
+                                      images, train=True, keep=keep, mutable=["batch_stats"])
         new_stats["batch_stats"] = updates["batch_stats"]
         return logits
 
@@ -114,14 +115,16 @@ def make_train_step(config: TrainConfig, model, tx, axis_name: str | None = None
 
 
 def make_logits_fn(model) -> Callable:
-  """``logits_fn(variables, x) -> logits``: inference-mode forward pass.
+  """``logits_fn(variables, x, keep=None) -> logits``: inference-mode forward pass.
 
   ``variables`` = ``{"params", "batch_stats"}``; ``x`` float ``(B, H, W, C)`` in
-  [-1, 1]; logits float32 ``(B, num_classes)``.  Attacks and the defense use
-  this signature.
+  [-1, 1]; ``keep`` an optional 0/1 mask of the pixels shown (for models with
+  the doubled input encoding; see :class:`dropjax.models.CifarResNet`); logits
+  float32 ``(B, num_classes)``.  Attacks and the defense call it as
+  ``logits_fn(variables, x)``; certification passes ``keep``.
   """
 
-  def logits_fn(variables, x):
-    return model.apply(variables, x, train=False)
+  def logits_fn(variables, x, keep=None):
+    return model.apply(variables, x, train=False, keep=keep)
 
   return logits_fn

@@ -1,0 +1,170 @@
+"""Randomized-ablation training (--drop ablate) and the certify command."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from dropjax import certification, certify, cli, files, plots
+from dropjax.config import from_preset
+from dropjax.training import checkpoint as ckpt_lib
+from dropjax.training import loop, state as state_lib, step as step_lib
+
+KEY = jax.random.PRNGKey(0)
+
+
+def small(**kw):
+  """A fast certification: few samples, small passes."""
+  base = dict(n0=20, n=200, samples_per_pass=20, num_examples=12, batch_size=4, alpha=0.05)
+  base.update(kw)
+  return certification.CertifyRunConfig(**base).validate()
+
+
+@pytest.fixture(scope="module")
+def ablation_workdir(tiny_data_dir, tmp_path_factory):
+  """A tiny ResNet trained by ablation (k = 300 of 1024 pixels, doubled encoding)."""
+  wd = str(tmp_path_factory.mktemp("ablate"))
+  cfg = tiny_config(tiny_data_dir, drop="ablate", keep=300, input_encoding="doubled",
+                    epochs=3, eval_every_epochs=0)
+  result = loop.train(cfg, wd, progress=False)
+  assert result["finished"]
+  return wd
+
+
+def test_ablation_training_sees_exactly_k_pixels_fresh_each_step():
+  cfg = from_preset(None, drop="ablate", keep=20, crop_pad=0, input_encoding="doubled")
+  rng = np.random.RandomState(0)
+  batch = {"image": rng.randint(1, 256, (64, 8, 8, 3)).astype(np.uint8),
+           "label": np.zeros(64, np.int32), "index": np.arange(64, dtype=np.int32)}
+  x, xd, m, _ = step_lib.prepare_inputs(cfg, KEY, jnp.int32(3), batch)
+  m = np.asarray(m)
+  np.testing.assert_array_equal(m[..., 0].sum((1, 2)), 20)  # exactly k pixels per image
+  np.testing.assert_array_equal(m, np.broadcast_to(m[..., :1], m.shape))  # whole pixels
+  np.testing.assert_array_equal(np.asarray(xd), np.asarray(x) * m)
+  assert len({m[i].tobytes() for i in range(64)}) == 64  # a subset per image
+  _, _, m4, _ = step_lib.prepare_inputs(cfg, KEY, jnp.int32(4), batch)
+  assert not np.array_equal(m, np.asarray(m4))  # and per step
+
+
+def test_doubled_model_trains_on_the_mask(ablation_workdir):
+  cfg = ckpt_lib.load_config(ablation_workdir)
+  assert cfg.drop == "ablate" and cfg.input_encoding == "doubled" and cfg.model_takes_mask
+  model = state_lib.make_model(cfg, 43)  # the GTSRB head, whatever the tiny labels
+  template = state_lib.create_state(KEY, model, state_lib.make_optimizer(cfg, 1), (32, 32, 3))
+  ck = ckpt_lib.Checkpointer(ablation_workdir)
+  state = ck.restore(template)
+  ck.close()
+  assert state.params["stem"]["kernel"].shape[2] == 6
+  # The gradient of the train step reaches the stem's second half (the [1 - v]
+  # channels), which only the doubled encoding feeds.
+  tx = state_lib.make_optimizer(cfg, 10)
+  train_step = jax.jit(step_lib.make_train_step(cfg, model, tx))
+  rng = np.random.RandomState(1)
+  batch = {"image": rng.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8),
+           "label": rng.randint(0, 4, 8).astype(np.int32), "index": np.arange(8, dtype=np.int32)}
+  new, _ = train_step(state, batch, KEY)
+  moved = np.abs(np.asarray(new.params["stem"]["kernel"] - state.params["stem"]["kernel"]))
+  assert moved[:, :, 3:].max() > 0
+
+
+def test_encoding_is_part_of_the_architecture(ablation_workdir, tiny_data_dir):
+  cfg = tiny_config(tiny_data_dir, drop="ablate", keep=300, input_encoding="values")
+  with pytest.raises(ckpt_lib.CheckpointError, match="input_encoding"):
+    loop.train(cfg, ablation_workdir, progress=False)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(input_encoding="doubled"), "needs --drop ablate"),
+                                    (dict(drop="ablate", keep=0), "keep must be"),
+                                    (dict(input_encoding="mean"), "input_encoding must be"),
+                                    (dict(drop="ablate", objective="uniform_original"),
+                                     "not ablation")])
+def test_bad_ablation_configs(kw, msg):
+  with pytest.raises(ValueError, match=msg):
+    from_preset(None, **kw)
+
+
+def test_rows_complete_and_summary_is_their_aggregate(ablation_workdir, tmp_path):
+  summary = certification.run(ablation_workdir, small(), str(tmp_path), progress=False)
+  rows = files.read_jsonl(str(tmp_path / summary["setting"] / "rows.jsonl"))
+  assert [r["index"] for r in rows] == list(range(12))
+  assert summary["keep"] == 300  # the run's k
+  for r in rows:
+    assert r["votes_n"] == 200 and 0 <= r["votes_top"] <= 200
+    assert r["abstained"] == (r["radius"] < 0) == (r["prediction"] < 0)
+    assert r["correct"] == (r["prediction"] == r["label"])
+    if not r["abstained"]:  # the radius is the bound's, recomputed independently
+      p = certify.clopper_pearson_lower(r["votes_top"], 200, 0.05)
+      assert r["p_lower"] == pytest.approx(p) and r["radius"] == certify.certified_radius(
+          p, 1024, 300)
+  want = certify.summarize(rows, (0, 1, 2, 5, 10))
+  assert {k: summary[k] for k in want} == want
+
+
+def test_resume_by_chunk_and_chunk_size_give_identical_rows(ablation_workdir, tmp_path):
+  full = certification.run(ablation_workdir, small(), str(tmp_path / "a"), progress=False)
+  assert certification.run(ablation_workdir, small(), str(tmp_path / "b"), progress=False,
+                           stop_after_chunks=1) is None
+  assert len(os.listdir(tmp_path / "b" / full["setting"])) == 1  # one chunk, no rows yet
+  resumed = certification.run(ablation_workdir, small(), str(tmp_path / "b"), progress=False)
+  other = certification.run(ablation_workdir, small(batch_size=5), str(tmp_path / "c"),
+                            progress=False)
+  rows = [files.read_jsonl(str(tmp_path / d / full["setting"] / "rows.jsonl"))
+          for d in ("a", "b", "c")]
+  assert rows[0] == rows[1] == rows[2]
+  assert resumed["median_radius"] == full["median_radius"] == other["median_radius"]
+  assert certification.setting_id(small(keep=300, seed=1), 1) != full["setting"]
+
+
+def test_paper_model_certified_with_zero_fill(tiny_workdir, tmp_path):
+  """A pixel-dropping model (values encoding) is certified with the k it is given."""
+  summary = certification.run(tiny_workdir, small(keep=500, num_examples=4), str(tmp_path),
+                              progress=False)
+  assert summary["keep"] == 500 and summary["train_drop"] == "fixed"
+  assert summary["input_encoding"] == "values"
+
+
+def test_certified_curve_and_plot(tmp_path):
+  rows = [dict(radius=3, correct=True), dict(radius=0, correct=True),
+          dict(radius=5, correct=False), dict(radius=-1, correct=False)]
+  radii, acc = certification.certified_curve(rows)
+  np.testing.assert_array_equal(radii, [0, 1, 2, 3])
+  np.testing.assert_allclose(acc, [0.5, 0.25, 0.25, 0.25])
+  import matplotlib.pyplot as plt
+  drawn = {}
+  orig = plt.Axes.step
+
+  def spy(self, x, y, *a, **kw):
+    drawn[kw.get("label")] = (np.asarray(x), np.asarray(y))
+    return orig(self, x, y, *a, **kw)
+
+  plt.Axes.step = spy
+  try:
+    paths = plots.plot_certified_accuracy({"m": rows}, str(tmp_path))
+  finally:
+    plt.Axes.step = orig
+  assert sorted(os.path.basename(p) for p in paths) == ["certified_accuracy.png",
+                                                        "certified_accuracy.svg"]
+  np.testing.assert_allclose(drawn["m"][1], acc)
+
+
+def test_certify_cli_end_to_end_and_errors(ablation_workdir, tmp_path, capsys):
+  out = str(tmp_path / "cli")
+  args = ["--workdir", ablation_workdir, "--out", out, "--n0", "10", "--n", "40",
+          "--samples_per_pass", "10", "--num_examples", "3", "--batch_size", "3",
+          "--no_progress"]
+  assert cli.certify_main(args) == 0
+  printed = capsys.readouterr().out
+  assert "certified_accuracy_r0=" in printed and "median_radius=" in printed
+  assert os.path.isfile(os.path.join(out, "certified_accuracy.png"))
+  assert os.path.isfile(os.path.join(out, "summary.jsonl"))
+  # Rendering again from the rows with the plots command finds the setting.
+  assert plots.certification_curves([out])
+  assert cli.certify_main(args[:-1] + ["--keep", "2000", "--no_progress"]) == 2
+  assert "exceeds the 1024 pixels" in capsys.readouterr().err
+  assert cli.certify_main(["--workdir", str(tmp_path / "none"), "--no_progress"]) == 2
+  # A doubled-encoding model is not a pixel-dropping defense: evaluate.py says so.
+  assert cli.evaluate_main(["--workdir", ablation_workdir, "--norm", "none",
+                            "--out", str(tmp_path / "ev"), "--no_progress"]) == 2
+  assert "certify.py" in capsys.readouterr().err
