@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dropjax import backend as backend_lib
-from dropjax import contracts, defense, inference
+from dropjax import contracts, defense, inference, pretrained
 from dropjax.attacks import AttackConfig, best_of, make_pgd, paper_attack
 from dropjax.attacks import norms as norms_lib
 from dropjax.config import TrainConfig
@@ -111,7 +111,8 @@ def setting_id(norm: str, eps: float, rate: float) -> str:
 
 def load_model(workdir: str, data_dir: str | None = None, source: str | None = None,
                backend: backend_lib.Backend | None = None):
-  """(train config, variables, logits_fn, dataset) of the run in ``workdir``.
+  """(train config, variables, logits_fn, dataset) of the run in ``workdir``
+  (a training workdir, or a packaged model, :mod:`dropjax.pretrained`).
 
   ``logits_fn`` is the inference-mode model built from ``backend``'s layers
   (default :func:`dropjax.backend.resolve`)."""
@@ -126,6 +127,9 @@ def load_model(workdir: str, data_dir: str | None = None, source: str | None = N
   model = state_lib.make_model(cfg, data.num_classes, backend.layers(train=False))
   tx = state_lib.make_optimizer(cfg, 1)
   template = state_lib.create_state(jax.random.PRNGKey(0), model, tx, data.image_shape)
+  if pretrained.is_packaged(workdir):  # pretrained/NAME: verified variables only
+    return cfg, pretrained.read_variables(workdir, template.variables), \
+        step_lib.make_logits_fn(model), data
   checkpointer = ckpt_lib.Checkpointer(workdir)
   try:
     state = checkpointer.restore(template)

@@ -1,0 +1,83 @@
+"""Packaged models (dropjax.pretrained): export, verified loading, and the committed ones."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dropjax import cli, pretrained
+from dropjax.data import load_dataset
+from dropjax.evaluation import load_model
+from dropjax.training import checkpoint as ckpt_lib
+
+COMMITTED = sorted(os.listdir(pretrained.REPO_DIR)) if os.path.isdir(pretrained.REPO_DIR) else []
+
+
+@pytest.fixture(scope="module")
+def packaged(tiny_workdir, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("pre") / "tiny")
+  manifest = pretrained.export(pretrained.ExportConfig(workdir=tiny_workdir, out=out,
+                                                       command="tiny", check_examples=20))
+  return out, manifest
+
+
+def test_export_writes_a_verified_loadable_model(packaged, tiny_workdir):
+  out, manifest = packaged
+  assert sorted(os.listdir(out)) == sorted([pretrained.VARIABLES_FILE, pretrained.MANIFEST_FILE,
+                                            ckpt_lib.CONFIG_FILE, *pretrained.COPIED_FILES])
+  assert manifest["sha256"] == pretrained.sha256(os.path.join(out, pretrained.VARIABLES_FILE))
+  with open(os.path.join(tiny_workdir, "final_eval.json")) as f:
+    final = json.load(f)
+  assert manifest["test_accuracy_clean"] == final["test_accuracy_clean"]
+  pre = pretrained.load(out)
+  _, variables, logits_fn, data = load_model(tiny_workdir)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3), minval=-1, maxval=1)
+  np.testing.assert_array_equal(pre.logits_fn(pre.variables, x), logits_fn(variables, x))
+  n = manifest["check_examples"]
+  assert pretrained.clean_accuracy(pre, data.test.x[:n], data.test.y[:n]) == \
+      manifest["check_accuracy_clean"]
+
+
+def test_evaluate_reads_a_packaged_model(packaged, tmp_path, capsys):
+  out, _ = packaged
+  assert cli.evaluate_main(["--workdir", out, "--norm", "none", "--num_examples", "8",
+                            "--batch_size", "8", "--out", str(tmp_path / "ev"),
+                            "--no_progress"]) == 0
+  assert "clean_accuracy_avg=" in capsys.readouterr().out
+
+
+def test_damaged_or_replaced_variables_are_an_error(packaged, tmp_path, capsys):
+  import shutil
+  src, _ = packaged
+  out = str(tmp_path / "copy")
+  shutil.copytree(src, out)
+  path = os.path.join(out, pretrained.VARIABLES_FILE)
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 1
+  open(path, "wb").write(bytes(data))
+  with pytest.raises(ckpt_lib.CheckpointError, match="SHA-256"):
+    pretrained.load(out)
+  assert cli.evaluate_main(["--workdir", out, "--norm", "none", "--no_progress"]) == 2
+  assert "damaged or was replaced" in capsys.readouterr().err
+  with pytest.raises(FileNotFoundError, match="no packaged model"):
+    pretrained.resolve("no-such-model")
+
+
+def test_committed_models_exist():
+  assert COMMITTED, f"no packaged models under {pretrained.REPO_DIR}"
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_committed_model_loads_and_reproduces_its_accuracy(name, real_data_dir):
+  pre = pretrained.load(name)
+  m = pre.manifest
+  assert m["sha256"] == pretrained.sha256(os.path.join(pretrained.REPO_DIR, name,
+                                                       pretrained.VARIABLES_FILE))
+  data = load_dataset(pre.config.dataset, source="local", data_dir=real_data_dir,
+                      val_size=pre.config.val_size, seed=pre.config.seed)
+  n = m["check_examples"]
+  acc = pretrained.clean_accuracy(pre, data.test.x[:n], data.test.y[:n])
+  # Same weights, same images: equal up to a prediction at a float-rounding margin
+  # (another CPU's kernels sum in another order).
+  assert abs(acc - m["check_accuracy_clean"]) <= 2 / n, (acc, m["check_accuracy_clean"])
