@@ -16,6 +16,7 @@ from typing import Any
 
 from dropjax.masks import DROP_MODES, DropSpec
 from dropjax.models import INPUT_ENCODINGS
+from dropjax.units import BUDGET_READINGS
 
 OBJECTIVES = ("standard", "uniform_original", "uniform_noisy")
 SCHEDULES = ("cosine", "step")
@@ -62,8 +63,11 @@ class TrainConfig:
                       "images pushed to uniform) or uniform_noisy ((c): noisy "
                       "subsampled images pushed to uniform)")
   aux_weight: float = _f(1.0, "weight of the auxiliary uniform-target term")
-  aux_eps: float = _f(16 / 255, "noise size for uniform_noisy, on the [0,1] "
-                      "pixel scale (doubled for [-1,1] images)")
+  aux_eps: float = _f(16 / 255, "noise size for uniform_noisy, as the paper states "
+                      "it (read per --budget_reading)")
+  budget_reading: str = _f("literal", "units of --aux_eps: literal (in units of the "
+                           "images X in [-1,1], as the paper writes it) or doubled (on "
+                           "the [0,1] pixel scale, x2 in X units)", choices=BUDGET_READINGS)
   # Augmentation.
   crop_pad: int = _f(4, "random-crop padding in pixels (0 disables)")
   hflip: bool | None = _f(None, "random horizontal flips; default on for "
@@ -108,6 +112,8 @@ class TrainConfig:
         (self.drop in DROP_MODES, f"drop must be one of {DROP_MODES}, got {self.drop!r}"),
         (0.0 <= self.drop_rate <= 1.0, f"drop_rate must be in [0, 1], got {self.drop_rate}"),
         (self.keep >= 1, f"keep must be >= 1, got {self.keep}"),
+        (self.budget_reading in BUDGET_READINGS,
+         f"budget_reading must be one of {BUDGET_READINGS}, got {self.budget_reading!r}"),
         (self.input_encoding in INPUT_ENCODINGS,
          f"input_encoding must be one of {INPUT_ENCODINGS}, got {self.input_encoding!r}"),
         (self.input_encoding == "values" or self.drop == "ablate",

@@ -32,10 +32,8 @@ def uniform_cross_entropy(logits: Array) -> Array:
   return -jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
 
 
-def noisy_images(key: Array, x: Array, eps01: float) -> Array:
-  """``clip(x + eps*V)`` with ``V`` uniform on {-1, +1}; ``eps01`` on [0,1] scale.
-
-  ``x`` is in ``[-1, 1]``, so the step there is ``2 * eps01``.
-  """
+def noisy_images(key: Array, x: Array, eps: float) -> Array:
+  """``clip(x + eps*V)`` with ``V`` uniform on {-1, +1}; ``x`` and ``eps`` in
+  units of X ∈ [-1, 1] (convert a stated value with :func:`dropjax.units.to_x_units`)."""
   v = jax.random.rademacher(key, x.shape, dtype=x.dtype)
-  return jnp.clip(x + 2.0 * eps01 * v, -1.0, 1.0)
+  return jnp.clip(x + eps * v, -1.0, 1.0)

@@ -54,9 +54,9 @@ def test_outputs_satisfy_constraints(norm, batch, eps, seed, eot, loss, unit):
   assert float(x_adv.min()) >= -1 and float(x_adv.max()) <= 1
   delta = np.asarray(x_adv - x, np.float64)
   if norm == "linf":
-    assert np.abs(delta).max() <= 2 * eps + 1e-6
+    assert np.abs(delta).max() <= eps + 1e-6
   elif norm == "l2":
-    assert np.sqrt((delta ** 2).reshape(batch, -1).sum(1)).max() <= 2 * eps * (1 + 1e-6) + 1e-7
+    assert np.sqrt((delta ** 2).reshape(batch, -1).sum(1)).max() <= eps * (1 + 1e-6) + 1e-7
   else:
     assert int(norms.l0_count(jnp.asarray(delta), unit).max()) <= int(l0_eps)
 
@@ -86,7 +86,7 @@ def test_linf_attack_on_linear_model_reaches_the_known_optimum():
   z = linear_logits(v, x)
   j = jnp.argsort(z, -1)[:, -2]
   direction = jnp.sign(v["w"][:, j] - v["w"][:, y]).T.reshape(x.shape)
-  want = jnp.clip(x + 2 * eps * direction, -1, 1)
+  want = jnp.clip(x + eps * direction, -1, 1)
   np.testing.assert_allclose(x_adv, want, atol=1e-6)
 
 
@@ -203,3 +203,23 @@ def test_label_shape_mismatch_raises():
   attack = make_pgd(linear_logits, AttackConfig(num_steps=1))
   with pytest.raises(ValueError, match="does not match"):
     attack(KEY, linear_model(), x, y[:3])
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_budget_readings_literal_and_doubled(norm):
+  """Literal: the stated eps in units of X; doubled: twice that. Same attack
+  otherwise (the doubled run with eps/2 and step/2 is the literal one)."""
+  x, y = data(6)
+  lit = AttackConfig(norm=norm, eps=0.1, step_size=0.05, num_steps=4, random_start=False)
+  dbl = lit.replace(budget_reading="doubled")
+  size = (lambda d: np.abs(d).reshape(6, -1).max(1)) if norm == "linf" else (
+      lambda d: np.sqrt((d ** 2).reshape(6, -1).sum(1)))
+  d_lit = np.asarray(run(lit, x, y) - x)
+  d_dbl = np.asarray(run(dbl, x, y) - x)
+  assert size(d_lit).max() <= 0.1 + 1e-6
+  assert size(d_dbl).max() <= 0.2 + 1e-6 and size(d_dbl).max() > 0.1 + 1e-3
+  half = dbl.replace(eps=0.05, step_size=0.025)
+  np.testing.assert_allclose(run(half, x, y), run(lit, x, y), atol=1e-6)
+  assert lit.x_units(lit.eps) == 0.1 and dbl.x_units(dbl.eps) == 0.2
+  with pytest.raises(ValueError, match="budget reading"):
+    lit.replace(budget_reading="half").validate()

@@ -80,7 +80,7 @@ def test_uniform_objective_minimum_is_log_c():
 def test_noisy_images_are_plus_minus_eps():
   x = jnp.zeros((2, 4, 4, 3))
   n = objectives.noisy_images(KEY, x, 16 / 255)
-  np.testing.assert_allclose(jnp.abs(n), 32 / 255, rtol=1e-6)
+  np.testing.assert_allclose(jnp.abs(n), 16 / 255, rtol=1e-6)
   assert 0.3 < float(jnp.mean(n > 0)) < 0.7
 
 

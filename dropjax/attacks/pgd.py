@@ -7,9 +7,11 @@ by its caller.  ``logits_fn(variables, x) -> logits`` is the model in
 inference mode (:func:`dropjax.training.step.make_logits_fn`).
 
 Units.  Images live in ``[-1, 1]``.  ``AttackConfig.eps`` and ``step_size``
-for L-inf and L2 are given on the paper's **[0, 1] pixel scale** and doubled
-internally (an L-inf budget of 16/255 moves each value by at most 32/255 in
-[-1, 1] units, the same change of the underlying 8-bit image).  For L0,
+for L-inf and L2 are read as ``AttackConfig.budget_reading`` says
+(:mod:`dropjax.units`): ``"literal"`` (default; the paper's numbers in the
+units of X, so an L-inf budget of 16/255 moves each value of X by at most
+16/255, an 8-bit pixel by 8 levels) or ``"doubled"`` (on the [0, 1] pixel
+scale, doubled in X units).  For L0,
 ``eps`` is the budget as a count (pixels by default, see
 :mod:`dropjax.attacks.norms`); ``l0_fraction`` gives it as a fraction of ``D``
 (``D = H*W`` for pixels, ``H*W*C`` for values), e.g. the paper's 0.03·D.
@@ -33,7 +35,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from dropjax import contracts, masks
+from dropjax import contracts, masks, units
 from dropjax.attacks import losses, norms
 
 Array = jax.Array
@@ -54,6 +56,7 @@ class AttackConfig:
   l0_unit: str = "pixel"          # what an L0 budget counts
   l0_fraction: float | None = None  # budget as a fraction of D (overrides eps for L0)
   eot_impl: str = "vmap"          # "vmap", "batch" or "scan" (same value, different speed)
+  budget_reading: str = "literal"  # units of eps/step_size: dropjax.units
 
   def validate(self) -> "AttackConfig":
     if self.norm not in norms.NORMS:
@@ -76,7 +79,12 @@ class AttackConfig:
       raise ValueError(f"eot_impl must be one of {EOT_IMPLS}, got {self.eot_impl!r}")
     if self.l0_fraction is not None and not 0 <= self.l0_fraction <= 1:
       raise ValueError(f"l0_fraction must be in [0, 1], got {self.l0_fraction}")
+    units.check_reading(self.budget_reading)
     return self
+
+  def x_units(self, value: float) -> float:
+    """``eps`` or ``step_size`` in units of X ∈ [-1, 1] (L0: a count, unchanged)."""
+    return value if self.norm == "l0" else units.to_x_units(value, self.budget_reading)
 
   @property
   def uses_eot(self) -> bool:
@@ -170,8 +178,7 @@ def make_pgd(logits_fn: Callable, config: AttackConfig, *, unroll: int | bool = 
   """
   config.validate()
   objective_fn = losses.attack_objective(config.loss, config.targeted)
-  scale = 1.0 if config.norm == "l0" else 2.0  # [0,1] scale -> [-1,1] units
-  eps, step = scale * config.eps, scale * config.step_size
+  eps, step = config.x_units(config.eps), config.x_units(config.step_size)
   num_steps = int(config.num_steps)
 
   def attack(key: Array, variables, x: Array, y: Array, target: Array | None = None) -> Array:

@@ -1,4 +1,5 @@
-"""The paper's attack budgets (on the [0, 1] pixel scale; see pgd.py for units).
+"""The paper's attack budgets, as the paper states them (units: :mod:`dropjax.units`;
+read literally, in units of X ∈ [-1, 1], by default).
 
 | dataset | L-inf eps (step) | L2 eps (step)      | L0 budget (step) |
 |---------|------------------|--------------------|------------------|

@@ -13,7 +13,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dropjax import masks, objectives
+from dropjax import masks, objectives, units
 from dropjax.config import TrainConfig
 from dropjax.data import augment
 from dropjax.training.state import TrainState
@@ -63,7 +63,8 @@ def per_example_loss(config: TrainConfig, apply_logits: Callable, x: Array,
   if config.objective == "uniform_original":
     aux_in = x
   else:  # uniform_noisy
-    noisy = jax.vmap(lambda k, xi: objectives.noisy_images(k, xi, config.aux_eps))(keys, x)
+    eps = units.to_x_units(config.aux_eps, config.budget_reading)
+    noisy = jax.vmap(lambda k, xi: objectives.noisy_images(k, xi, eps))(keys, x)
     aux_in = noisy * m
   b = x.shape[0]
   both = apply_logits(jnp.concatenate([x_dropped, aux_in]))
