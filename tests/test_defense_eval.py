@@ -59,6 +59,47 @@ def test_threshold_calibration_hits_its_target():
     defense.calibrate_threshold(h, correct[:5])
 
 
+def test_calibration_rules_on_synthetic_defense():
+  """200 validation images: the single-mask prediction is right on 150, the
+  average on 180 (entropy 0.001 * rank for the right ones, 3.0 for wrong ones).
+  The paper's rule keeps the averaged defense at 0.75 - 0.01 = 0.74 accuracy with
+  rejection (148 right kept); the stricter rule at 0.90 - 0.01 = 0.89 (178 kept)."""
+  n, c = 200, 4
+  y = np.zeros(n, np.int64)
+  order = np.arange(n)
+
+  def probs(right):
+    p = np.full((n, c), 0.0)
+    for i in range(n):
+      if right[i]:  # a confident right answer, entropy grows with the rank
+        p[i] = [1 - 3e-4 * (1 + order[i]) / n, 1e-4 * (1 + order[i]) / n,
+                1e-4 * (1 + order[i]) / n, 1e-4 * (1 + order[i]) / n]
+      else:
+        p[i] = [0.1, 0.6, 0.15, 0.15]
+    return p
+
+  single, avg = probs(order < 150), probs(order < 180)
+
+  def defend(key, variables, x):  # each image carries its index as its pixel value
+    i = np.rint((np.asarray(x)[:, 0, 0, 0] + 1) * 127.5).astype(int)
+    return {"plain": avg[i], "single": single[i], "avg": avg[i]}
+
+  images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 2, 2, 3))
+  paper = evaluation.calibrate(defend, None, images, y, 50, KEY, 0.01, "single")
+  strict = evaluation.calibrate(defend, None, images, y, 50, KEY, 0.01, "avg")
+  h = np.asarray(defense.entropy(avg))
+  for th, keep in ((paper, 148), (strict, 178)):
+    assert th["avg"] == pytest.approx(np.sort(h[:180])[keep - 1])
+    acc = defense.accuracy_with_rejection(avg.argmax(-1), y, h > th["avg"])
+    assert acc == pytest.approx(keep / n)
+  assert paper["target_accuracy_avg"] == pytest.approx(0.74)
+  assert strict["target_accuracy_avg"] == pytest.approx(0.89)
+  assert paper["val_accuracy_single"] == 0.75 and paper["val_accuracy_avg"] == 0.9
+  assert paper["single"] == strict["single"]  # the single-mask threshold: its own rule
+  # A reference above the accuracy without rejection: reject nothing.
+  assert defense.calibrate_threshold(h, avg.argmax(-1) == y, 0.01, reference=0.95) == np.inf
+
+
 def test_rejection_counts():
   pred, y = np.array([0, 1, 2, 3]), np.array([0, 0, 2, 0])
   rej = np.array([True, True, False, False])
@@ -68,7 +109,7 @@ def test_rejection_counts():
 
 def ev_config(**kw):
   base = dict(norm="linf", steps=2, eot_samples=2, num_masks=3, num_examples=40,
-              batch_size=16, eps=[0.1])
+              batch_size=16, eps=[0.1], losses=("ce",), modes=("untargeted",), score_draws=2)
   base.update(kw)
   return evaluation.EvalConfig(**base)
 
@@ -80,20 +121,51 @@ def test_rows_complete_and_summary_is_their_aggregate(tiny_workdir, tmp_path):
   assert [r["index"] for r in rows] == list(range(40))
   need = {"index", "label", "pred_plain", "pred_single", "pred_avg", "adv_pred_avg",
           "adv_pred_single", "entropy_avg", "adv_entropy_avg", "rejected_avg",
-          "adv_rejected_avg", "norm_linf", "norm_l2", "norm_l0"}
+          "adv_rejected_avg", "norm_linf", "norm_l2", "norm_l0", "norm_linf_pixel01",
+          "adv_broken_avg", "adv_broken_avg_with_rejection", "adv_attack_avg",
+          "budget_reading", "eps_x_units", "eps_pixel01"}
   assert need <= set(rows[0])
+  # Literal reading: the budget is 0.1 in units of X, 0.05 on the [0, 1] scale.
+  assert rows[0]["eps_x_units"] == 0.1 and rows[0]["eps_pixel01"] == 0.05
+  assert summary["budget_reading"] == "literal" and summary["eps_pixel01"] == 0.05
   assert max(r["norm_linf"] for r in rows) <= 0.1 + 1e-6
+  assert max(r["norm_linf_pixel01"] for r in rows) <= 0.05 + 1e-6
   y = np.array([r["label"] for r in rows])
   assert summary["clean_accuracy_avg"] == pytest.approx(
       np.mean(np.array([r["pred_avg"] for r in rows]) == y))
-  adv_ok = np.array([r["adv_pred_avg"] for r in rows]) == y
+  for metric in ("avg", "avg_with_rejection", "single", "plain"):
+    draws = np.array([r[f"adv_broken_{metric}"] for r in rows])  # (B, R)
+    assert draws.shape == (40, 2)
+    assert summary[f"robust_accuracy_{metric}"] == pytest.approx(1 - draws.mean())
+    assert summary[f"robust_accuracy_{metric}_std"] == pytest.approx((1 - draws.mean(0)).std())
+  # Broken with rejection implies broken without; the first draw's decision is a row.
+  wr = np.array([r["adv_broken_avg_with_rejection"] for r in rows])
+  assert np.all(~wr | np.array([r["adv_broken_avg"] for r in rows]))
+  first = np.array([r["adv_pred_avg"] for r in rows]) != y
   rej = np.array([r["adv_rejected_avg"] for r in rows])
-  assert summary["robust_accuracy_avg_with_rejection"] == pytest.approx(np.mean(adv_ok | rej))
+  np.testing.assert_array_equal(wr[:, 0], first & ~rej)
   assert summary["adv_rejection_rate_avg"] == pytest.approx(rej.mean())
   h = np.array([r["adv_entropy_avg"] for r in rows])
   np.testing.assert_array_equal(rej, h > summary["threshold_avg"])
   [line] = [json.loads(l) for l in open(os.path.join(out, "summary.jsonl"))]
   assert line["setting"] == summary["setting"]
+
+
+def test_all_configurations_run_and_the_worst_is_kept(tiny_workdir, tmp_path):
+  cfg = ev_config(losses=("ce", "cw"), modes=("untargeted", "targeted"), num_targets=2,
+                  num_examples=16, eps=[0.3])
+  [summary] = evaluation.evaluate(tiny_workdir, cfg, str(tmp_path), progress=False)
+  assert summary["attacks"] == ["ce-untargeted", "ce-targeted-top1", "ce-targeted-top2",
+                                "cw-untargeted", "cw-targeted-top1", "cw-targeted-top2"]
+  rows = [json.loads(l) for l in open(tmp_path / summary["setting"] / "rows.jsonl")]
+  for r in rows:
+    assert r["adv_attack_avg"] in summary["attacks"]
+  # Each single attack alone is never stronger than the worst case over all of them.
+  for name, c, rank in evaluation.attack_configs(cfg, "gtsrb", 0.3, DropSpec.fixed(0.5)):
+    assert c.targeted == (name.split("-")[1] == "targeted") and (rank is None) == (not c.targeted)
+  one = ev_config(num_examples=16, eps=[0.3])
+  [alone] = evaluation.evaluate(tiny_workdir, one, str(tmp_path / "one"), progress=False)
+  assert summary["robust_accuracy_avg"] <= alone["robust_accuracy_avg"] + 1e-9
 
 
 def test_resume_by_chunk_gives_identical_rows(tiny_workdir, tmp_path):
@@ -119,6 +191,7 @@ def test_sweep_over_drop_rates_and_eps(tiny_workdir, tmp_path):
   rows = evaluation.evaluate(tiny_workdir, ev_config(eps=[0.0, 0.2], num_examples=16,
                                                      losses=("ce", "cw")),
                              out, progress=False)
+  assert "literal" in rows[0]["setting"]
   assert rows[0]["max_perturbation_linf"] == 0.0
   assert rows[1]["max_perturbation_linf"] <= 0.2 + 1e-6
   assert len(open(os.path.join(out, "summary.jsonl")).readlines()) == 4
@@ -138,7 +211,8 @@ def run_eval(*args, capsys=None):
 def test_evaluate_cli_end_to_end(tiny_workdir, tmp_path, norm, capsys):
   rc = run_eval("--workdir", tiny_workdir, "--out", str(tmp_path), "--norm", norm,
                  "--num_examples", "16", "--batch_size", "16", "--steps", "2",
-                 "--eot_samples", "2", "--num_masks", "2", "--no_progress")
+                 "--eot_samples", "2", "--num_masks", "2", "--losses", "ce",
+                 "--modes", "untargeted", "--score_draws", "1", "--no_progress")
   out = capsys.readouterr()
   assert rc == 0, out.err[-2000:]
   [row] = [json.loads(l) for l in open(tmp_path / "summary.jsonl")]

@@ -8,18 +8,22 @@ uninterrupted run.  Where rows and summaries are stored is
 :mod:`dropjax.evaluation.store`; a setting's summary is an aggregate of its
 rows only (:func:`summarize`).
 
-Per example: clean predictions (no mask, one mask, K-mask average), the
-attack's adversarial predictions (one mask, K-mask average), entropies,
-rejection flags and the perturbation's L-inf / L2 norms ([0, 1] scale) and L0
-pixel count.  The entropy thresholds are calibrated on the validation split
-(:func:`dropjax.defense.calibrate_threshold`) and saved in the summary.
+Per example: clean predictions (no mask, one mask, K-mask average),
+entropies and rejection flags; with an attack, every configuration (loss x
+mode x target x restart, :func:`attack_configs`) is run, each output is scored
+by the defense's real decision in ``score_draws`` independent draws, and per
+metric the worst attack is kept (:mod:`dropjax.evaluation.worst_case`); the
+largest perturbation (L-inf / L2 in units of X and on the [0, 1] scale, L0 in
+pixels) and the budget in both units (:mod:`dropjax.units`).  The entropy
+thresholds are calibrated on the validation split by the paper's rule or the
+stricter one (:func:`calibrate`) and saved in the summary.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +31,15 @@ import numpy as np
 from tqdm import tqdm
 
 from dropjax import backend as backend_lib
-from dropjax import contracts, defense, inference, pretrained
-from dropjax.attacks import AttackConfig, best_of, make_pgd, paper_attack
+from dropjax import contracts, defense, inference, pretrained, units
+from dropjax.attacks import AttackConfig, make_pgd, paper_attack
 from dropjax.attacks import norms as norms_lib
 from dropjax.config import TrainConfig
 from dropjax.data import augment, load_dataset
+from dropjax.evaluation import worst_case
 from dropjax.evaluation.store import SettingStore, update_summary
 from dropjax.masks import DropSpec
+from dropjax.units import BUDGET_READINGS
 from dropjax.training import checkpoint as ckpt_lib
 from dropjax.training import state as state_lib, step as step_lib
 
@@ -44,32 +50,52 @@ def _f(default, help_text: str, **kw):
   return dataclasses.field(default=default, metadata={"help": help_text, **kw})
 
 
+ATTACK_MODES = ("untargeted", "targeted")
+
+
 @dataclasses.dataclass
 class EvalConfig:
   """One evaluation run (possibly a sweep over drop rates and eps).  Every
-  field is an ``evaluate.py`` flag of the same name."""
+  field is an ``evaluate.py`` flag of the same name.  The defaults are the
+  paper's protocol: its budgets read literally, its calibration rule, the
+  worst case over CE / CW, untargeted and targeted, per example."""
   norm: str = _f("linf", "threat model; 'none' only measures clean accuracy (drop-rate "
                  "sweeps, Fig. 2)", choices=ATTACK_NORMS)
-  eps: tuple | None = _f(None, "budget(s), a sweep if several. L-inf/L2: on the [0,1] pixel "
-                         "scale (e.g. 0.0627 = 16/255); L0: fraction of the pixels D (paper: "
-                         "0.03). Default: the paper's preset for the dataset", type=float)
-  step_size: float | None = _f(None, "attack step ([0,1] scale; L0: multiple of the mean "
-                               "|gradient|); default: the paper's preset")
+  eps: tuple | None = _f(None, "budget(s), a sweep if several, as the paper states them: "
+                         "L-inf/L2 read per --budget_reading (e.g. 0.0627 = 16/255); L0: "
+                         "fraction of the pixels D (paper: 0.03). Default: the paper's "
+                         "budget for the dataset", type=float)
+  budget_reading: str = _f("literal", "units of --eps and --step_size: literal (units of "
+                           "the images X in [-1,1], as the paper writes them) or doubled "
+                           "(the [0,1] pixel scale: twice the literal budget)",
+                           choices=BUDGET_READINGS)
+  step_size: float | None = _f(None, "attack step (read like --eps; L0: multiple of the "
+                               "mean |gradient|); default: the paper's")
   steps: int = _f(20, "PGD steps")
   eot_samples: int = _f(10, "masks per EOT gradient (0: attack the undefended model, "
                         "plain PGD)")
-  losses: tuple = _f(("ce",), "attack loss(es); several give a best-of attack (strongest "
-                     "per example)", choices=("ce", "cw"))
-  targeted: bool = _f(False, "targeted attack towards a random wrong class")
-  restarts: int = _f(1, "random restarts per loss (best-of)")
+  losses: tuple = _f(("ce", "cw"), "attack losses; every loss x mode x target x restart "
+                     "is run and the worst case kept per example and metric",
+                     choices=("ce", "cw"))
+  modes: tuple = _f(ATTACK_MODES, "untargeted and/or targeted attacks", choices=ATTACK_MODES)
+  num_targets: int = _f(1, "targeted attacks aim at each of the top-k other classes of "
+                        "the clean averaged prediction")
+  restarts: int = _f(1, "random restarts per configuration")
   random_start: bool = _f(True, "start PGD at a random point of the budget (false: at the "
                           "clean image)")
+  score_draws: int = _f(5, "independent draws of the defense's decision (its masks) that "
+                        "score each adversarial input: mean and spread are reported")
   drop_rates: tuple | None = _f(None, "test-time drop rate(s), a sweep if several (default: "
                                 "the model's training rate; 0.5 for random-rate models; 0 "
                                 "for normal training)", type=float)
   num_masks: int = _f(10, "masks averaged by the defense")
-  max_drop: float = _f(0.01, "entropy threshold: allowed drop of clean validation accuracy "
-                       "(fraction; rejections count as errors)")
+  calibration: str = _f("single", "entropy threshold rule: single (the paper: the averaged "
+                        "defense's clean validation accuracy, rejections counted as "
+                        "errors, is --max_drop below the single-mask accuracy) or avg "
+                        "(stricter: --max_drop below the averaged accuracy)",
+                        choices=defense.CALIBRATION_RULES)
+  max_drop: float = _f(0.01, "allowed drop of clean validation accuracy by rejection "
+                       "(fraction; 0.01 = 1 point)")
   num_examples: int = _f(1000, "test examples (0: all)")
   batch_size: int = _f(100, "examples per chunk (the resume unit)")
   seed: int = _f(0, "seed of masks and attack randomness")
@@ -86,8 +112,17 @@ class EvalConfig:
     for loss in self.losses:
       if loss not in ("ce", "cw"):
         raise ValueError(f"unknown attack loss {loss!r}; choose ce or cw")
-    if self.restarts < 1:
-      raise ValueError("restarts must be >= 1")
+    if not self.losses or not self.modes:
+      raise ValueError("need at least one loss and one mode")
+    for mode in self.modes:
+      if mode not in ATTACK_MODES:
+        raise ValueError(f"unknown attack mode {mode!r}; choose one of {ATTACK_MODES}")
+    if self.restarts < 1 or self.num_targets < 1 or self.score_draws < 1:
+      raise ValueError("restarts, num_targets and score_draws must be >= 1")
+    if self.calibration not in defense.CALIBRATION_RULES:
+      raise ValueError(f"unknown calibration rule {self.calibration!r}; choose one of "
+                       f"{defense.CALIBRATION_RULES}")
+    units.check_reading(self.budget_reading)
     for r in self.drop_rates or ():
       if not 0 <= r <= 1:
         raise ValueError(f"drop rates must be in [0, 1], got {r}")
@@ -105,8 +140,10 @@ def default_drop_rate(train_cfg: TrainConfig, num_pixels: int) -> float:
   return {"fixed": train_cfg.drop_rate, "random": 0.5, "none": 0.0}[train_cfg.drop]
 
 
-def setting_id(norm: str, eps: float, rate: float) -> str:
-  return f"{norm}_eps{eps:.6g}_r{rate:.6g}"
+def setting_id(norm: str, eps: float, rate: float, reading: str = "literal") -> str:
+  if norm in ("none", "l0"):  # no budget units to name
+    return f"{norm}_eps{eps:.6g}_r{rate:.6g}"
+  return f"{norm}_eps{eps:.6g}_{reading}_r{rate:.6g}"
 
 
 def load_model(workdir: str, data_dir: str | None = None, source: str | None = None,
@@ -153,40 +190,73 @@ def make_defense_fn(logits_fn, drop: DropSpec, num_masks: int):
   return defend
 
 
-def calibrate(defend, variables, val_x, val_y, batch_size: int, key, max_drop: float) -> dict:
-  """Entropy thresholds for the single-mask and the averaged prediction."""
+def calibrate(defend, variables, val_x, val_y, batch_size: int, key, max_drop: float,
+              rule: str = "single") -> dict:
+  """Entropy thresholds of the single-mask and the averaged prediction on the
+  validation split, and the accuracies they were calibrated from.
+
+  ``rule="single"`` (the paper): the averaged defense's accuracy with rejection
+  is ``max_drop`` below the single-mask accuracy; ``"avg"``: below its own.
+  The single-mask prediction's threshold is ``max_drop`` below its own
+  accuracy under either rule.
+  """
   out = inference.map_batches(
       lambda b: defend(jax.random.fold_in(key, int(b["index"][0])), variables,
                        augment.to_float(b["image"])),
       {"image": val_x}, batch_size)
-  th = {}
-  for kind in ("single", "avg"):
-    p = out[kind]
-    th[kind] = defense.calibrate_threshold(np.asarray(defense.entropy(p)),
-                                           p.argmax(-1) == val_y, max_drop)
-  return th
+  correct = {kind: out[kind].argmax(-1) == val_y for kind in ("single", "avg")}
+  acc = {kind: float(c.mean()) for kind, c in correct.items()}
+  reference = {"single": acc["single"], "avg": acc["single"] if rule == "single" else acc["avg"]}
+  th = {kind: defense.calibrate_threshold(np.asarray(defense.entropy(out[kind])), correct[kind],
+                                          max_drop, reference[kind])
+        for kind in ("single", "avg")}
+  return {**th, "val_accuracy_single": acc["single"], "val_accuracy_avg": acc["avg"],
+          "target_accuracy_avg": reference["avg"] - max_drop, "rule": rule}
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+  """One attack configuration of an evaluation: a name, its compiled attack
+  ``(key, variables, x, y, target) -> x_adv``, and for targeted attacks the
+  rank of its target among the clean prediction's other classes."""
+  name: str
+  run: Callable
+  target_rank: int | None = None
 
 
 def attack_configs(ev: EvalConfig, dataset: str, eps: float, drop: DropSpec,
-                   eot_impl: str = "vmap") -> list[AttackConfig]:
+                   eot_impl: str = "vmap") -> list[tuple[str, AttackConfig, int | None]]:
+  """``(name, config, target rank)`` of every configuration: loss x mode x
+  target (top-k) x restart."""
   base = paper_attack(dataset, ev.norm)
-  kw = dict(num_steps=ev.steps, targeted=ev.targeted, random_start=ev.random_start,
-            eot_samples=ev.eot_samples, drop=drop, eot_impl=eot_impl)
+  kw = dict(num_steps=ev.steps, random_start=ev.random_start, eot_samples=ev.eot_samples,
+            drop=drop, eot_impl=eot_impl, budget_reading=ev.budget_reading)
   if ev.norm == "l0":
     kw["l0_fraction"] = eps
   else:
     kw["eps"] = eps
   if ev.step_size is not None:
     kw["step_size"] = ev.step_size
-  return [base.replace(loss=loss, **kw).validate()
-          for loss in ev.losses for _ in range(ev.restarts)]
+  out = []
+  for loss in ev.losses:
+    for mode in ev.modes:
+      ranks = range(ev.num_targets) if mode == "targeted" else [None]
+      for rank in ranks:
+        for restart in range(ev.restarts):
+          name = f"{loss}-{mode}" + (f"-top{rank + 1}" if rank is not None else "") + (
+              f"-restart{restart}" if ev.restarts > 1 else "")
+          cfg = base.replace(loss=loss, targeted=mode == "targeted", **kw).validate()
+          out.append((name, cfg, rank))
+  return out
 
 
 def perturbation_norms(x_adv: np.ndarray, x: np.ndarray) -> dict[str, np.ndarray]:
-  """L-inf and L2 on the [0, 1] pixel scale, L0 in pixels; each (B,)."""
-  d = (np.asarray(x_adv, np.float64) - np.asarray(x, np.float64)) / 2.0
+  """L-inf and L2 in units of X ([-1, 1]) and on the [0, 1] pixel scale, L0 in
+  pixels; each (B,)."""
+  d = np.asarray(x_adv, np.float64) - np.asarray(x, np.float64)
   flat = d.reshape(d.shape[0], -1)
-  return {"linf": np.abs(flat).max(1), "l2": np.sqrt((flat ** 2).sum(1)),
+  linf, l2 = np.abs(flat).max(1), np.sqrt((flat ** 2).sum(1))
+  return {"linf": linf, "l2": l2, "linf_pixel01": linf / 2, "l2_pixel01": l2 / 2,
           "l0": np.asarray(norms_lib.l0_count(jnp.asarray(d), "pixel"))}
 
 
@@ -211,49 +281,113 @@ def summarize(rows: list[dict], thresholds: dict) -> dict:
        "clean_accuracy_plain": float(np.mean(r["pred_plain"] == y)),
        "clean_accuracy_single": float(np.mean(r["pred_single"] == y)),
        "clean_accuracy_avg": float(np.mean(r["pred_avg"] == y))}
+  for key in ("val_accuracy_single", "val_accuracy_avg", "target_accuracy_avg", "rule"):
+    if key in thresholds:
+      s[f"calibration_{key}" if key != "rule" else "calibration"] = thresholds[key]
   for kind in ("single", "avg"):
     s[f"clean_accuracy_{kind}_with_rejection"] = defense.accuracy_with_rejection(
         r[f"pred_{kind}"], y, r[f"rejected_{kind}"])
     s[f"clean_rejection_rate_{kind}"] = float(np.mean(r[f"rejected_{kind}"]))
-  if "adv_pred_avg" in r:
-    s["robust_accuracy_plain"] = float(np.mean(r["adv_pred_plain"] == y))
-    for kind in ("single", "avg"):
-      s[f"robust_accuracy_{kind}"] = float(np.mean(r[f"adv_pred_{kind}"] == y))
-      s[f"robust_accuracy_{kind}_with_rejection"] = defense.robust_accuracy_with_rejection(
-          r[f"adv_pred_{kind}"], y, r[f"adv_rejected_{kind}"])
-      s[f"adv_rejection_rate_{kind}"] = float(np.mean(r[f"adv_rejected_{kind}"]))
-    for n in ("linf", "l2", "l0"):
+  if f"adv_broken_{worst_case.HEADLINE}" in r:
+    for metric in worst_case.METRICS:
+      acc = worst_case.robust_accuracy(np.array([row[f"adv_broken_{metric}"] for row in rows]))
+      s[f"robust_accuracy_{metric}"] = acc["mean"]
+      s[f"robust_accuracy_{metric}_std"] = acc["std"]
+      s[f"robust_accuracy_{metric}_min"] = acc["min"]
+      winners = [row[f"adv_attack_{metric}"] for row in rows if any(row[f"adv_broken_{metric}"])]
+      s[f"attack_wins_{metric}"] = {n: winners.count(n) for n in sorted(set(winners))}
+    s["adv_rejection_rate_avg"] = float(np.mean(r["adv_rejected_avg"]))
+    s["adv_rejection_rate_single"] = float(np.mean(r["adv_rejected_single"]))
+    for n in ("linf", "l2", "linf_pixel01", "l2_pixel01", "l0"):
       s[f"max_perturbation_{n}"] = float(np.max(r[f"norm_{n}"]))
   return s
 
 
-def evaluate_chunk(key, defend, attacks, variables, batch: dict, thresholds: dict) -> dict:
-  """Rows (as columns of (B,) arrays) of one chunk: clean predictions, and with
-  ``attacks`` the adversarial ones and the perturbation norms.
+def top_other_classes(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+  """(B, k) the k most probable classes other than ``labels``, most probable first."""
+  p = np.array(probs, np.float64)
+  p[np.arange(len(labels)), labels] = -np.inf
+  return np.argsort(-p, axis=1, kind="stable")[:, :k]
+
+
+def evaluate_chunk(key, defend, attacks: Sequence[Attack], variables, batch: dict,
+                   thresholds: dict, score_draws: int = 1) -> dict:
+  """Rows (as columns of (B,) arrays) of one chunk.
+
+  Clean: predictions, entropies and rejections (:func:`prediction_columns`).
+  With ``attacks``: every attack runs; each output is scored by the defense's
+  decision in ``score_draws`` independent draws; per metric of
+  :mod:`dropjax.evaluation.worst_case` the row keeps the worst attack's name
+  (``adv_attack_<metric>``) and its draws (``adv_broken_<metric>``, a list of
+  bools); ``adv_*`` prediction columns are the first draw's decision on the
+  headline metric's (``avg_with_rejection``) worst attack, and ``norm_*`` the
+  largest perturbation of any attack.
 
   ``key`` is the chunk's key; ``batch`` holds uint8 ``image`` (B, H, W, C),
-  ``label`` and ``index``; ``attacks`` are jitted ``(key, variables, x, y) -> x_adv``.
+  ``label`` and ``index``.
   """
-  k_attack, k_select, k_clean, k_adv = jax.random.split(key, 4)
+  k_attack, k_score, k_clean = jax.random.split(key, 3)
   x = augment.to_float(jnp.asarray(batch["image"]))
   y = jnp.asarray(batch["label"], jnp.int32)
+  y_np = np.asarray(batch["label"])
+  clean = defend(k_clean, variables, x)
   cols = {"index": batch["index"], "label": batch["label"],
-          **prediction_columns(defend(k_clean, variables, x), thresholds, "")}
+          **prediction_columns(clean, thresholds, "")}
   if not attacks:
     return cols
-  if len(attacks) == 1:
-    x_adv = attacks[0](k_attack, variables, x, y)
-  else:
-    fooled = lambda xa, yy: jnp.argmax(defend(k_select, variables, xa)["avg"], -1) != yy
-    x_adv, _ = best_of(k_attack, attacks, fooled, variables, x, y)
-  cols.update(prediction_columns(defend(k_adv, variables, x_adv), thresholds, "adv_"))
-  for n, v in perturbation_norms(x_adv, x).items():
+  ranks = [a.target_rank for a in attacks if a.target_rank is not None]
+  targets = (top_other_classes(np.asarray(clean["avg"]), y_np, max(ranks) + 1)
+             if ranks else None)
+  broken = {m: [] for m in worst_case.METRICS}
+  decisions, worst_norms = [], None
+  for j, attack in enumerate(attacks):
+    target = None if attack.target_rank is None else jnp.asarray(
+        targets[:, attack.target_rank], jnp.int32)
+    x_adv = attack.run(jax.random.fold_in(k_attack, j), variables, x, y, target)
+    norms_j = perturbation_norms(x_adv, x)
+    worst_norms = norms_j if worst_norms is None else {
+        n: np.maximum(worst_norms[n], v) for n, v in norms_j.items()}
+    per_draw = {m: [] for m in worst_case.METRICS}
+    first = None
+    for r in range(score_draws):  # the same draws score every attack
+      dec = prediction_columns(defend(jax.random.fold_in(k_score, r), variables, x_adv),
+                               thresholds, "adv_")
+      first = dec if first is None else first
+      for m, v in worst_case.broken({k[4:]: v for k, v in dec.items()}, y_np).items():
+        per_draw[m].append(v)
+    decisions.append(first)
+    for m in worst_case.METRICS:
+      broken[m].append(np.stack(per_draw[m]))  # (R, B)
+  names = np.array([a.name for a in attacks])
+  for m in worst_case.METRICS:
+    winner, draws = worst_case.select(np.stack(broken[m]))  # (J, R, B)
+    cols[f"adv_attack_{m}"] = names[winner]
+    cols[f"adv_broken_{m}"] = draws
+    if m == worst_case.HEADLINE:
+      head = winner
+  b = np.arange(len(y_np))
+  for col in decisions[0]:
+    cols[col] = np.stack([d[col] for d in decisions])[head, b]
+  for n, v in worst_norms.items():
     cols[f"norm_{n}"] = v
   return cols
 
 
 def _rows(cols: dict, n_valid: int) -> list[dict]:
-  return [{k: np.asarray(v)[i].item() for k, v in cols.items()} for i in range(n_valid)]
+  def item(v, i):
+    v = np.asarray(v)[i]
+    return v.tolist() if v.ndim else v.item()
+  return [{k: item(v, i) for k, v in cols.items()} for i in range(n_valid)]
+
+
+def budget_columns(norm: str, eps: float, reading: str) -> dict:
+  """The budget of a setting in both units (rows and summaries carry it)."""
+  if norm in ("none", "l0"):
+    return {"budget_reading": reading, "eps_stated": eps}
+  x = units.to_x_units(eps, reading)
+  scales = units.both_scales(x)
+  return {"budget_reading": reading, "eps_stated": eps, "eps_x_units": scales["x_units"],
+          "eps_pixel01": scales["pixel01"]}
 
 
 def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
@@ -276,6 +410,8 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
   os.makedirs(out_dir, exist_ok=True)
   test = data.test.take(ev.num_examples or None)
   contracts.check_labels(test.y, data.num_classes, name="test labels")
+  if ev.num_targets >= data.num_classes and "targeted" in ev.modes:
+    raise ValueError(f"num_targets={ev.num_targets} needs more than {data.num_classes} classes")
   rates = list(ev.drop_rates) if ev.drop_rates else [default_drop_rate(
       train_cfg, data.image_shape[0] * data.image_shape[1])]
   if ev.norm == "none":
@@ -291,15 +427,19 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
     drop = DropSpec.fixed(rate, train_cfg.per_pixel)
     defend = make_defense_fn(logits_fn, drop, ev.num_masks)
     thresholds = calibrate(defend, variables, data.val.x, data.val.y, ev.batch_size,
-                           jax.random.fold_in(root, 10**6), ev.max_drop) if len(data.val) else {
+                           jax.random.fold_in(root, 10**6), ev.max_drop,
+                           ev.calibration) if len(data.val) else {
                                "single": float("inf"), "avg": float("inf")}
     for eps in eps_list:
-      sid = setting_id(ev.norm, eps, rate)
+      sid = setting_id(ev.norm, eps, rate, ev.budget_reading)
       store = SettingStore(out_dir, sid)
       attacks = []
       if ev.norm != "none":
-        attacks = [jax.jit(make_pgd(logits_fn, c, unroll=backend.loop_unroll(c.num_steps)))
-                   for c in attack_configs(ev, train_cfg.dataset, eps, drop, backend.eot_impl)]
+        attacks = [Attack(name, jax.jit(make_pgd(logits_fn, c,
+                                                 unroll=backend.loop_unroll(c.num_steps))), rank)
+                   for name, c, rank in attack_configs(ev, train_cfg.dataset, eps, drop,
+                                                       backend.eot_impl)]
+      budget = budget_columns(ev.norm, eps, ev.budget_reading)
       n_chunks = -(-len(test) // ev.batch_size)
       bar = tqdm(total=n_chunks, desc=sid, unit="chunk", dynamic_ncols=True,
                  disable=None if progress is None else not progress)
@@ -314,11 +454,12 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
           return summaries
         t0 = time.perf_counter()
         cols = jax.block_until_ready(evaluate_chunk(jax.random.fold_in(root, c), defend,
-                                                    attacks, variables, batch, thresholds))
+                                                    attacks, variables, batch, thresholds,
+                                                    ev.score_draws))
         if attacks:
           attack_seconds += time.perf_counter() - t0
           attacked += n_valid
-        store.write_chunk(c, _rows(cols, n_valid))
+        store.write_chunk(c, [{**row, **budget} for row in _rows(cols, n_valid)])
         chunks_done_here += 1
         bar.update(1)
       bar.close()
@@ -326,9 +467,12 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
       summary = {"setting": sid, "workdir": os.path.abspath(workdir),
                  "dataset": train_cfg.dataset, "depth": train_cfg.depth,
                  "train_drop": train_cfg.drop, "train_drop_rate": train_cfg.drop_rate,
-                 "norm": ev.norm, "eps": eps, "drop_rate": rate, "num_masks": ev.num_masks,
-                 "steps": ev.steps, "eot_samples": ev.eot_samples, "losses": list(ev.losses),
-                 "targeted": ev.targeted, "restarts": ev.restarts, "seed": ev.seed,
+                 "norm": ev.norm, "eps": eps, **budget, "drop_rate": rate,
+                 "num_masks": ev.num_masks, "steps": ev.steps, "eot_samples": ev.eot_samples,
+                 "losses": list(ev.losses), "modes": list(ev.modes),
+                 "num_targets": ev.num_targets, "restarts": ev.restarts,
+                 "attacks": [a.name for a in attacks], "score_draws": ev.score_draws,
+                 "max_drop": ev.max_drop, "seed": ev.seed,
                  **summarize(rows_all, thresholds)}
       if attacked:
         summary["attack_seconds_this_run"] = attack_seconds
