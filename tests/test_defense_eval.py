@@ -290,3 +290,13 @@ def test_plots_render_from_rows(tmp_path, monkeypatch):
   assert table.count("\n") == 2 + 3 and "| linf |" in table
   assert "| 0.5 | 0.650 | 0.250 | 0.333 | 0.100 |" in table  # r = 0.5, read from its row
   assert plots.main([str(tmp_path / "missing"), "--out", str(tmp_path / "fig")]) == 2
+
+
+def test_apgd_evaluation_rows(tiny_workdir, tmp_path):
+  cfg = ev_config(attack="apgd", losses=("dlr",), modes=("untargeted", "targeted"), steps=5,
+                  num_examples=16, eps=[0.2])
+  [summary] = evaluation.evaluate(tiny_workdir, cfg, str(tmp_path), progress=False)
+  assert summary["attacks"] == ["apgd-dlr-untargeted", "apgd-dlr-targeted-top1"]
+  assert summary["attack"] == "apgd" and summary["max_perturbation_linf"] <= 0.2 + 1e-6
+  with pytest.raises(ValueError, match="use --attack pgd for l0"):
+    ev_config(attack="apgd", norm="l0").validate()

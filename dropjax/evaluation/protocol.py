@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from dropjax import backend as backend_lib
 from dropjax import contracts, defense, inference, pretrained, units
-from dropjax.attacks import AttackConfig, make_pgd, paper_attack
+from dropjax.attacks import APGDConfig, AttackConfig, make_apgd, make_pgd, paper_attack
 from dropjax.attacks import norms as norms_lib
 from dropjax.config import TrainConfig
 from dropjax.data import augment, load_dataset
@@ -51,6 +51,8 @@ def _f(default, help_text: str, **kw):
 
 
 ATTACK_MODES = ("untargeted", "targeted")
+ATTACKS = ("pgd", "apgd")
+ATTACK_LOSSES = {"pgd": ("ce", "cw"), "apgd": ("ce", "dlr")}
 
 
 @dataclasses.dataclass
@@ -69,14 +71,18 @@ class EvalConfig:
                            "the images X in [-1,1], as the paper writes them) or doubled "
                            "(the [0,1] pixel scale: twice the literal budget)",
                            choices=BUDGET_READINGS)
-  step_size: float | None = _f(None, "attack step (read like --eps; L0: multiple of the "
-                               "mean |gradient|); default: the paper's")
-  steps: int = _f(20, "PGD steps")
+  attack: str = _f("pgd", "attack algorithm: pgd (the paper's EOT-PGD) or apgd (Croce & "
+                    "Hein's APGD with its published step-size schedule; L-inf and L2)",
+                    choices=ATTACKS)
+  step_size: float | None = _f(None, "PGD step (read like --eps; L0: multiple of the "
+                               "mean |gradient|); default: the paper's. APGD sets its own")
+  steps: int = _f(20, "attack iterations")
   eot_samples: int = _f(10, "masks per EOT gradient (0: attack the undefended model, "
                         "plain PGD)")
-  losses: tuple = _f(("ce", "cw"), "attack losses; every loss x mode x target x restart "
-                     "is run and the worst case kept per example and metric",
-                     choices=("ce", "cw"))
+  losses: tuple | None = _f(None, "attack losses (pgd: ce, cw; apgd: ce, dlr; default: "
+                            "both); every loss x mode x target x restart is run and the "
+                            "worst case kept per example and metric",
+                            choices=("ce", "cw", "dlr"))
   modes: tuple = _f(ATTACK_MODES, "untargeted and/or targeted attacks", choices=ATTACK_MODES)
   num_targets: int = _f(1, "targeted attacks aim at each of the top-k other classes of "
                         "the clean averaged prediction")
@@ -100,6 +106,11 @@ class EvalConfig:
   batch_size: int = _f(100, "examples per chunk (the resume unit)")
   seed: int = _f(0, "seed of masks and attack randomness")
 
+  @property
+  def attack_losses(self) -> tuple:
+    """``losses``, or both losses of the attack algorithm."""
+    return tuple(self.losses) if self.losses else ATTACK_LOSSES.get(self.attack, ())
+
   def validate(self) -> "EvalConfig":
     if self.norm not in ATTACK_NORMS:
       raise ValueError(f"unknown norm {self.norm!r}; choose one of {ATTACK_NORMS}")
@@ -109,10 +120,15 @@ class EvalConfig:
       raise ValueError(f"num_masks must be >= 1, got {self.num_masks}")
     if self.batch_size < 1 or self.num_examples < 0:
       raise ValueError("batch_size must be >= 1 and num_examples >= 0 (0: all)")
-    for loss in self.losses:
-      if loss not in ("ce", "cw"):
-        raise ValueError(f"unknown attack loss {loss!r}; choose ce or cw")
-    if not self.losses or not self.modes:
+    if self.attack not in ATTACKS:
+      raise ValueError(f"unknown attack {self.attack!r}; choose one of {ATTACKS}")
+    for loss in self.attack_losses:
+      if loss not in ATTACK_LOSSES[self.attack]:
+        raise ValueError(f"unknown {self.attack} loss {loss!r}; choose from "
+                         f"{ATTACK_LOSSES[self.attack]}")
+    if self.attack == "apgd" and self.norm == "l0":
+      raise ValueError("APGD is defined for linf and l2 here; use --attack pgd for l0")
+    if not self.attack_losses or not self.modes:
       raise ValueError("need at least one loss and one mode")
     for mode in self.modes:
       if mode not in ATTACK_MODES:
@@ -225,29 +241,45 @@ class Attack:
 
 
 def attack_configs(ev: EvalConfig, dataset: str, eps: float, drop: DropSpec,
-                   eot_impl: str = "vmap") -> list[tuple[str, AttackConfig, int | None]]:
+                   eot_impl: str = "vmap") -> list[tuple[str, Any, int | None]]:
   """``(name, config, target rank)`` of every configuration: loss x mode x
-  target (top-k) x restart."""
+  target (top-k) x restart; configs are :class:`AttackConfig` (pgd) or
+  :class:`APGDConfig` (apgd)."""
   base = paper_attack(dataset, ev.norm)
-  kw = dict(num_steps=ev.steps, random_start=ev.random_start, eot_samples=ev.eot_samples,
-            drop=drop, eot_impl=eot_impl, budget_reading=ev.budget_reading)
-  if ev.norm == "l0":
-    kw["l0_fraction"] = eps
-  else:
-    kw["eps"] = eps
-  if ev.step_size is not None:
-    kw["step_size"] = ev.step_size
+  kw = dict(num_steps=ev.steps, eot_samples=ev.eot_samples, drop=drop,
+            budget_reading=ev.budget_reading)
+  if ev.attack == "pgd":
+    kw.update(random_start=ev.random_start, eot_impl=eot_impl)
+    if ev.norm == "l0":
+      kw["l0_fraction"] = eps
+    else:
+      kw["eps"] = eps
+    if ev.step_size is not None:
+      kw["step_size"] = ev.step_size
   out = []
-  for loss in ev.losses:
+  for loss in ev.attack_losses:
     for mode in ev.modes:
       ranks = range(ev.num_targets) if mode == "targeted" else [None]
       for rank in ranks:
         for restart in range(ev.restarts):
-          name = f"{loss}-{mode}" + (f"-top{rank + 1}" if rank is not None else "") + (
-              f"-restart{restart}" if ev.restarts > 1 else "")
-          cfg = base.replace(loss=loss, targeted=mode == "targeted", **kw).validate()
+          name = (f"{'apgd-' if ev.attack == 'apgd' else ''}{loss}-{mode}"
+                  + (f"-top{rank + 1}" if rank is not None else "")
+                  + (f"-restart{restart}" if ev.restarts > 1 else ""))
+          if ev.attack == "apgd":
+            cfg = APGDConfig(norm=ev.norm, eps=eps, loss=loss, targeted=mode == "targeted",
+                             **kw).validate()
+          else:
+            cfg = base.replace(loss=loss, targeted=mode == "targeted", **kw).validate()
           out.append((name, cfg, rank))
   return out
+
+
+def compile_attack(logits_fn, config, backend: backend_lib.Backend) -> Callable:
+  """The jitted attack of one configuration (PGD or APGD)."""
+  unroll = backend.loop_unroll(config.num_steps)
+  if isinstance(config, APGDConfig):
+    return jax.jit(make_apgd(logits_fn, config, unroll=unroll))
+  return jax.jit(make_pgd(logits_fn, config, unroll=unroll))
 
 
 def perturbation_norms(x_adv: np.ndarray, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -435,8 +467,7 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
       store = SettingStore(out_dir, sid)
       attacks = []
       if ev.norm != "none":
-        attacks = [Attack(name, jax.jit(make_pgd(logits_fn, c,
-                                                 unroll=backend.loop_unroll(c.num_steps))), rank)
+        attacks = [Attack(name, compile_attack(logits_fn, c, backend), rank)
                    for name, c, rank in attack_configs(ev, train_cfg.dataset, eps, drop,
                                                        backend.eot_impl)]
       budget = budget_columns(ev.norm, eps, ev.budget_reading)
@@ -469,7 +500,8 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
                  "train_drop": train_cfg.drop, "train_drop_rate": train_cfg.drop_rate,
                  "norm": ev.norm, "eps": eps, **budget, "drop_rate": rate,
                  "num_masks": ev.num_masks, "steps": ev.steps, "eot_samples": ev.eot_samples,
-                 "losses": list(ev.losses), "modes": list(ev.modes),
+                 "attack": ev.attack, "losses": list(ev.attack_losses),
+                 "modes": list(ev.modes),
                  "num_targets": ev.num_targets, "restarts": ev.restarts,
                  "attacks": [a.name for a in attacks], "score_draws": ev.score_draws,
                  "max_drop": ev.max_drop, "seed": ev.seed,
