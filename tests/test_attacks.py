@@ -223,3 +223,43 @@ def test_budget_readings_literal_and_doubled(norm):
   assert lit.x_units(lit.eps) == 0.1 and dbl.x_units(dbl.eps) == 0.2
   with pytest.raises(ValueError, match="budget reading"):
     lit.replace(budget_reading="half").validate()
+
+
+def test_rejection_aware_gradient_goes_through_the_mask_average():
+  """The attack's gradient is the gradient of the loss of the *averaged*
+  probabilities, computed here independently with a Python loop over masks."""
+  x, y = data(5)
+  v = linear_model()
+  drop = DropSpec.fixed(0.5)
+  cfg = AttackConfig(norm="l2", eps=100.0, step_size=1.0, num_steps=1, loss="rejection",
+                     eot_samples=4, drop=drop, random_start=False, entropy_weight=0.7)
+  x_adv = run(cfg, x, y)
+  k_steps = jax.random.split(KEY, 3)[2]
+  keys = jax.random.split(jax.random.fold_in(k_steps, 0), 4)
+
+  def loss(xx):
+    probs = sum(jax.nn.softmax(linear_logits(v, xx * masks.spec_mask(k, drop, xx.shape)), -1)
+                for k in keys) / 4
+    logp = jnp.log(probs)
+    top_other = jnp.max(jnp.where(jax.nn.one_hot(y, NUM_CLASSES, dtype=bool), -jnp.inf, logp), -1)
+    h = -jnp.sum(probs * logp, -1)
+    return jnp.sum(top_other - logp[jnp.arange(5), y] - 0.7 * h)
+
+  g = jax.grad(loss)(x)
+  want = norms.l2_project(norms.l2_step(x, g, 1.0), x, 100.0)  # step 1 in units of X
+  np.testing.assert_allclose(x_adv, want, atol=1e-5)
+
+
+def test_rejection_aware_attack_lowers_the_entropy_it_leaves():
+  x, y = data(32)
+  base = AttackConfig(norm="linf", eps=0.3, step_size=0.03, num_steps=20, eot_samples=0)
+  v = linear_model()
+
+  def entropy(xx):
+    p = jax.nn.softmax(linear_logits(v, xx), -1)
+    return float(jnp.mean(-jnp.sum(p * jnp.log(p), -1)))
+
+  ce = run(base, x, y)
+  rej = run(base.replace(loss="rejection", entropy_weight=2.0), x, y)
+  assert accuracy(rej, y) < 0.5  # still fooled
+  assert entropy(rej) < entropy(ce)

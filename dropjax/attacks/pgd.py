@@ -16,6 +16,11 @@ scale, doubled in X units).  For L0,
 :mod:`dropjax.attacks.norms`); ``l0_fraction`` gives it as a fraction of ``D``
 (``D = H*W`` for pixels, ``H*W*C`` for values), e.g. the paper's 0.03·D.
 
+The rejection-aware loss (``loss="rejection"``, :func:`dropjax.attacks.losses.rejection_aware`)
+is a function of the defense's averaged probabilities: its gradient is taken
+through the mean over ``eot_samples`` masks of the softmax, not averaged over
+per-mask gradients.
+
 EOT (the paper's estimator): at every step the gradient is the mean over
 ``eot_samples`` fresh masks ``M_k`` (drawn as ``AttackConfig.drop`` says, a
 :class:`dropjax.masks.DropSpec`) of ``∇_x ℓ(f(x∘M_k), y)``, which by the
@@ -57,6 +62,7 @@ class AttackConfig:
   l0_fraction: float | None = None  # budget as a fraction of D (overrides eps for L0)
   eot_impl: str = "vmap"          # "vmap", "batch" or "scan" (same value, different speed)
   budget_reading: str = "literal"  # units of eps/step_size: dropjax.units
+  entropy_weight: float = 1.0     # loss "rejection": weight of the entropy term
 
   def validate(self) -> "AttackConfig":
     if self.norm not in norms.NORMS:
@@ -177,7 +183,8 @@ def make_pgd(logits_fn: Callable, config: AttackConfig, *, unroll: int | bool = 
   the shape and dtype of ``x``, in [-1, 1] and within the budget.
   """
   config.validate()
-  objective_fn = losses.attack_objective(config.loss, config.targeted)
+  objective_fn = losses.attack_objective(config.loss, config.targeted, config.entropy_weight)
+  averaged = config.loss in losses.AVERAGED_LOSSES
   eps, step = config.x_units(config.eps), config.x_units(config.step_size)
   num_steps = int(config.num_steps)
 
@@ -208,7 +215,20 @@ def make_pgd(logits_fn: Callable, config: AttackConfig, *, unroll: int | bool = 
         return norms.l2_project(xx, x0, eps)
       return norms.l0_project(xx, x0, l0_k, config.l0_unit)
 
+    def averaged_objective(k, xx):
+      """The rejection-aware loss of the mask-averaged probabilities (B,)."""
+      if not config.uses_eot:
+        return objective(xx, labels)
+      keys = jax.random.split(k, config.eot_samples)
+      probs = jax.vmap(lambda kk: jax.nn.softmax(logits_fn(
+          variables, xx * masks.spec_mask(kk, config.drop, xx.shape, xx.dtype)).astype(
+              jnp.float32), -1))(keys)
+      return losses.rejection_aware(probs.mean(0), labels, config.targeted,
+                                    config.entropy_weight)
+
     def gradient(k, xx):
+      if averaged:
+        return jax.grad(lambda v: jnp.sum(averaged_objective(k, v)))(xx)
       if config.uses_eot:
         return eot_gradient(k, objective, xx, labels, config.drop, config.eot_samples,
                             impl=config.eot_impl, unroll=unroll)

@@ -52,7 +52,8 @@ def _f(default, help_text: str, **kw):
 
 ATTACK_MODES = ("untargeted", "targeted")
 ATTACKS = ("pgd", "apgd")
-ATTACK_LOSSES = {"pgd": ("ce", "cw"), "apgd": ("ce", "dlr")}
+ATTACK_LOSSES = {"pgd": ("ce", "cw", "rejection"), "apgd": ("ce", "dlr")}
+DEFAULT_LOSSES = {"pgd": ("ce", "cw"), "apgd": ("ce", "dlr")}  # the paper's; APGD's
 
 
 @dataclasses.dataclass
@@ -79,10 +80,12 @@ class EvalConfig:
   steps: int = _f(20, "attack iterations")
   eot_samples: int = _f(10, "masks per EOT gradient (0: attack the undefended model, "
                         "plain PGD)")
-  losses: tuple | None = _f(None, "attack losses (pgd: ce, cw; apgd: ce, dlr; default: "
-                            "both); every loss x mode x target x restart is run and the "
-                            "worst case kept per example and metric",
-                            choices=("ce", "cw", "dlr"))
+  losses: tuple | None = _f(None, "attack losses (pgd: ce, cw, rejection -- the "
+                            "rejection-aware loss on the mask-averaged probabilities; apgd: "
+                            "ce, dlr; default: pgd ce cw, apgd ce dlr); every loss x mode x "
+                            "target x restart is run and the worst case kept per example "
+                            "and metric", choices=("ce", "cw", "dlr", "rejection"))
+  entropy_weight: float = _f(1.0, "loss rejection: weight of the entropy term")
   modes: tuple = _f(ATTACK_MODES, "untargeted and/or targeted attacks", choices=ATTACK_MODES)
   num_targets: int = _f(1, "targeted attacks aim at each of the top-k other classes of "
                         "the clean averaged prediction")
@@ -109,7 +112,7 @@ class EvalConfig:
   @property
   def attack_losses(self) -> tuple:
     """``losses``, or both losses of the attack algorithm."""
-    return tuple(self.losses) if self.losses else ATTACK_LOSSES.get(self.attack, ())
+    return tuple(self.losses) if self.losses else DEFAULT_LOSSES.get(self.attack, ())
 
   def validate(self) -> "EvalConfig":
     if self.norm not in ATTACK_NORMS:
@@ -249,7 +252,8 @@ def attack_configs(ev: EvalConfig, dataset: str, eps: float, drop: DropSpec,
   kw = dict(num_steps=ev.steps, eot_samples=ev.eot_samples, drop=drop,
             budget_reading=ev.budget_reading)
   if ev.attack == "pgd":
-    kw.update(random_start=ev.random_start, eot_impl=eot_impl)
+    kw.update(random_start=ev.random_start, eot_impl=eot_impl,
+              entropy_weight=ev.entropy_weight)
     if ev.norm == "l0":
       kw["l0_fraction"] = eps
     else:
