@@ -300,3 +300,14 @@ def test_apgd_evaluation_rows(tiny_workdir, tmp_path):
   assert summary["attack"] == "apgd" and summary["max_perturbation_linf"] <= 0.2 + 1e-6
   with pytest.raises(ValueError, match="use --attack pgd for l0"):
     ev_config(attack="apgd", norm="l0").validate()
+
+
+def test_sparse_rs_evaluation_rows(tiny_workdir, tmp_path):
+  cfg = ev_config(attack="sparse_rs", norm="l0", eps=[0.01], queries=20, modes=("untargeted",),
+                  losses=None,
+                  num_examples=16)
+  [summary] = evaluation.evaluate(tiny_workdir, cfg, str(tmp_path), progress=False)
+  assert summary["attacks"] == ["sparse_rs-margin-untargeted"]
+  assert summary["max_perturbation_l0"] <= 10  # 0.01 * 1024 pixels
+  with pytest.raises(ValueError, match="use --norm l0"):
+    ev_config(attack="sparse_rs", norm="linf").validate()

@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from dropjax import backend as backend_lib
 from dropjax import contracts, defense, inference, pretrained, units
-from dropjax.attacks import APGDConfig, AttackConfig, make_apgd, make_pgd, paper_attack
+from dropjax.attacks import (APGDConfig, AttackConfig, SparseRSConfig, make_apgd, make_pgd,
+                             make_sparse_rs, paper_attack)
 from dropjax.attacks import norms as norms_lib
 from dropjax.config import TrainConfig
 from dropjax.data import augment, load_dataset
@@ -51,9 +52,11 @@ def _f(default, help_text: str, **kw):
 
 
 ATTACK_MODES = ("untargeted", "targeted")
-ATTACKS = ("pgd", "apgd")
-ATTACK_LOSSES = {"pgd": ("ce", "cw", "rejection"), "apgd": ("ce", "dlr")}
-DEFAULT_LOSSES = {"pgd": ("ce", "cw"), "apgd": ("ce", "dlr")}  # the paper's; APGD's
+ATTACKS = ("pgd", "apgd", "sparse_rs")
+ATTACK_LOSSES = {"pgd": ("ce", "cw", "rejection"), "apgd": ("ce", "dlr"),
+                 "sparse_rs": ("margin", "rejection")}
+# The paper's; APGD's; Sparse-RS's margin on the averaged probabilities.
+DEFAULT_LOSSES = {"pgd": ("ce", "cw"), "apgd": ("ce", "dlr"), "sparse_rs": ("margin",)}
 
 
 @dataclasses.dataclass
@@ -72,9 +75,11 @@ class EvalConfig:
                            "the images X in [-1,1], as the paper writes them) or doubled "
                            "(the [0,1] pixel scale: twice the literal budget)",
                            choices=BUDGET_READINGS)
-  attack: str = _f("pgd", "attack algorithm: pgd (the paper's EOT-PGD) or apgd (Croce & "
-                    "Hein's APGD with its published step-size schedule; L-inf and L2)",
+  attack: str = _f("pgd", "attack algorithm: pgd (the paper's EOT-PGD), apgd (Croce & "
+                    "Hein's APGD with its published step-size schedule; L-inf and L2) or "
+                    "sparse_rs (black-box L0 random search on the defended decision)",
                     choices=ATTACKS)
+  queries: int = _f(1000, "sparse_rs: queries of the defended decision per image")
   step_size: float | None = _f(None, "PGD step (read like --eps; L0: multiple of the "
                                "mean |gradient|); default: the paper's. APGD sets its own")
   steps: int = _f(20, "attack iterations")
@@ -82,9 +87,10 @@ class EvalConfig:
                         "plain PGD)")
   losses: tuple | None = _f(None, "attack losses (pgd: ce, cw, rejection -- the "
                             "rejection-aware loss on the mask-averaged probabilities; apgd: "
-                            "ce, dlr; default: pgd ce cw, apgd ce dlr); every loss x mode x "
+                            "ce, dlr; sparse_rs: margin, rejection; default: pgd ce cw, "
+                            "apgd ce dlr, sparse_rs margin); every loss x mode x "
                             "target x restart is run and the worst case kept per example "
-                            "and metric", choices=("ce", "cw", "dlr", "rejection"))
+                            "and metric", choices=("ce", "cw", "dlr", "margin", "rejection"))
   entropy_weight: float = _f(1.0, "loss rejection: weight of the entropy term")
   modes: tuple = _f(ATTACK_MODES, "untargeted and/or targeted attacks", choices=ATTACK_MODES)
   num_targets: int = _f(1, "targeted attacks aim at each of the top-k other classes of "
@@ -131,6 +137,10 @@ class EvalConfig:
                          f"{ATTACK_LOSSES[self.attack]}")
     if self.attack == "apgd" and self.norm == "l0":
       raise ValueError("APGD is defined for linf and l2 here; use --attack pgd for l0")
+    if self.attack == "sparse_rs" and self.norm != "l0":
+      raise ValueError("Sparse-RS is an L0 attack: use --norm l0")
+    if self.queries < 1:
+      raise ValueError(f"queries must be >= 1, got {self.queries}")
     if not self.attack_losses or not self.modes:
       raise ValueError("need at least one loss and one mode")
     for mode in self.modes:
@@ -266,12 +276,17 @@ def attack_configs(ev: EvalConfig, dataset: str, eps: float, drop: DropSpec,
       ranks = range(ev.num_targets) if mode == "targeted" else [None]
       for rank in ranks:
         for restart in range(ev.restarts):
-          name = (f"{'apgd-' if ev.attack == 'apgd' else ''}{loss}-{mode}"
+          name = (f"{'' if ev.attack == 'pgd' else ev.attack + '-'}{loss}-{mode}"
                   + (f"-top{rank + 1}" if rank is not None else "")
                   + (f"-restart{restart}" if ev.restarts > 1 else ""))
           if ev.attack == "apgd":
             cfg = APGDConfig(norm=ev.norm, eps=eps, loss=loss, targeted=mode == "targeted",
                              **kw).validate()
+          elif ev.attack == "sparse_rs":
+            cfg = SparseRSConfig(l0_fraction=eps, num_queries=ev.queries,
+                                 targeted=mode == "targeted", num_masks=ev.num_masks,
+                                 drop=drop, entropy_weight=ev.entropy_weight
+                                 if loss == "rejection" else 0.0).validate()
           else:
             cfg = base.replace(loss=loss, targeted=mode == "targeted", **kw).validate()
           out.append((name, cfg, rank))
@@ -283,6 +298,8 @@ def compile_attack(logits_fn, config, backend: backend_lib.Backend) -> Callable:
   unroll = backend.loop_unroll(config.num_steps)
   if isinstance(config, APGDConfig):
     return jax.jit(make_apgd(logits_fn, config, unroll=unroll))
+  if isinstance(config, SparseRSConfig):
+    return jax.jit(make_sparse_rs(logits_fn, config))
   return jax.jit(make_pgd(logits_fn, config, unroll=unroll))
 
 
@@ -505,6 +522,7 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
                  "norm": ev.norm, "eps": eps, **budget, "drop_rate": rate,
                  "num_masks": ev.num_masks, "steps": ev.steps, "eot_samples": ev.eot_samples,
                  "attack": ev.attack, "losses": list(ev.attack_losses),
+                 "queries": ev.queries if ev.attack == "sparse_rs" else None,
                  "modes": list(ev.modes),
                  "num_targets": ev.num_targets, "restarts": ev.restarts,
                  "attacks": [a.name for a in attacks], "score_draws": ev.score_draws,

@@ -1,0 +1,60 @@
+"""Sparse-RS (dropjax.attacks.sparse_rs): never more than k pixels, box, schedule, success."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dropjax.attacks import norms
+from dropjax.attacks.sparse_rs import SparseRSConfig, alpha_schedule, make_sparse_rs
+from dropjax.masks import DropSpec
+from test_attacks import KEY, NUM_CLASSES, data, linear_logits, linear_model
+
+
+def test_alpha_schedule_is_the_published_one():
+  got = [float(alpha_schedule(q, 10_000, 0.3)) for q in (0, 10, 11, 50, 51, 200, 201, 500,
+                                                          501, 1000, 1001, 2001, 4001, 6001, 8001)]
+  want = [0.3, 0.3, 0.15, 0.15, 0.075, 0.075, 0.06, 0.06, 0.05, 0.05, 0.0375, 0.03, 0.025,
+          0.02, 0.015]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # Scaled to the budget: query 100 of 1,000 is query 1,000 of 10,000.
+  assert float(alpha_schedule(100, 1000, 0.3)) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("pixels,drop", [(3, DropSpec()), (10, DropSpec.fixed(0.5)), (0, DropSpec())])
+def test_never_more_than_k_pixels_and_in_the_box(pixels, drop):
+  x, y = data(12)
+  cfg = SparseRSConfig(pixels=pixels, num_queries=30, num_masks=3, drop=drop)
+  x_adv = jax.jit(make_sparse_rs(linear_logits, cfg))(KEY, linear_model(), x, y)
+  counts = np.asarray(norms.l0_count(x_adv - x, "pixel"))
+  assert counts.max() <= pixels
+  assert float(jnp.min(x_adv)) >= -1 and float(jnp.max(x_adv)) <= 1
+  if pixels:  # changed pixels sit at vertices of the colour cube
+    changed = np.asarray(jnp.any(x_adv != x, -1))
+    assert set(np.unique(np.abs(np.asarray(x_adv)[changed]))) <= {1.0}
+
+
+def test_deterministic_and_finds_adversarial_examples_without_gradients():
+  x, y = data(32)
+  v = {"w": linear_model()["w"] * 5, "b": linear_model()["b"]}
+  y = jnp.argmax(linear_logits(v, x), -1)
+  cfg = SparseRSConfig(pixels=12, num_queries=200, num_masks=1)
+  attack = jax.jit(make_sparse_rs(linear_logits, cfg))
+  a, b = attack(KEY, v, x, y), attack(KEY, v, x, y)
+  np.testing.assert_array_equal(a, b)
+  fooled = np.mean(np.asarray(jnp.argmax(linear_logits(v, a), -1)) != np.asarray(y))
+  start = make_sparse_rs(linear_logits, cfg.replace(num_queries=1))(KEY, v, x, y)
+  fooled_start = np.mean(np.asarray(jnp.argmax(linear_logits(v, start), -1)) != np.asarray(y))
+  assert fooled > fooled_start and fooled > 0.5
+  target = (y + 1) % NUM_CLASSES
+  t = jax.jit(make_sparse_rs(linear_logits, cfg.replace(targeted=True)))(KEY, v, x, y, target)
+  assert np.mean(np.asarray(jnp.argmax(linear_logits(v, t), -1)) == np.asarray(target)) > 0.3
+
+
+def test_bad_configs():
+  with pytest.raises(ValueError, match="alpha_init"):
+    SparseRSConfig(alpha_init=0).validate()
+  with pytest.raises(ValueError, match="num_queries"):
+    SparseRSConfig(num_queries=0).validate()
+  x, y = data(2)
+  with pytest.raises(ValueError, match="H\\*W/2"):
+    make_sparse_rs(linear_logits, SparseRSConfig(pixels=40))(KEY, linear_model(), x, y)
