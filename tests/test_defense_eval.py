@@ -310,4 +310,4 @@ def test_sparse_rs_evaluation_rows(tiny_workdir, tmp_path):
   assert summary["attacks"] == ["sparse_rs-margin-untargeted"]
   assert summary["max_perturbation_l0"] <= 10  # 0.01 * 1024 pixels
   with pytest.raises(ValueError, match="use --norm l0"):
-    ev_config(attack="sparse_rs", norm="linf").validate()
+    ev_config(attack="sparse_rs", norm="linf", losses=None).validate()
