@@ -260,6 +260,16 @@ EVAL_PRINTED = ("clean_accuracy_plain", "clean_accuracy_avg", "robust_accuracy_a
 def _run_evaluate(ev, args) -> int:
   from dropjax import evaluation  # pylint: disable=g-import-not-at-top
   workdir = _trained_run(args, "evaluating")
+  if ev.sanity:
+    from dropjax.evaluation import sanity  # pylint: disable=g-import-not-at-top
+    out = args.out or os.path.join(workdir, "eval")
+    checks = sanity.run(workdir, ev, out, data_dir=args.data_dir, source=args.source,
+                        progress=False if args.no_progress else None)
+    for c in checks:
+      nums = " ".join(f"{k}={v:.4f}" for k, v in c.items()
+                      if isinstance(v, float) and k != "tolerance")
+      print(f"{'PASS' if c['pass'] else 'FAIL'} {c['check']}: {nums} ({c['rule']})")
+    return 0 if all(c["pass"] for c in checks) else 1
   rows = evaluation.evaluate(workdir, ev, args.out, data_dir=args.data_dir,
                              source=args.source,
                              progress=False if args.no_progress else None)

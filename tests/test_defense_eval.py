@@ -311,3 +311,25 @@ def test_sparse_rs_evaluation_rows(tiny_workdir, tmp_path):
   assert summary["max_perturbation_l0"] <= 10  # 0.01 * 1024 pixels
   with pytest.raises(ValueError, match="use --norm l0"):
     ev_config(attack="sparse_rs", norm="linf", losses=None).validate()
+
+
+def test_sanity_report(tiny_workdir, tmp_path, capsys, norm="linf"):
+  args = ["--workdir", tiny_workdir, "--out", str(tmp_path), "--norm", norm, "--sanity",
+          "--sanity_examples", "8", "--batch_size", "8", "--steps", "2", "--eot_samples", "2",
+          "--num_masks", "2", "--queries", "5", "--no_progress"]
+  rc = run_eval(*args)
+  printed = capsys.readouterr().out
+  checks = [json.loads(l) for l in open(tmp_path / "sanity" / "checks.jsonl")]
+  assert [c["check"] for c in checks] == ["large_budget", "more_steps", "more_eot", "black_box"]
+  assert rc == (0 if all(c["pass"] for c in checks) else 1)
+  for c in checks:
+    assert ("PASS " if c["pass"] else "FAIL ") + c["check"] in printed
+  # The large-budget check's number is its evaluation's summary.
+  large = [json.loads(l) for l in open(tmp_path / "sanity" / "large_budget" / "summary.jsonl")]
+  assert checks[0]["robust_accuracy"] == large[0]["robust_accuracy_avg"]
+  assert checks[0]["pass"] == (large[0]["robust_accuracy_avg"] <= 0.05)
+  if norm == "linf":
+    curve = [json.loads(l) for l in open(tmp_path / "sanity" / "loss_curve.jsonl")]
+    assert [r["iteration"] for r in curve] == list(range(1, 9))
+    best = [r["loss_best_mean"] for r in curve]
+    assert all(b2 >= b1 - 1e-6 for b1, b2 in zip(best, best[1:]))

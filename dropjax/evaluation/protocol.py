@@ -114,6 +114,12 @@ class EvalConfig:
   num_examples: int = _f(1000, "test examples (0: all)")
   batch_size: int = _f(100, "examples per chunk (the resume unit)")
   seed: int = _f(0, "seed of masks and attack randomness")
+  sanity: bool = _f(False, "run the gradient-masking sanity checks instead (large budget, "
+                    "more steps, more EOT, black-box vs white-box, loss curve): "
+                    "pass/fail rows in <out>/sanity/checks.jsonl")
+  sanity_examples: int = _f(100, "test examples of each sanity check")
+  sanity_tolerance: float = _f(0.05, "sanity checks: allowed robust-accuracy slack "
+                               "(fraction)")
 
   @property
   def attack_losses(self) -> tuple:
