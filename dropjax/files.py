@@ -19,6 +19,9 @@ def write_atomic(path: str, text: str) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private)
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)

@@ -16,7 +16,12 @@ ensemble of diverse parameter-free attacks", ICML 2020), with EOT over masks.
   best point so far when (1) the loss increased in at most ``ρ = 0.75`` of the
   interval's steps, or (2) the step size was not halved at the previous
   checkpoint and the best loss has not improved since;
-* the output is the point with the highest loss found.
+* the output is, as in the authors' code, the last iterate at which the model
+  (the mask-averaged probabilities under EOT) misclassified the example (for
+  targeted attacks: predicted the target), else the point with the highest loss;
+* the start is the authors' random point: ``x + ε t / max|t|``,
+  ``t ~ U[-1, 1]`` (L-inf) or ``x + ε t / ||t||``, ``t ~ N(0, 1)`` (L2), clipped
+  to the box.
 
 Losses (to maximize): ``ce`` (cross-entropy) and ``dlr`` (the difference of
 logits ratio), untargeted ``-(z_y - max_{i≠y} z_i) / (z_π1 - z_π3)`` and
@@ -133,7 +138,8 @@ def make_apgd(logits_fn: Callable, config: APGDConfig, *, unroll: int | bool = 1
 
   ``x`` float (B, H, W, C) in [-1, 1], ``y`` (B,) int; for targeted attacks
   ``target`` (B,) (default: a random wrong class from ``key``).  Returns the
-  highest-loss point found, within the budget and in [-1, 1].  With
+  last successful iterate (else the highest-loss point), within the budget and
+  in [-1, 1].  With
   ``trace=True`` it returns ``(x_adv, history)``: ``history["eta"]`` (the step
   size in units of X), ``["loss"]`` (the loss at the iterate) and
   ``["loss_best"]``, each (num_steps, B), after every iteration.
@@ -164,18 +170,24 @@ def make_apgd(logits_fn: Callable, config: APGDConfig, *, unroll: int | bool = 1
     k_start, k_steps = jax.random.split(key)
 
     def value_and_grad(k, xx):
-      """Per-example loss (B,) and its gradient, EOT means over masks."""
+      """Per-example loss (B,), its gradient and whether the attack succeeds
+      there (B,) bool, EOT means over masks."""
       def one(m):
         def total(v):
-          f = objective_fn(logits_fn(variables, v * m if m is not None else v), y, t)
-          return jnp.sum(f), f
-        (_, f), g = jax.value_and_grad(total, has_aux=True)(xx)
-        return f, g
+          z = logits_fn(variables, v * m if m is not None else v)
+          f = objective_fn(z, y, t)
+          return jnp.sum(f), (f, jax.nn.softmax(z.astype(jnp.float32), -1))
+        (_, (f, p)), g = jax.value_and_grad(total, has_aux=True)(xx)
+        return f, g, p
       if not config.uses_eot:
-        return one(None)
-      keys = jax.random.split(k, config.eot_samples)
-      f, g = jax.vmap(lambda kk: one(masks.spec_mask(kk, config.drop, xx.shape, xx.dtype)))(keys)
-      return f.mean(0), g.mean(0)
+        f, g, p = one(None)
+      else:
+        keys = jax.random.split(k, config.eot_samples)
+        f, g, p = jax.vmap(lambda kk: one(masks.spec_mask(kk, config.drop, xx.shape,
+                                                          xx.dtype)))(keys)
+        f, g, p = f.mean(0), g.mean(0), p.mean(0)
+      pred = jnp.argmax(p, -1)
+      return f, g, (pred == t) if config.targeted else (pred != y)
 
     def direction(g):
       return jnp.sign(g) if config.norm == "linf" else g / (norms.l2_norm(g) + 1e-12)
@@ -187,18 +199,25 @@ def make_apgd(logits_fn: Callable, config: APGDConfig, *, unroll: int | bool = 1
     def per_ex(a):
       return a.reshape((b,) + (1,) * (x.ndim - 1))
 
-    x_init = norms.random_start(k_start, x0, config.norm, eps)
-    f0, g0 = value_and_grad(jax.random.fold_in(k_steps, n), x_init)
+    if config.norm == "linf":
+      u = jax.random.uniform(k_start, x0.shape, minval=-1.0, maxval=1.0)
+      u = u / jnp.max(jnp.abs(u).reshape(b, -1), 1).reshape(per_ex(jnp.ones(b)).shape)
+    else:
+      u = jax.random.normal(k_start, x0.shape)
+      u = u / (norms.l2_norm(u) + 1e-12)
+    x_init = norms.clip_box(x0 + eps * u)
+    f0, g0, ok0 = value_and_grad(jax.random.fold_in(k_steps, n), x_init)
     eta0 = jnp.full((b,), config.initial_step * eps, jnp.float32)
     state = dict(x=x_init, x_prev=x_init, g=g0, f=f0, x_best=x_init, f_best=f0, g_best=g0,
                  eta=eta0, n_inc=jnp.zeros((b,), jnp.float32),
-                 f_best_check=f0, reduced_check=jnp.zeros((b,), bool))
+                 f_best_check=f0, reduced_check=jnp.zeros((b,), bool),
+                 x_found=x_init, found=ok0)
 
     def body(i, s):
       a = jnp.where(i > 0, config.momentum, 1.0)
       z = project(s["x"] + per_ex(s["eta"]) * direction(s["g"]))
       x_new = project(s["x"] + a * (z - s["x"]) + (1 - a) * (s["x"] - s["x_prev"]))
-      f, g = value_and_grad(jax.random.fold_in(k_steps, i), x_new)
+      f, g, ok = value_and_grad(jax.random.fold_in(k_steps, i), x_new)
       better = f > s["f_best"]
       x_best = jnp.where(per_ex(better), x_new, s["x_best"])
       g_best = jnp.where(per_ex(better), g, s["g_best"])
@@ -217,15 +236,19 @@ def make_apgd(logits_fn: Callable, config: APGDConfig, *, unroll: int | bool = 1
                   g_best=g_best, eta=jnp.where(reduce, s["eta"] / 2, s["eta"]),
                   n_inc=jnp.where(at_check, 0.0, n_inc),
                   f_best_check=jnp.where(at_check, f_best, s["f_best_check"]),
-                  reduced_check=jnp.where(at_check, reduce, s["reduced_check"]))
+                  reduced_check=jnp.where(at_check, reduce, s["reduced_check"]),
+                  x_found=jnp.where(per_ex(ok), x_new, s["x_found"]), found=s["found"] | ok)
 
     if trace:
       def scan_body(st, i):
         st = body(i, st)
         return st, {"eta": st["eta"], "loss": st["f"], "loss_best": st["f_best"]}
       out, history = jax.lax.scan(scan_body, state, jnp.arange(n), unroll=unroll)
-      return out["x_best"].astype(x.dtype), history
-    out = jax.lax.fori_loop(0, n, body, state, unroll=unroll)
-    return out["x_best"].astype(x.dtype)
+      return result(out).astype(x.dtype), history
+    return result(jax.lax.fori_loop(0, n, body, state, unroll=unroll)).astype(x.dtype)
+
+  def result(s):
+    return jnp.where(s["found"].reshape((-1,) + (1,) * (s["x"].ndim - 1)), s["x_found"],
+                     s["x_best"])
 
   return attack
