@@ -42,6 +42,7 @@ import numpy as np
 
 from dropjax import contracts, masks, units
 from dropjax.attacks import norms
+from dropjax.attacks.pgd import random_targets
 from dropjax.objectives import cross_entropy
 
 Array = jax.Array
@@ -162,7 +163,6 @@ def make_apgd(logits_fn: Callable, config: APGDConfig, *, unroll: int | bool = 1
     num_classes = jax.eval_shape(logits_fn, variables, x).shape[-1]
     contracts.check_labels(y, num_classes, batch=x.shape[0])
     if config.targeted and target is None:
-      from dropjax.attacks.pgd import random_targets  # pylint: disable=g-import-not-at-top
       target = random_targets(jax.random.fold_in(key, 1), y, num_classes)
     t = y if target is None else target
     x0 = x.astype(jnp.float32)

@@ -27,6 +27,7 @@ import numpy as np
 
 from dropjax import contracts, defense, masks
 from dropjax.attacks import losses
+from dropjax.attacks.pgd import random_targets
 
 Array = jax.Array
 
@@ -104,7 +105,6 @@ def make_sparse_rs(logits_fn: Callable, config: SparseRSConfig, *,
     num_classes = jax.eval_shape(logits_fn, variables, x).shape[-1]
     contracts.check_labels(y, num_classes, batch=b)
     if config.targeted and target is None:
-      from dropjax.attacks.pgd import random_targets  # pylint: disable=g-import-not-at-top
       target = random_targets(jax.random.fold_in(key, -1), y, num_classes)
     labels = target if config.targeted else y
     d, k = h * w, min(config.budget(h, w), h * w)

@@ -34,6 +34,7 @@ from dropjax.attacks import APGDConfig, paper_attack
 from dropjax.attacks.apgd import make_apgd
 from dropjax.data import augment
 from dropjax.masks import DropSpec
+from dropjax.training import checkpoint as ckpt_lib
 
 LARGE_BUDGET = {"linf": 2.0, "l2": 64.0, "l0": 0.25}  # X units (linf, l2); fraction (l0)
 CHECKS_FILE = "checks.jsonl"
@@ -60,7 +61,7 @@ def run(workdir: str, ev, out_dir: str, **kw) -> list[dict]:
     [summary] = protocol.evaluate(workdir, cfg, os.path.join(sanity_dir, name), **kw)
     return summary
 
-  train_cfg = protocol.load_model(workdir, kw.get("data_dir"), kw.get("source"))[0]
+  train_cfg = ckpt_lib.load_config(workdir)  # the dataset and drop settings only
   preset = paper_attack(train_cfg.dataset, ev.norm)
   eps = ev.eps[0] if ev.eps else (preset.l0_fraction if ev.norm == "l0" else preset.eps)
   checks = []
