@@ -21,6 +21,8 @@ from dropjax.units import BUDGET_READINGS
 OBJECTIVES = ("standard", "uniform_original", "uniform_noisy")
 SCHEDULES = ("cosine", "step")
 PARALLEL = ("jit", "pmap")
+ADV_TRAINING = ("none", "pgd")
+ADV_NORMS = ("linf", "l2")
 
 
 def _f(default, help_text: str, **kw):
@@ -65,7 +67,18 @@ class TrainConfig:
   aux_weight: float = _f(1.0, "weight of the auxiliary uniform-target term")
   aux_eps: float = _f(16 / 255, "noise size for uniform_noisy, as the paper states "
                       "it (read per --budget_reading)")
-  budget_reading: str = _f("literal", "units of --aux_eps: literal (in units of the "
+  # Adversarial training (the baseline pixel dropping is compared with).
+  adv_training: str = _f("none", "adversarial training (Madry et al. 2018): none, or pgd "
+                         "(every batch is replaced by PGD adversarial examples found "
+                         "against the model in training mode; needs --drop none)",
+                         choices=ADV_TRAINING)
+  adv_norm: str = _f("linf", "--adv_training pgd: threat model, linf or l2", choices=ADV_NORMS)
+  adv_eps: float = _f(16 / 255, "--adv_training pgd: budget, read per --budget_reading "
+                      "(default 16/255 in X units = Madry et al.'s 8/255 on the [0,1] scale)")
+  adv_steps: int = _f(7, "--adv_training pgd: PGD steps per batch (Madry et al.: 7)")
+  adv_step_size: float | None = _f(None, "--adv_training pgd: step size, read per "
+                                   "--budget_reading; default 2.5 * adv_eps / adv_steps")
+  budget_reading: str = _f("literal", "units of --aux_eps and --adv_eps: literal (in units of the "
                            "images X in [-1,1], as the paper writes it) or doubled (on "
                            "the [0,1] pixel scale, x2 in X units)", choices=BUDGET_READINGS)
   # Augmentation.
@@ -123,6 +136,16 @@ class TrainConfig:
         (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
         (self.objective == "standard" or self.drop != "none",
          "the auxiliary objectives need pixel dropping (--drop fixed or random)"),
+        (self.adv_training in ADV_TRAINING,
+         f"adv_training must be one of {ADV_TRAINING}, got {self.adv_training!r}"),
+        (self.adv_training == "none" or (self.drop == "none" and self.objective == "standard"),
+         "--adv_training pgd is the adversarial-training baseline: it needs --drop none "
+         "and --objective standard"),
+        (self.adv_norm in ADV_NORMS, f"adv_norm must be one of {ADV_NORMS}, got {self.adv_norm!r}"),
+        (self.adv_eps >= 0, f"adv_eps must be >= 0, got {self.adv_eps}"),
+        (self.adv_steps >= 1, f"adv_steps must be >= 1, got {self.adv_steps}"),
+        (self.adv_step_size is None or self.adv_step_size > 0,
+         f"adv_step_size must be positive, got {self.adv_step_size}"),
         (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
         (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
         (self.lr > 0, f"lr must be positive, got {self.lr}"),
@@ -174,6 +197,13 @@ class TrainConfig:
     return DropSpec(self.drop, self.drop_rate if self.drop == "fixed" else 0.0, self.per_pixel)
 
   @property
+  def adv_step(self) -> float:
+    """The PGD step of adversarial training, as stated (``budget_reading`` units)."""
+    if self.adv_step_size is not None:
+      return self.adv_step_size
+    return 2.5 * self.adv_eps / self.adv_steps
+
+  @property
   def model_takes_mask(self) -> bool:
     """Whether the model must be told which pixels are kept (``doubled`` encoding)."""
     return self.input_encoding == "doubled"
@@ -212,6 +242,11 @@ def _build_presets() -> dict[str, dict[str, Any]]:
     presets[f"{ds}-resnet20-ablate75"] = dict(dataset=ds, epochs=epochs, depth=20,
                                              drop="ablate", keep=75,
                                              input_encoding="doubled")
+  # The adversarial-training baseline (Madry et al.): PGD-7 at the paper's GTSRB
+  # L-inf budget (32/255 in X units), step 2.5 eps / 7.
+  presets["gtsrb-resnet20-pgd-at"] = dict(dataset="gtsrb", epochs=30, depth=20, drop="none",
+                                          adv_training="pgd", adv_norm="linf",
+                                          adv_eps=32 / 255, adv_steps=7)
   # A few-minute CPU smoke run: real data, small subset, ResNet-8.
   presets["quick"] = dict(dataset="gtsrb", depth=8, drop="random", epochs=3,
                           train_examples=8192, batch_size=128, val_size=600,

@@ -96,7 +96,10 @@ def main(argv=None):
                       val_size=pre.config.val_size, seed=pre.config.seed)
   n = args.num_examples
   x_u8, y = data.test.x[:n], data.test.y[:n].astype(np.int64)
-  net = OnUnitScale(to_torch(pre.variables, pre.config.depth, data.num_classes))
+  # .eval() on the wrapper too: torchattacks restores the wrapper's training flag after
+  # every call, and a fresh Module is in training mode -- BatchNorm would then run on
+  # batch statistics (and update its running ones) while we score the adversarial images.
+  net = OnUnitScale(to_torch(pre.variables, pre.config.depth, data.num_classes)).eval()
   x01 = torch.tensor(x_u8.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
   x_jax = augment.to_float(x_u8)
   with torch.no_grad():
@@ -128,6 +131,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         xt = ta(x01[sl], torch.tensor(y[sl]))
         t_torch += time.perf_counter() - t0
+        net.eval()
+        if any(m.training for m in net.modules()):
+          raise RuntimeError("the PyTorch model is not in eval mode")
         with torch.no_grad():
           ok_torch += list(net(xt).argmax(1).numpy() == y[sl])
       row = {"norm": norm, "loss": loss, "eps_pixel01": eps01, "eps_x_units": 2 * eps01,

@@ -15,7 +15,8 @@ ensemble of diverse parameter-free attacks", ICML 2020), with EOT over masks.
 * at a checkpoint the step size is halved and the iterate restarts from the
   best point so far when (1) the loss increased in at most ``ρ = 0.75`` of the
   interval's steps, or (2) the step size was not halved at the previous
-  checkpoint and the best loss has not improved since;
+  checkpoint and the best loss has not improved since (as in the authors' code,
+  condition (2) is not applied at the first checkpoint: there is no previous one);
 * the output is, as in the authors' code, the last iterate at which the model
   (the mask-averaged probabilities under EOT) misclassified the example (for
   targeted attacks: predicted the target), else the point with the highest loss;
@@ -210,7 +211,7 @@ def make_apgd(logits_fn: Callable, config: APGDConfig, *, unroll: int | bool = 1
     eta0 = jnp.full((b,), config.initial_step * eps, jnp.float32)
     state = dict(x=x_init, x_prev=x_init, g=g0, f=f0, x_best=x_init, f_best=f0, g_best=g0,
                  eta=eta0, n_inc=jnp.zeros((b,), jnp.float32),
-                 f_best_check=f0, reduced_check=jnp.zeros((b,), bool),
+                 f_best_check=f0, reduced_check=jnp.ones((b,), bool),
                  x_found=x_init, found=ok0)
 
     def body(i, s):

@@ -179,7 +179,10 @@ def make_pgd(logits_fn: Callable, config: AttackConfig, *, unroll: int | bool = 
   int (B,); called with concrete arrays it raises ``ValueError`` for images
   outside [-1, 1] or not finite and for labels that are not class indices
   (:mod:`dropjax.contracts`; under ``jit`` only shapes and dtypes are checked).  For targeted attacks ``target`` (B,) is the class to reach; when
-  omitted a random wrong class is drawn from ``key``.  Returns ``x_adv`` with
+  omitted a random wrong class is drawn from ``key``.  ``start`` (shape of
+  ``x``), when given, is where the steps begin (projected onto the threat
+  model) instead of the random start: adversarial training draws it per
+  example (:func:`dropjax.training.step.make_adversary`).  Returns ``x_adv`` with
   the shape and dtype of ``x``, in [-1, 1] and within the budget.
   """
   config.validate()
@@ -188,7 +191,8 @@ def make_pgd(logits_fn: Callable, config: AttackConfig, *, unroll: int | bool = 
   eps, step = config.x_units(config.eps), config.x_units(config.step_size)
   num_steps = int(config.num_steps)
 
-  def attack(key: Array, variables, x: Array, y: Array, target: Array | None = None) -> Array:
+  def attack(key: Array, variables, x: Array, y: Array, target: Array | None = None,
+             start: Array | None = None) -> Array:
     chex.assert_rank(x, 4)
     contracts.check_images(x, min_ndim=4)
     num_classes = jax.eval_shape(logits_fn, variables, x).shape[-1]
@@ -244,8 +248,13 @@ def make_pgd(logits_fn: Callable, config: AttackConfig, *, unroll: int | bool = 
         xx = norms.l0_step(xx, g, step)
       return project(xx)
 
-    start = (norms.random_start(k_start, x0, config.norm, eps, l0_k, config.l0_unit)
-             if config.random_start else x0)
+    if start is not None:
+      chex.assert_equal_shape((start, x))
+      start = project(start.astype(jnp.float32))
+    elif config.random_start:
+      start = norms.random_start(k_start, x0, config.norm, eps, l0_k, config.l0_unit)
+    else:
+      start = x0
     x_adv = jax.lax.fori_loop(0, num_steps, body, start, unroll=unroll)
     return x_adv.astype(x.dtype)
 

@@ -116,7 +116,8 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
   host_state = state_lib.create_state(jax.random.fold_in(root, INIT_STREAM), model, tx,
                                       data.image_shape)
   train_step = step_lib.make_train_step(
-      config, model, tx, axis_name=parallel.PMAP_AXIS if config.parallel == "pmap" else None)
+      config, model, tx, axis_name=parallel.PMAP_AXIS if config.parallel == "pmap" else None,
+      unroll=backend.loop_unroll(config.adv_steps))
   runner = parallel.make_runner(config.parallel, train_step, config.batch_size)
 
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)

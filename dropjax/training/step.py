@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from dropjax import masks, objectives, units
+from dropjax.attacks import norms
+from dropjax.attacks.pgd import AttackConfig, make_pgd
 from dropjax.config import TrainConfig
 from dropjax.data import augment
 from dropjax.training.state import TrainState
@@ -74,15 +76,60 @@ def per_example_loss(config: TrainConfig, apply_logits: Callable, x: Array,
   return loss, logits
 
 
-def make_train_step(config: TrainConfig, model, tx, axis_name: str | None = None):
+def adversary_attack_config(config: TrainConfig) -> AttackConfig:
+  """The PGD attack of ``--adv_training pgd`` (Madry et al. 2018): CE,
+  untargeted, ``adv_steps`` steps of ``adv_step`` within ``adv_eps``, no EOT."""
+  return AttackConfig(norm=config.adv_norm, eps=config.adv_eps, step_size=config.adv_step,
+                      num_steps=config.adv_steps, loss="ce", eot_samples=0,
+                      budget_reading=config.budget_reading).validate()
+
+
+def make_adversary(config: TrainConfig, model, *, unroll: int | bool = 1) -> Callable:
+  """``adversary(variables, x, y, keys) -> x_adv`` for PGD adversarial training.
+
+  ``x`` float (B, H, W, C) in [-1, 1], ``y`` (B,) int, ``keys`` (B,) per-example
+  keys: example ``i`` starts at a uniform random point of its ball drawn from
+  ``keys[i]`` (so the attack does not depend on how the batch is split over
+  devices), then takes :func:`adversary_attack_config`'s PGD steps on the
+  model in *training* mode -- batch statistics, as in Madry et al.'s code --
+  without updating the running statistics.  The result carries no gradient.
+  """
+  attack_config = adversary_attack_config(config)
+  eps = attack_config.x_units(attack_config.eps)
+
+  def logits_fn(variables, images):
+    logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    return logits
+
+  attack = make_pgd(logits_fn, attack_config, unroll=unroll)
+
+  def adversary(variables, x, y, keys):
+    start = jax.vmap(lambda k, xi: norms.random_start(k, xi[None], config.adv_norm, eps)[0])(
+        keys, x)
+    # The key is unused: the start is given, the attack is untargeted, no EOT.
+    x_adv = attack(keys[0], jax.lax.stop_gradient(variables), x, y, start=start)
+    return jax.lax.stop_gradient(x_adv)
+
+  return adversary
+
+
+def make_train_step(config: TrainConfig, model, tx, axis_name: str | None = None, *,
+                    unroll: int | bool = 1):
   """Returns the pure ``train_step(state, batch, key) -> (state, metrics)``.
 
   With ``axis_name`` (pmap) gradients, batch-norm statistics (through the
-  model's ``bn_axis_name``) and metrics are averaged over that axis.
+  model's ``bn_axis_name``) and metrics are averaged over that axis.  With
+  ``config.adv_training == "pgd"`` the model is trained on
+  :func:`make_adversary`'s examples of each batch (``unroll``: of its step
+  loop, ``dropjax.backend.resolve().loop_unroll(config.adv_steps)``).
   """
+  adversary = (make_adversary(config, model, unroll=unroll)
+               if config.adv_training != "none" else None)
 
   def train_step(state: TrainState, batch: dict, key: Array):
     x, x_dropped, m, keys = prepare_inputs(config, key, state.step, batch)
+    if adversary is not None:  # validate() ensures no dropping and the standard objective
+      x = x_dropped = adversary(state.variables, x, batch["label"], keys)
 
     def loss_fn(params):
       new_stats = {}
