@@ -30,11 +30,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import machine, measure  # noqa: E402
+from benchmarks.models import inference_model  # noqa: E402
 from dropjax.attacks import (APGDConfig, AttackConfig, SparseRSConfig, make_apgd,  # noqa: E402
                              make_pgd, make_sparse_rs)
 from dropjax.config import TrainConfig  # noqa: E402
 from dropjax.masks import DropSpec  # noqa: E402
-from dropjax.training import state as state_lib, step as step_lib  # noqa: E402
 
 
 def main(argv=None):
@@ -50,11 +50,7 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   backend = backend_lib.resolve()
-  cfg = TrainConfig(depth=args.depth)
-  model = state_lib.make_model(cfg, 10, backend.layers(train=False))
-  variables = state_lib.create_state(jax.random.PRNGKey(0), model,
-                                     state_lib.make_optimizer(cfg, 1), (32, 32, 3)).variables
-  logits_fn = step_lib.make_logits_fn(model)
+  logits_fn, variables = inference_model(TrainConfig(depth=args.depth))
   n = args.images
   x = jax.random.uniform(jax.random.PRNGKey(1), (n, 32, 32, 3), minval=-1, maxval=1)
   y = jnp.zeros((n,), jnp.int32)

@@ -27,6 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import models as bench_models  # noqa: E402
 from benchmarks.common import TRAIN_WARMUP, machine, measure  # noqa: E402
 from dropjax import defense  # noqa: E402
 from dropjax.masks import DropSpec  # noqa: E402
@@ -34,7 +35,7 @@ from dropjax.attacks import AttackConfig, make_pgd  # noqa: E402
 from dropjax.attacks.pgd import eot_gradient  # noqa: E402
 from dropjax.attacks.losses import attack_objective  # noqa: E402
 from dropjax.config import TrainConfig  # noqa: E402
-from dropjax.training import parallel, state as state_lib, step as step_lib  # noqa: E402
+from dropjax.training import parallel, step as step_lib  # noqa: E402
 
 sync = jax.block_until_ready
 
@@ -47,11 +48,8 @@ def setup(depth: int, half_precision: bool = False):
   resolved backend's layers, as ``train.py`` / ``evaluate.py`` build them."""
   cfg = TrainConfig(depth=depth, drop="fixed", drop_rate=0.9, crop_pad=4, hflip=True,
                     half_precision=half_precision)
-  backend = backend_lib.resolve()
-  model = state_lib.make_model(cfg, 10, backend.layers(train=True))
-  tx = state_lib.make_optimizer(cfg, 100)
-  state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, (32, 32, 3))
-  logits_fn = step_lib.make_logits_fn(state_lib.make_model(cfg, 10, backend.layers(train=False)))
+  model, tx, state = bench_models.initial_state(cfg, train=True)
+  logits_fn, _ = bench_models.inference_model(cfg)
   return cfg, model, tx, state, logits_fn
 
 

@@ -33,9 +33,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import machine, measure  # noqa: E402
+from benchmarks.models import inference_model  # noqa: E402
 from dropjax import certify  # noqa: E402
 from dropjax.config import TrainConfig  # noqa: E402
-from dropjax.training import state as state_lib, step as step_lib  # noqa: E402
 
 
 def sync(x):
@@ -43,12 +43,8 @@ def sync(x):
 
 
 def build(depth: int, encoding: str):
-  cfg = TrainConfig(depth=depth, drop="ablate" if encoding == "doubled" else "fixed",
-                    input_encoding=encoding)
-  model = state_lib.make_model(cfg, 10, backend_lib.resolve().layers(train=False))
-  state = state_lib.create_state(jax.random.PRNGKey(0), model, state_lib.make_optimizer(cfg, 1),
-                                 (32, 32, 3))
-  return step_lib.make_logits_fn(model), state.variables
+  return inference_model(TrainConfig(depth=depth, drop="ablate" if encoding == "doubled"
+                                     else "fixed", input_encoding=encoding))
 
 
 def main(argv=None):
