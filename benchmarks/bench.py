@@ -7,7 +7,9 @@
 Workloads: train step (batch 128, pixel dropping + crop/flip on device),
 inference (batch 512), 10-mask averaged prediction (batch 100 x 10 masks) and
 EOT-PGD L-inf (100 images x 10 masks x 10 steps) in several forms (EOT as
-vmap-of-grad or folded into the batch; attack loop rolled or unrolled).
+vmap-of-grad or folded into the batch; attack loop rolled or unrolled); on
+request (``--workloads train adv_train``) the PGD adversarial-training step
+(Madry et al., ``--adv_steps`` steps, batch 128) beside the pixel-dropping one.
 Warm-up (compile) is excluded and reported separately; times are medians.
 """
 from __future__ import annotations
@@ -62,7 +64,8 @@ def synthetic_batch(batch: int) -> dict:
 
 
 def bench_train(cfg, model, tx, state, batch: int, repeats: int) -> dict:
-  runner = parallel.JitRunner(step_lib.make_train_step(cfg, model, tx), batch)
+  unroll = backend_lib.resolve().loop_unroll(cfg.adv_steps)
+  runner = parallel.JitRunner(step_lib.make_train_step(cfg, model, tx, unroll=unroll), batch)
   b = runner.put_batch(synthetic_batch(batch))
   box = {"s": runner.put_state(state)}
   key = jax.random.PRNGKey(1)
@@ -145,7 +148,10 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--workloads", nargs="+",
                  default=["train", "infer", "avg10", "eot_pgd"],
-                 help="subset of train infer avg10 eot_pgd")
+                 help="subset of train infer avg10 eot_pgd adv_train (adv_train: the "
+                      "PGD adversarial-training step, --adv_steps steps, beside the "
+                      "pixel-dropping train step)")
+  p.add_argument("--adv_steps", type=int, default=7, help="adv_train: PGD steps per batch")
   p.add_argument("--eot_forms", nargs="+", default=["vmap:full", "batch:full", "vmap:1"],
                  help="EOT-PGD forms impl:unroll (unroll: full or an integer); on GPU/TPU "
                       "use rolled forms (vmap:1 batch:1): full unrolling only costs compile time")
@@ -171,6 +177,11 @@ def main(argv=None):
   res = out["results"]
   if "train" in args.workloads:
     res["train"] = {"batch": tb, **bench_train(cfg, model, tx, state, tb, args.repeats)}
+  if "adv_train" in args.workloads:
+    adv = cfg.replace(drop="none", adv_training="pgd", adv_eps=32 / 255,
+                      adv_steps=2 if q else args.adv_steps).validate()
+    res["adv_train"] = {"batch": tb, "adv_steps": adv.adv_steps,
+                        **bench_train(adv, model, tx, state, tb, args.repeats)}
   if "infer" in args.workloads:
     res["infer"] = {"batch": ib, **bench_infer(logits_fn, variables, ib, args.repeats)}
   if "avg10" in args.workloads:
