@@ -174,7 +174,8 @@ def test_resume_by_chunk_gives_identical_rows(tiny_workdir, tmp_path):
   evaluation.evaluate(tiny_workdir, cfg, a, progress=False)
   assert evaluation.evaluate(tiny_workdir, cfg, b, stop_after_chunks=2, progress=False) == []
   sid = os.listdir(b)[0]
-  assert sorted(os.listdir(os.path.join(b, sid))) == ["chunk_00000.jsonl", "chunk_00001.jsonl"]
+  assert sorted(os.listdir(os.path.join(b, sid))) == ["chunk_00000.jsonl", "chunk_00001.jsonl",
+                                                     "setting.json"]
   evaluation.evaluate(tiny_workdir, cfg, b, progress=False)
   ra = open(os.path.join(a, sid, "rows.jsonl")).read()
   rb = open(os.path.join(b, sid, "rows.jsonl")).read()
@@ -333,3 +334,34 @@ def test_sanity_report(tiny_workdir, tmp_path, capsys, norm="linf"):
     assert [r["iteration"] for r in curve] == list(range(1, 9))
     best = [r["loss_best_mean"] for r in curve]
     assert all(b2 >= b1 - 1e-6 for b1, b2 in zip(best, best[1:]))
+
+
+def test_setting_id_names_a_non_default_attack():
+  from dropjax.evaluation.protocol import attack_variant
+  E = evaluation.EvalConfig
+  assert attack_variant(E()) == "" and attack_variant(E(norm="none", steps=3)) == ""
+  assert attack_variant(E(attack="apgd", steps=100)) == "apgd_steps100"
+  assert attack_variant(E(eot_samples=1)) == "eot1"
+  assert attack_variant(E(losses=("rejection",))) == "rejection"
+  assert attack_variant(E(losses=("ce",), modes=("untargeted",))) == "ce_untargeted"
+  assert attack_variant(E(norm="l0", attack="sparse_rs", steps=5)) == "sparse_rs_q1000"
+  assert evaluation.setting_id("linf", 0.1, 0.5, "literal", "eot1") == \
+      "linf_eps0.1_literal_r0.5_eot1"
+
+
+def test_sweep_gets_one_setting_per_value_and_mixed_rows_are_refused(tiny_workdir, tmp_path):
+  """An EOT sweep into one --out gives one setting per value; a run whose other
+  fields differ from the rows already there stops instead of resuming them."""
+  out = str(tmp_path / "ev")
+  ids = set()
+  for k in (1, 2):
+    evaluation.evaluate(tiny_workdir, ev_config(eot_samples=k), out, stop_after_chunks=0,
+                        progress=False)
+    ids |= {d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))}
+  assert len(ids) == 2 and any(i.endswith("_eot1") for i in ids)
+  with pytest.raises(ValueError, match="restarts: 1 there, 2 now"):
+    evaluation.evaluate(tiny_workdir, ev_config(eot_samples=1, restarts=2), out,
+                        stop_after_chunks=0, progress=False)
+  # More examples resume the same rows (the config does not include num_examples).
+  evaluation.evaluate(tiny_workdir, ev_config(eot_samples=1, num_examples=48), out,
+                      stop_after_chunks=0, progress=False)

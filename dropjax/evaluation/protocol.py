@@ -175,10 +175,61 @@ def default_drop_rate(train_cfg: TrainConfig, num_pixels: int) -> float:
   return {"fixed": train_cfg.drop_rate, "random": 0.5, "none": 0.0}[train_cfg.drop]
 
 
-def setting_id(norm: str, eps: float, rate: float, reading: str = "literal") -> str:
+def setting_id(norm: str, eps: float, rate: float, reading: str = "literal",
+               variant: str = "") -> str:
+  """The name of one setting's directory and summary row; ``variant``
+  (:func:`attack_variant`) names an attack other than the default one."""
   if norm in ("none", "l0"):  # no budget units to name
-    return f"{norm}_eps{eps:.6g}_r{rate:.6g}"
-  return f"{norm}_eps{eps:.6g}_{reading}_r{rate:.6g}"
+    base = f"{norm}_eps{eps:.6g}_r{rate:.6g}"
+  else:
+    base = f"{norm}_eps{eps:.6g}_{reading}_r{rate:.6g}"
+  return f"{base}_{variant}" if variant else base
+
+
+# Fields that do not change a setting's rows beyond its id: the id names norm,
+# eps and rate; a larger num_examples only adds chunks (chunk c is the same
+# examples and randomness for any N); the sanity fields select another command.
+_OUTSIDE_ROWS = ("norm", "eps", "drop_rates", "num_examples", "sanity", "sanity_examples",
+                 "sanity_tolerance")
+# The attack's fields (irrelevant to a clean-accuracy setting, norm "none").
+_ATTACK_FIELDS = ("budget_reading", "attack", "queries", "step_size", "steps", "eot_samples",
+                  "losses", "entropy_weight", "modes", "num_targets", "restarts",
+                  "random_start", "score_draws")
+
+
+def attack_variant(ev: EvalConfig) -> str:
+  """The attack of ``ev`` as it differs from the defaults, for :func:`setting_id`
+  ("" for the paper's protocol): the algorithm (Sparse-RS with its queries),
+  losses, modes, steps and EOT samples, e.g. ``apgd_steps100`` or ``eot1``.
+  A sweep over them (one command per value, into one ``--out``) gets one
+  setting each; the remaining fields are guarded by :func:`row_config`."""
+  if ev.norm == "none":
+    return ""
+  default = EvalConfig()
+  tokens = []
+  if ev.attack != default.attack:
+    tokens.append(f"{ev.attack}_q{ev.queries}" if ev.attack == "sparse_rs" else ev.attack)
+  if ev.attack_losses != DEFAULT_LOSSES[ev.attack]:
+    tokens.append("-".join(ev.attack_losses))
+  if tuple(ev.modes) != tuple(default.modes):
+    tokens.append("-".join(ev.modes))
+  if ev.attack != "sparse_rs":
+    if ev.steps != default.steps:
+      tokens.append(f"steps{ev.steps}")
+    if ev.eot_samples != default.eot_samples:
+      tokens.append(f"eot{ev.eot_samples}")
+  return "_".join(tokens)
+
+
+def row_config(ev: EvalConfig) -> dict:
+  """Everything besides the setting id that determines a setting's rows
+  (JSON-ready); :class:`dropjax.evaluation.store.SettingStore` refuses to
+  resume chunks written under another."""
+  skip = _OUTSIDE_ROWS + (_ATTACK_FIELDS if ev.norm == "none" else ())
+  out = {f.name: getattr(ev, f.name) for f in dataclasses.fields(ev) if f.name not in skip}
+  if ev.norm != "none":
+    out.update(losses=list(ev.attack_losses), modes=list(ev.modes))
+  return out
 
 
 def load_model(workdir: str, data_dir: str | None = None, source: str | None = None,
@@ -490,8 +541,8 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
                            ev.calibration) if len(data.val) else {
                                "single": float("inf"), "avg": float("inf")}
     for eps in eps_list:
-      sid = setting_id(ev.norm, eps, rate, ev.budget_reading)
-      store = SettingStore(out_dir, sid)
+      sid = setting_id(ev.norm, eps, rate, ev.budget_reading, attack_variant(ev))
+      store = SettingStore(out_dir, sid, row_config(ev))
       attacks = []
       if ev.norm != "none":
         attacks = [Attack(name, compile_attack(logits_fn, c, backend), rank)
