@@ -64,16 +64,29 @@ def plot_clean_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
   return save_figure(fig, out_dir, "clean_vs_drop_rate")
 
 
+def line_label(row: dict, with_eps: bool = False) -> str:
+  """The model, and the budget / attack variant where they tell lines apart."""
+  label = model_name(row)
+  if with_eps:
+    label += f", eps {row['eps']:.4g}"
+  if row.get("variant"):
+    label += f" [{row['variant']}]"
+  return label
+
+
 def plot_robust_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
   paths = []
   attacked = [r for r in rows if r.get("norm") != "none" and "robust_accuracy_avg" in r]
   for norm in sorted({r["norm"] for r in attacked}):
-    by_model = collections.defaultdict(dict)
-    for r in attacked:
-      if r["norm"] == norm:
-        by_model[model_name(r)][r["drop_rate"]] = r
+    # One line per model, budget and attack (summary rows of several budgets or
+    # attack variants at the same r are separate lines, not overwritten).
+    lines = collections.defaultdict(dict)
+    these = [r for r in attacked if r["norm"] == norm]
+    several_eps = len({r["eps"] for r in these}) > 1
+    for r in these:
+      lines[line_label(r, several_eps)][r["drop_rate"]] = r
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, pts in sorted(by_model.items()):
+    for name, pts in sorted(lines.items()):
       rates = sorted(pts)
       ax.plot(rates, [pts[x]["robust_accuracy_avg"] for x in rates], "o-",
               label=f"{name}")
@@ -91,10 +104,11 @@ def markdown_table(rows: list[dict]) -> str:
   head = ("| model | norm | eps | r | clean acc (avg) | robust acc | robust acc w/ rejection "
           "| adv. rejected |\n|---|---|---|---|---|---|---|---|\n")
   lines = []
-  for r in sorted(rows, key=lambda r: (model_name(r), r["norm"], r["eps"], r["drop_rate"])):
+  for r in sorted(rows, key=lambda r: (model_name(r), r["norm"], r["eps"], r.get("variant", ""),
+                                      r["drop_rate"])):
     if r.get("norm") == "none":
       continue
-    lines.append(f"| {model_name(r)} | {r['norm']} | {r['eps']:.4g} | {r['drop_rate']:.2g} "
+    lines.append(f"| {line_label(r)} | {r['norm']} | {r['eps']:.4g} | {r['drop_rate']:.2g} "
                  f"| {r['clean_accuracy_avg']:.3f} | {r['robust_accuracy_avg']:.3f} "
                  f"| {r['robust_accuracy_avg_with_rejection']:.3f} "
                  f"| {r['adv_rejection_rate_avg']:.3f} |")

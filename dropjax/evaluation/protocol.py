@@ -541,7 +541,8 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
                            ev.calibration) if len(data.val) else {
                                "single": float("inf"), "avg": float("inf")}
     for eps in eps_list:
-      sid = setting_id(ev.norm, eps, rate, ev.budget_reading, attack_variant(ev))
+      variant = attack_variant(ev)
+      sid = setting_id(ev.norm, eps, rate, ev.budget_reading, variant)
       store = SettingStore(out_dir, sid, row_config(ev))
       attacks = []
       if ev.norm != "none":
@@ -576,7 +577,7 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
       summary = {"setting": sid, "workdir": os.path.abspath(workdir),
                  "dataset": train_cfg.dataset, "depth": train_cfg.depth,
                  "train_drop": train_cfg.drop, "train_drop_rate": train_cfg.drop_rate,
-                 "norm": ev.norm, "eps": eps, **budget, "drop_rate": rate,
+                 "norm": ev.norm, "eps": eps, **budget, "drop_rate": rate, "variant": variant,
                  "num_masks": ev.num_masks, "steps": ev.steps, "eot_samples": ev.eot_samples,
                  "attack": ev.attack, "losses": list(ev.attack_losses),
                  "queries": ev.queries if ev.attack == "sparse_rs" else None,

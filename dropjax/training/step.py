@@ -107,7 +107,7 @@ def make_adversary(config: TrainConfig, model, *, unroll: int | bool = 1) -> Cal
     start = jax.vmap(lambda k, xi: norms.random_start(k, xi[None], config.adv_norm, eps)[0])(
         keys, x)
     # The key is unused: the start is given, the attack is untargeted, no EOT.
-    x_adv = attack(keys[0], jax.lax.stop_gradient(variables), x, y, start=start)
+    x_adv = attack(keys[0], variables, x, y, start=start)
     return jax.lax.stop_gradient(x_adv)
 
   return adversary
