@@ -1,0 +1,200 @@
+"""Ship CIFAR-10 to a lent GPU machine in parts that fit one device call each.
+
+The device tool carries at most 64 MiB per call (working tree included), and the raw
+"CIFAR-10 binary version" is 184 MB.  ``pack`` compresses each batch file losslessly
+(its images as WebP-lossless mosaics of 64 x 64 images, about 56% of the raw size; the
+labels as bytes) and groups the six batches into ``--parts`` files; ``unpack`` rebuilds
+the official ``cifar10/cifar-10-batches-bin/*.bin`` byte for byte from whichever parts
+are present, checks each against the SHA-256 of the original recorded at packing, and
+skips batches already unpacked and verified -- so three calls can each carry one part
+and unpack it into the same (ignored) folder on the device machine.
+
+Needs only numpy and Pillow (with WebP), both on the device machine's image; imports
+nothing of dropjax.
+
+    python experiments/gpu/cifar10_pack.py pack --data_dir .data --out .gpu/pack --parts 3
+    python experiments/gpu/cifar10_pack.py unpack --parts .gpu/pack --dest .gpu/data
+    python experiments/gpu/cifar10_pack.py unpack --parts .gpu/pack --dest .gpu/data --require_all
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import io
+import os
+import sys
+
+import numpy as np
+
+BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+           "test_batch")
+BIN_DIR = os.path.join("cifar10", "cifar-10-batches-bin")
+META_FILE = "batches.meta.txt"
+RECORD_BYTES = 1 + 32 * 32 * 3          # label byte + R, G, B planes (32 x 32 each)
+MOSAIC_COLS = 64                         # images per mosaic row
+MOSAIC_IMAGES = MOSAIC_COLS * MOSAIC_COLS
+WEBP_METHOD = 4                          # encoder effort 0-6 (4: 56% of raw, ~3 s/mosaic)
+
+
+def sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def _records(raw: bytes, name: str) -> np.ndarray:
+  if len(raw) % RECORD_BYTES:
+    raise ValueError(f"{name}: {len(raw)} bytes is not a whole number of "
+                     f"{RECORD_BYTES}-byte records")
+  return np.frombuffer(raw, np.uint8).reshape(-1, RECORD_BYTES)
+
+
+def encode_images(x: np.ndarray) -> tuple[bytes, np.ndarray]:
+  """(N, 32, 32, 3) uint8 -> WebP-lossless mosaics (bytes, int64 offsets (M + 1,))."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  blobs = []
+  for a in range(0, len(x), MOSAIC_IMAGES):
+    chunk = x[a:a + MOSAIC_IMAGES]
+    pad = (-len(chunk)) % MOSAIC_COLS
+    chunk = np.concatenate([chunk, np.zeros((pad, 32, 32, 3), np.uint8)])
+    rows = len(chunk) // MOSAIC_COLS
+    mosaic = chunk.reshape(rows, MOSAIC_COLS, 32, 32, 3).transpose(0, 2, 1, 3, 4)
+    buf = io.BytesIO()
+    Image.fromarray(mosaic.reshape(rows * 32, MOSAIC_COLS * 32, 3)).save(
+        buf, "WEBP", lossless=True, quality=100, method=WEBP_METHOD)
+    blobs.append(buf.getvalue())
+  offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+  return b"".join(blobs), offsets
+
+
+def decode_images(data: bytes, offsets: np.ndarray, count: int) -> np.ndarray:
+  """Inverse of :func:`encode_images`: the first ``count`` images, (count, 32, 32, 3)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  parts = []
+  for a, b in zip(offsets[:-1], offsets[1:]):
+    m = np.asarray(Image.open(io.BytesIO(data[a:b])).convert("RGB"))
+    rows = m.shape[0] // 32
+    parts.append(m.reshape(rows, 32, MOSAIC_COLS, 32, 3).transpose(0, 2, 1, 3, 4)
+                 .reshape(-1, 32, 32, 3))
+  x = np.concatenate(parts)
+  if len(x) < count:
+    raise ValueError(f"the mosaics hold {len(x)} images, {count} expected")
+  return np.ascontiguousarray(x[:count])
+
+
+def pack_batch(raw: bytes, name: str) -> dict[str, np.ndarray]:
+  r = _records(raw, name)
+  x = r[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  data, offsets = encode_images(x)
+  return {f"{name}_labels": r[:, 0].copy(), f"{name}_webp": np.frombuffer(data, np.uint8),
+          f"{name}_offsets": offsets, f"{name}_sha256": np.array(sha256(raw))}
+
+
+def unpack_batch(store, name: str) -> bytes:
+  labels = store[f"{name}_labels"]
+  x = decode_images(store[f"{name}_webp"].tobytes(), store[f"{name}_offsets"], len(labels))
+  records = np.concatenate([labels[:, None], x.transpose(0, 3, 1, 2).reshape(len(x), -1)], 1)
+  raw = records.astype(np.uint8).tobytes()
+  want = str(store[f"{name}_sha256"])
+  if sha256(raw) != want:
+    raise ValueError(f"{name}: the unpacked bytes do not match the original's SHA-256 "
+                     f"({want}); the part file is damaged")
+  return raw
+
+
+def part_names(parts: int) -> list[tuple[str, list[str]]]:
+  """``[(file name, batch names)]``: the six batches split into ``parts`` groups."""
+  if not 1 <= parts <= len(BATCHES):
+    raise ValueError(f"--parts must be in 1..{len(BATCHES)}, got {parts}")
+  groups = np.array_split(np.array(BATCHES), parts)
+  return [(f"cifar10_part{i + 1}of{parts}.npz", list(g)) for i, g in enumerate(groups)]
+
+
+def pack(data_dir: str, out: str, parts: int, max_mib: float) -> list[str]:
+  src = os.path.join(data_dir, BIN_DIR)
+  missing = [b for b in BATCHES if not os.path.isfile(os.path.join(src, b + ".bin"))]
+  if missing:
+    raise FileNotFoundError(f"no CIFAR-10 binary batches {missing} under {src} "
+                            "(run: python ../shared/datasets/prepare.py .data)")
+  with open(os.path.join(src, META_FILE), "rb") as f:
+    meta = f.read()
+  os.makedirs(out, exist_ok=True)
+  written = []
+  for fname, names in part_names(parts):
+    arrays = {"meta": np.frombuffer(meta, np.uint8), "batches": np.array(names)}
+    for name in names:
+      with open(os.path.join(src, name + ".bin"), "rb") as f:
+        arrays.update(pack_batch(f.read(), name))
+    path = os.path.join(out, fname)
+    np.savez(path + ".tmp.npz", **arrays)
+    os.replace(path + ".tmp.npz", path)
+    mib = os.path.getsize(path) / 2**20
+    print(f"{path}: {', '.join(names)} ({mib:.1f} MiB)")
+    if mib > max_mib:
+      raise ValueError(f"{path} is {mib:.1f} MiB, over --max_mib {max_mib}: use more --parts")
+    written.append(path)
+  return written
+
+
+def _verified(path: str, want: str) -> bool:
+  if not os.path.isfile(path):
+    return False
+  with open(path, "rb") as f:
+    return sha256(f.read()) == want
+
+
+def unpack(parts_dir: str, dest: str, require_all: bool) -> list[str]:
+  """Unpacks every part under ``parts_dir``; returns the batches still missing in dest."""
+  folder = os.path.join(dest, BIN_DIR)
+  os.makedirs(folder, exist_ok=True)
+  for path in sorted(glob.glob(os.path.join(parts_dir, "cifar10_part*.npz"))):
+    with np.load(path) as store:
+      with open(os.path.join(folder, META_FILE), "wb") as f:
+        f.write(store["meta"].tobytes())
+      for name in (str(b) for b in store["batches"]):
+        target = os.path.join(folder, name + ".bin")
+        if _verified(target, str(store[f"{name}_sha256"])):
+          continue
+        raw = unpack_batch(store, name)
+        with open(target + ".tmp", "wb") as f:
+          f.write(raw)
+        os.replace(target + ".tmp", target)
+        print(f"{target}: unpacked from {os.path.basename(path)} (verified)")
+  missing = [b for b in BATCHES if not os.path.isfile(os.path.join(folder, b + ".bin"))]
+  if missing and require_all:
+    raise FileNotFoundError(f"CIFAR-10 batches {missing} are not under {folder}: carry "
+                            f"their part files (under {parts_dir}) in an earlier or this call")
+  return missing
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=__doc__.split("\n\n", 1)[1])
+  sub = p.add_subparsers(dest="cmd", required=True)
+  a = sub.add_parser("pack", help="compress the six batch files into part files")
+  a.add_argument("--data_dir", default=".data", help="holds cifar10/cifar-10-batches-bin/")
+  a.add_argument("--out", default=".gpu/pack", help="directory for the part files")
+  a.add_argument("--parts", type=int, default=3, help="number of part files (1-6)")
+  a.add_argument("--max_mib", type=float, default=48.0,
+                 help="largest allowed part file, MiB (one device call carries 64 MiB "
+                      "with the working tree)")
+  b = sub.add_parser("unpack", help="rebuild and verify the batch files from the parts present")
+  b.add_argument("--parts", default=".gpu/pack", help="directory holding part files")
+  b.add_argument("--dest", default=".gpu/data", help="writes DEST/cifar10/cifar-10-batches-bin/")
+  b.add_argument("--require_all", action="store_true",
+                 help="fail unless all six batches are then present")
+  args = p.parse_args(argv)
+  try:
+    if args.cmd == "pack":
+      pack(args.data_dir, args.out, args.parts, args.max_mib)
+    else:
+      missing = unpack(args.parts, args.dest, args.require_all)
+      print("all six batches present" if not missing else f"still missing: {missing}")
+  except (OSError, ValueError) as e:
+    print(f"cifar10_pack: error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""experiments/gpu/cifar10_pack.py: CIFAR-10 shipped to a GPU machine in parts, byte exact."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "experiments", "gpu", "cifar10_pack.py")
+_spec = importlib.util.spec_from_file_location("cifar10_pack", _PATH)
+pack_lib = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pack_lib)
+
+
+@pytest.fixture()
+def cifar_dir(tmp_path):
+  """Six small batch files in the official layout (random images, 70 records each)."""
+  folder = tmp_path / "src" / pack_lib.BIN_DIR
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for i, name in enumerate(pack_lib.BATCHES):
+    n = 70 + i  # not a multiple of the mosaic width: exercises the padding
+    rec = rng.integers(0, 256, (n, pack_lib.RECORD_BYTES), dtype=np.uint8)
+    rec[:, 0] = rng.integers(0, 10, n)
+    rec.tofile(folder / f"{name}.bin")
+  (folder / pack_lib.META_FILE).write_text("\n".join(f"class{c}" for c in range(10)))
+  return tmp_path / "src", folder
+
+
+def test_parts_unpack_incrementally_to_the_identical_files(cifar_dir, tmp_path):
+  src, folder = cifar_dir
+  paths = pack_lib.pack(str(src), str(tmp_path / "pack"), parts=3, max_mib=48)
+  assert len(paths) == 3
+  dest = tmp_path / "dest"
+  for i, path in enumerate(paths):  # one part per "call", into the same folder
+    only = tmp_path / f"call{i}"
+    only.mkdir()
+    os.symlink(path, only / os.path.basename(path))
+    missing = pack_lib.unpack(str(only), str(dest), require_all=False)
+    assert len(missing) == len(pack_lib.BATCHES) - 2 * (i + 1)
+  for name in pack_lib.BATCHES + (pack_lib.META_FILE,):
+    fname = name if name == pack_lib.META_FILE else f"{name}.bin"
+    assert (dest / pack_lib.BIN_DIR / fname).read_bytes() == (folder / fname).read_bytes()
+
+
+def test_missing_batches_and_damaged_parts_are_errors(cifar_dir, tmp_path):
+  src, _ = cifar_dir
+  paths = pack_lib.pack(str(src), str(tmp_path / "pack"), parts=2, max_mib=48)
+  only = tmp_path / "one"
+  only.mkdir()
+  os.symlink(paths[0], only / os.path.basename(paths[0]))
+  with pytest.raises(FileNotFoundError, match="data_batch_4"):
+    pack_lib.unpack(str(only), str(tmp_path / "d1"), require_all=True)
+  with np.load(paths[1]) as store:
+    arrays = dict(store)
+  labels = arrays["data_batch_4_labels"].copy()
+  labels[0] = (labels[0] + 1) % 10
+  arrays["data_batch_4_labels"] = labels
+  damaged = tmp_path / "damaged"
+  damaged.mkdir()
+  np.savez(damaged / os.path.basename(paths[1]), **arrays)
+  with pytest.raises(ValueError, match="data_batch_4.*damaged"):
+    pack_lib.unpack(str(damaged), str(tmp_path / "d2"), require_all=False)
+  with pytest.raises(ValueError, match="max_mib"):
+    pack_lib.pack(str(src), str(tmp_path / "p2"), parts=1, max_mib=0.01)
+  with pytest.raises(FileNotFoundError, match="prepare.py"):
+    pack_lib.pack(str(tmp_path / "nowhere"), str(tmp_path / "p3"), parts=3, max_mib=48)
