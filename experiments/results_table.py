@@ -1,0 +1,77 @@
+"""Markdown tables of RESULTS.md from committed evaluation summary rows.
+
+    python experiments/results_table.py experiments/results/gtsrb_resnet20_random_30ep/eval_summary*.jsonl
+
+prints one row per attack setting (norm, budget, test-time r, attack variant): robust
+accuracy of the 10-mask defense without and with entropy rejection (mean ± std over the
+scoring draws), the single-mask numbers, the subset size and a 95% Wilson interval for
+the defended robust accuracy.  Later summary rows of the same setting win (a resumed or
+extended run appends).  Reads rows only; computes nothing about the model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+NORM_ORDER = {"linf": 0, "l2": 1, "l0": 2}
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+  """95% Wilson score interval of a binomial proportion ``p`` observed on ``n`` trials."""
+  if n <= 0:
+    return (0.0, 1.0)
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def variant(row: dict) -> str:
+  sid, base = row["setting"], f"_r{row['drop_rate']:g}"
+  tail = sid.split(base, 1)[1] if base in sid else ""
+  return tail.lstrip("_") or "pgd (paper)"
+
+
+def read(paths: list[str]) -> list[dict]:
+  latest = {}
+  for p in paths:
+    with open(p) as f:
+      for line in f:
+        row = json.loads(line)
+        if row.get("norm", "none") != "none" and "n0" not in row:
+          latest[row["setting"]] = row
+  return sorted(latest.values(), key=lambda r: (NORM_ORDER.get(r["norm"], 9), r["eps"],
+                                               r["drop_rate"], variant(r)))
+
+
+def fmt(row: dict, key: str) -> str:
+  std = row.get(f"{key}_std")
+  return f"{row[key]:.3f}" + (f" ± {std:.3f}" if std else "")
+
+
+def table(rows: list[dict]) -> str:
+  out = ["| norm | budget (X units) | r | attack | clean (avg) | robust (avg) | with rejection "
+         "| one mask | one mask, w/ rej. | n | 95% CI (avg) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lo, hi = wilson(r["robust_accuracy_avg"], r["num_examples"])
+    budget = f"{r['eps']:g}" if r["norm"] != "l0" else f"{r['eps']:g}·D"
+    out.append(f"| {r['norm']} | {budget} | {r['drop_rate']:g} | {variant(r)} "
+               f"| {r['clean_accuracy_avg']:.3f} | {fmt(r, 'robust_accuracy_avg')} "
+               f"| {fmt(r, 'robust_accuracy_avg_with_rejection')} "
+               f"| {fmt(r, 'robust_accuracy_single')} "
+               f"| {fmt(r, 'robust_accuracy_single_with_rejection')} "
+               f"| {r['num_examples']} | [{lo:.3f}, {hi:.3f}] |")
+  return "\n".join(out)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("summaries", nargs="+", help="summary.jsonl files of evaluate.py")
+  args = p.parse_args(argv)
+  print(table(read(args.summaries)))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
