@@ -12,6 +12,8 @@ writes (PNG and SVG):
   accuracy, robust accuracy without / with rejection);
 * ``certified_accuracy``: certified accuracy vs L0 radius, one line per
   certification setting (``certify.py`` output directories, from their rows).
+
+``--figures`` draws a subset (``clean robust certified table``; default all).
 """
 from __future__ import annotations
 
@@ -152,15 +154,29 @@ def certification_curves(paths: list[str]) -> dict[str, list[dict]]:
   return curves
 
 
-def render(paths: list[str], out_dir: str) -> list[str]:
+FIGURES = ("clean", "robust", "certified", "table")
+
+
+def render(paths: list[str], out_dir: str, figures: tuple = FIGURES) -> list[str]:
+  """Writes the ``figures`` (of :data:`FIGURES`) that the rows under ``paths`` support."""
+  unknown = sorted(set(figures) - set(FIGURES))
+  if unknown:
+    raise ValueError(f"unknown figures {unknown}; choose from {list(FIGURES)}")
   all_rows = read_summaries(paths)
   rows = [r for r in all_rows if "n0" not in r]  # evaluation summaries
   os.makedirs(out_dir, exist_ok=True)
-  written = plot_clean_vs_rate(rows, out_dir) + plot_robust_vs_rate(rows, out_dir)
-  written += plot_certified_accuracy(certification_curves(paths), out_dir)
-  table = os.path.join(out_dir, "table.md")
-  files.write_atomic(table, markdown_table(rows))
-  return written + [table]
+  written = []
+  if "clean" in figures:
+    written += plot_clean_vs_rate(rows, out_dir)
+  if "robust" in figures:
+    written += plot_robust_vs_rate(rows, out_dir)
+  if "certified" in figures:
+    written += plot_certified_accuracy(certification_curves(paths), out_dir)
+  if "table" in figures:
+    table = os.path.join(out_dir, "table.md")
+    files.write_atomic(table, markdown_table(rows))
+    written.append(table)
+  return written
 
 
 @dataclasses.dataclass
@@ -171,11 +187,14 @@ class PlotsConfig:
       "positional": True})
   out: str = dataclasses.field(default="figures", metadata={
       "help": "output directory for PNG/SVG/markdown"})
+  figures: tuple = dataclasses.field(default=FIGURES, metadata={
+      "help": "what to draw: clean (Fig. 2), robust (Figs. 5/6), certified, table",
+      "choices": FIGURES})
 
 
 def run(cfg: PlotsConfig) -> int:
   inputs = [m for pat in cfg.inputs for m in (sorted(glob.glob(pat)) or [pat])]
-  for path in render(inputs, cfg.out):
+  for path in render(inputs, cfg.out, tuple(cfg.figures)):
     print(path)
   return 0
 

@@ -6,7 +6,7 @@
 # with the gradient-mass numbers over the whole test set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${DROPJAX_DATA_DIR:=$PWD/.data}"; export DROPJAX_DATA_DIR
+source experiments/lib.sh
 RATES="0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9"
 for name in normal fixed; do
   OUT=runs/gtsrb-resnet20-$name-30ep-eval
@@ -18,9 +18,6 @@ for name in normal fixed; do
 done
 python -m dropjax.plots experiments/results/gtsrb_resnet20_{normal,fixed}_30ep/clean_summary.jsonl \
   experiments/results/gtsrb_resnet20_random_30ep/eval_summary.jsonl \
-  --out experiments/results/gtsrb_resnet20_30ep_models
-# The random-r summaries also hold its r = 0.5 attack rows; the robust-vs-r figures of
-# all drop rates are drawn in gtsrb_resnet20_figs56.sh, not here.
-rm -f experiments/results/gtsrb_resnet20_30ep_models/robust_vs_drop_rate_*
+  --figures clean --out experiments/results/gtsrb_resnet20_30ep_models
 python -m dropjax.explain --workdirs pretrained/gtsrb-resnet20-{normal,fixed,random} \
   --drop_rate 0.9 --num_examples 12630 --out experiments/results/gtsrb_resnet20_30ep_models

@@ -7,7 +7,7 @@
 # Both steps resume exactly when re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${DROPJAX_DATA_DIR:=$PWD/.data}"; export DROPJAX_DATA_DIR
+source experiments/lib.sh
 N=${N:-200}
 EPOCHS=${EPOCHS:-30}
 WD=${WD:-runs/gtsrb-resnet20-ablate75-${EPOCHS}ep}
@@ -15,11 +15,7 @@ RES=experiments/results/gtsrb_resnet20_ablate75_${EPOCHS}ep
 python train.py --preset gtsrb-resnet20-ablate75 --epochs "$EPOCHS" --workdir "$WD" \
   --keep_checkpoints 1 --no_progress
 python certify.py --workdir "$WD" --out "$WD/certify" --num_examples "$N" --no_progress
-mkdir -p "$RES/rows"
+save_run "$WD" "$RES"
 cp "$WD/certify/summary.jsonl" "$RES/certify_summary.jsonl"
-cp "$WD/config.json" "$RES/config.json"; cp "$WD/metrics.jsonl" "$RES/metrics.jsonl"
-cp "$WD/final_eval.json" "$RES/final_eval.json"
-for f in "$WD"/certify/*/rows.jsonl; do
-  gzip -9 -n -c "$f" > "$RES/rows/$(basename "$(dirname "$f")").rows.jsonl.gz"
-done
+save_rows "$WD/certify" "$RES"
 python -m dropjax.plots "$WD/certify" --out "$RES"

@@ -8,7 +8,7 @@
 # Re-running resumes by chunk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${DROPJAX_DATA_DIR:=$PWD/.data}"; export DROPJAX_DATA_DIR
+source experiments/lib.sh
 N=${N:-500}
 RANDOM_WD=${RANDOM_WD:-pretrained/gtsrb-resnet20-random}
 NORMAL_WD=${NORMAL_WD:-pretrained/gtsrb-resnet20-normal}
@@ -16,13 +16,6 @@ RES=experiments/results/gtsrb_resnet20_random_30ep
 RES_NORMAL=experiments/results/gtsrb_resnet20_normal_30ep
 OUT=runs/gtsrb-resnet20-random-30ep-figs56
 OUT_NORMAL=runs/gtsrb-resnet20-normal-30ep-eval
-
-save_rows() {  # save_rows OUT RES: per-example rows of every setting, gzipped
-  mkdir -p "$2/rows"
-  for f in "$1"/*/rows.jsonl; do
-    gzip -9 -n -c "$f" > "$2/rows/$(basename "$(dirname "$f")").rows.jsonl.gz"
-  done
-}
 
 for r in 0 0.9; do
   for norm in linf l2 l0; do

@@ -8,7 +8,7 @@
 # images.  Both steps resume exactly when re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${DROPJAX_DATA_DIR:=$PWD/.data}"; export DROPJAX_DATA_DIR
+source experiments/lib.sh
 EPOCHS=${EPOCHS:-10}
 N=${N:-500}
 WD=${WD:-runs/gtsrb-resnet20-pgd-at-${EPOCHS}ep}
@@ -19,7 +19,7 @@ for norm in linf l2 l0; do
   python evaluate.py --workdir "$WD" --out "$WD/eval" --norm "$norm" --num_examples "$N" \
     --no_progress
 done
-mkdir -p "$RES"
-cp "$WD/config.json" "$WD/metrics.jsonl" "$WD/final_eval.json" "$RES/"
+save_run "$WD" "$RES"
 cp "$WD/eval/summary.jsonl" "$RES/eval_summary.jsonl"
+save_rows "$WD/eval" "$RES"
 python -m dropjax.plots "$RES/eval_summary.jsonl" --out "$RES"

@@ -13,7 +13,7 @@
 # Re-running resumes by chunk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${DROPJAX_DATA_DIR:=$PWD/.data}"; export DROPJAX_DATA_DIR
+source experiments/lib.sh
 N=${N:-500}
 RATES=${RATES:-"0.5 0.9"}
 WD=${WD:-pretrained/gtsrb-resnet20-random}
@@ -30,8 +30,5 @@ for r in $RATES; do
   python evaluate.py "${common[@]}" --norm l0 --attack sparse_rs --losses margin rejection
 done
 cp "$OUT/summary.jsonl" "$RES/eval_summary_strong.jsonl"
-mkdir -p "$RES/rows"
-for f in "$OUT"/*/rows.jsonl; do
-  gzip -9 -n -c "$f" > "$RES/rows/$(basename "$(dirname "$f")").rows.jsonl.gz"
-done
+save_rows "$OUT" "$RES"
 python -m dropjax.plots "$RES"/eval_summary*.jsonl --out "$RES"

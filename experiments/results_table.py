@@ -11,8 +11,13 @@ extended run appends).  Reads rows only; computes nothing about the model.
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dropjax.evaluation.store import read_summaries  # noqa: E402
 
 NORM_ORDER = {"linf": 0, "l2": 1, "l0": 2}
 
@@ -27,19 +32,15 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def variant(row: dict) -> str:
-  sid, base = row["setting"], f"_r{row['drop_rate']:g}"
-  tail = sid.split(base, 1)[1] if base in sid else ""
-  return tail.lstrip("_") or "pgd (paper)"
+  """The attack variant the evaluation recorded (empty: the paper's EOT-PGD)."""
+  return row.get("variant") or "pgd (paper)"
 
 
 def read(paths: list[str]) -> list[dict]:
   latest = {}
-  for p in paths:
-    with open(p) as f:
-      for line in f:
-        row = json.loads(line)
-        if row.get("norm", "none") != "none" and "n0" not in row:
-          latest[row["setting"]] = row
+  for row in read_summaries(paths):
+    if row.get("norm", "none") != "none" and "n0" not in row:
+      latest[row["setting"]] = row
   return sorted(latest.values(), key=lambda r: (NORM_ORDER.get(r["norm"], 9), r["eps"],
                                                r["drop_rate"], variant(r)))
 

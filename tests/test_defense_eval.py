@@ -340,6 +340,23 @@ def test_sanity_report(tiny_workdir, tmp_path, capsys, norm="linf"):
     assert all(b2 >= b1 - 1e-6 for b1, b2 in zip(best, best[1:]))
 
 
+def test_plots_draw_only_the_figures_asked_for(tmp_path):
+  from dropjax import plots
+  rows = [{"setting": f"{norm}_0.5", "dataset": "gtsrb", "depth": 20, "train_drop": "random",
+           "train_drop_rate": 0.9, "norm": norm, "eps": 0.1, "drop_rate": 0.5,
+           "clean_accuracy_avg": 0.9, "clean_accuracy_single": 0.8, "robust_accuracy_avg": 0.3,
+           "robust_accuracy_avg_with_rejection": 0.4, "adv_rejection_rate_avg": 0.1}
+          for norm in ("none", "linf")]
+  (tmp_path / "ev").mkdir()
+  (tmp_path / "ev" / "summary.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert plots.main([str(tmp_path / "ev"), "--out", str(tmp_path / "a"), "--figures", "clean"]) == 0
+  assert sorted(os.listdir(tmp_path / "a")) == ["clean_vs_drop_rate.png", "clean_vs_drop_rate.svg"]
+  assert plots.main([str(tmp_path / "ev"), "--out", str(tmp_path / "b")]) == 0
+  assert {"robust_vs_drop_rate_linf.png", "table.md"} <= set(os.listdir(tmp_path / "b"))
+  with pytest.raises(ValueError, match="unknown figures"):
+    plots.render([str(tmp_path / "ev")], str(tmp_path / "c"), ("clean", "fig9"))
+
+
 def test_setting_id_names_a_non_default_attack():
   from dropjax.evaluation.protocol import attack_variant
   E = evaluation.EvalConfig

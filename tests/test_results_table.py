@@ -22,7 +22,8 @@ def test_later_rows_of_a_setting_win_and_variants_are_named(tmp_path):
               robust_accuracy_single_with_rejection=0.4)
   rows = [dict(base, setting="l0_eps0.03_r0.5", robust_accuracy_avg=0.1),
           dict(base, setting="l0_eps0.03_r0.5", robust_accuracy_avg=0.3),
-          dict(base, setting="l0_eps0.03_r0.5_rejection", robust_accuracy_avg=0.2),
+          dict(base, setting="l0_eps0.03_r0.5_rejection", variant="rejection",
+           robust_accuracy_avg=0.2),
           dict(norm="none", setting="none_eps0_r0.5", drop_rate=0.5)]
   path = tmp_path / "summary.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
