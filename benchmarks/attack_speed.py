@@ -15,8 +15,6 @@ queries / s) and the ratios to EOT-PGD.  Prints one JSON object; ``--out`` also 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -29,7 +27,7 @@ backend_lib.configure_process()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import machine, measure  # noqa: E402
+from benchmarks.common import machine, measure, parser, report  # noqa: E402
 from benchmarks.models import inference_model  # noqa: E402
 from dropjax.attacks import (APGDConfig, AttackConfig, SparseRSConfig, make_apgd,  # noqa: E402
                              make_pgd, make_sparse_rs)
@@ -38,15 +36,11 @@ from dropjax.masks import DropSpec  # noqa: E402
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--depth", type=int, default=20, help="ResNet depth")
+  p = parser(__doc__, repeats=3)
   p.add_argument("--images", type=int, default=100, help="images per attack call")
   p.add_argument("--steps", type=int, default=20, help="gradient-attack iterations")
   p.add_argument("--eot", type=int, default=10, help="masks per gradient / per query")
   p.add_argument("--queries", type=int, default=100, help="Sparse-RS queries")
-  p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
-  p.add_argument("--out", default=None, help="also write the JSON here")
   args = p.parse_args(argv)
 
   backend = backend_lib.resolve()
@@ -79,11 +73,7 @@ def main(argv=None):
          "machine": machine(), "backend": backend.describe(), "jax": jax.__version__,
          "results": res,
          "ratio_vs_pgd_eot": {k: v["image_steps_per_s"] / base for k, v in res.items()}}
-  text = json.dumps(out, indent=2, sort_keys=True, default=str)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
-  print(text)
+  report(out, args.out)
 
 
 if __name__ == "__main__":

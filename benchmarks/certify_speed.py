@@ -18,8 +18,6 @@ also writes it (``benchmarks/results/<date>-<machine>-certify-<commit>.json``).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -32,7 +30,7 @@ backend_lib.configure_process()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import machine, measure  # noqa: E402
+from benchmarks.common import machine, measure, parser, report  # noqa: E402
 from benchmarks.models import inference_model  # noqa: E402
 from dropjax import certify  # noqa: E402
 from dropjax.config import TrainConfig  # noqa: E402
@@ -48,16 +46,12 @@ def build(depth: int, encoding: str):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--depth", type=int, default=20, help="ResNet depth")
+  p = parser(__doc__, repeats=5)
   p.add_argument("--images", type=int, default=10, help="images per pass")
   p.add_argument("--samples_per_pass", type=int, default=100, help="ablated samples per image per pass")
   p.add_argument("--keep", type=int, default=75, help="k, pixels kept of 1024")
   p.add_argument("--n", type=int, default=10_000, help="certify_n: samples bounding p_A")
   p.add_argument("--n0", type=int, default=1000, help="certify_n: selection samples")
-  p.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
-  p.add_argument("--out", default=None, help="also write the JSON here")
   args = p.parse_args(argv)
 
   b, s = args.images, args.samples_per_pass
@@ -89,11 +83,7 @@ def main(argv=None):
              for enc in ("values", "doubled")},
          "ratio_certify_vs_infer": res["certify_n"]["forward_passes_per_s"]
          / res["infer"]["images_per_s"]}
-  text = json.dumps(out, indent=2, sort_keys=True, default=str)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
-  print(text)
+  report(out, args.out)
 
 
 if __name__ == "__main__":

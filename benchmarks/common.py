@@ -1,6 +1,9 @@
-"""Shared benchmark helpers: timing (warm-up excluded, median of repeats), machine facts."""
+"""Shared benchmark helpers: timing (warm-up excluded, median of repeats), machine facts,
+the flags every throughput script takes."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import statistics
@@ -64,3 +67,22 @@ def measure(run, sync, repeats: int, warmup: int = 1) -> dict:
   med = statistics.median(times)
   return {"first_call_s": first, "compile_s": max(first - med, 0.0), "median_s": med,
           "min_s": min(times), "repeats": repeats}
+
+
+def parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+  """A script's parser with the flags every throughput benchmark takes."""
+  p = argparse.ArgumentParser(description=doc,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--depth", type=int, default=20, help="ResNet depth (6n+2)")
+  p.add_argument("--repeats", type=int, default=repeats, help="timed repeats (median)")
+  p.add_argument("--out", default=None, help="also write the JSON here")
+  return p
+
+
+def report(out: dict, path: str | None) -> None:
+  """Prints the result as JSON and, when ``path`` is given, writes it there too."""
+  text = json.dumps(out, indent=2, sort_keys=True, default=str)
+  if path:
+    with open(path, "w") as f:
+      f.write(text + "\n")
+  print(text)
