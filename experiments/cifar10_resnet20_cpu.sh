@@ -9,17 +9,19 @@ cd "$(dirname "$0")/.."
 source experiments/lib.sh
 EPOCHS=${EPOCHS:-30}
 MODES=${MODES:-"normal fixed random"}
-HARDWARE=${HARDWARE:-"$(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores"}
+vec=AVX2; grep -q avx512f /proc/cpuinfo && vec=AVX-512
+HARDWARE=${HARDWARE:-"$(lscpu | sed -n 's/^Model name: *//p' | head -n 1) ($vec), $(nproc) cores"}
 RATES="0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9"
 for mode in $MODES; do
   name=cifar10-resnet20-$mode
   WD=runs/$name-${EPOCHS}ep
   RES=experiments/results/cifar10_resnet20_${mode}_${EPOCHS}ep
   cmd="python train.py --preset $name --epochs $EPOCHS --workdir $WD --keep_checkpoints 1 --no_progress"
+  mkdir -p "$WD"; [ -f "$WD/started_at" ] || date +%s > "$WD/started_at"
   $cmd
   if [ ! -f "pretrained/$name/MANIFEST.json" ]; then
     python -m dropjax.pretrained --workdir "$WD" --out "pretrained/$name" --command "$cmd" \
-      --hardware "$HARDWARE" --wall_time "$(( ($(stat -c %Y "$WD/final_eval.json") - $(stat -c %Y "$WD/config.json")) / 60 )) min from first start to finish"
+      --hardware "$HARDWARE" --wall_time "$(( ($(stat -c %Y "$WD/final_eval.json") - $(cat "$WD/started_at")) / 60 )) min from first start to finish"
   fi
   save_run "$WD" "$RES"
   python evaluate.py --workdir "pretrained/$name" --out "runs/$name-${EPOCHS}ep-eval" --norm none \
