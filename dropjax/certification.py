@@ -125,7 +125,7 @@ def run(workdir: str, cfg: CertifyRunConfig, out_dir: str | None = None, *,
     bar.update(n_valid)
   bar.close()
   rows = store.merge(n_chunks)
-  summary = {"setting": sid, "workdir": os.path.abspath(workdir), "dataset": train_cfg.dataset,
+  summary = {"setting": sid, "workdir": files.recorded_path(workdir), "dataset": train_cfg.dataset,
              "depth": train_cfg.depth, "train_drop": train_cfg.drop,
              "train_keep": train_cfg.keep if train_cfg.drop == "ablate" else None,
              "input_encoding": train_cfg.input_encoding, "num_pixels": d, "keep": keep,

@@ -145,7 +145,7 @@ def explain_workdirs(workdirs: list[str], out_dir: str, *, drop_rate: float = 0.
       return gradient_mass(maps)
 
     mass = inference.map_batches(batch_mass, {"image": test.x, "label": test.y}, batch_size)
-    rows.append({"workdir": os.path.abspath(wd), "train_drop": cfg.drop,
+    rows.append({"workdir": files.recorded_path(wd), "train_drop": cfg.drop,
                  "drop_rate": drop_rate, "num_examples": len(test),
                  "kept_mass_fraction": float(mass["kept_mass_fraction"].mean()),
                  "kept_pixel_fraction": float(mass["kept_pixel_fraction"].mean())})

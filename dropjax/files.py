@@ -57,3 +57,11 @@ def read_jsonl(path: str) -> list[dict]:
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}, line {i}: not a JSON row ({e.msg})") from None
   return rows
+
+
+def recorded_path(path: str) -> str:
+  """``path`` as a result row records it: relative to the working directory when it lies
+  below it (``pretrained/NAME``, ``runs/X``: rows stay meaningful in another checkout),
+  else absolute."""
+  full, cwd = os.path.abspath(path), os.getcwd()
+  return os.path.relpath(full, cwd) if full.startswith(cwd + os.sep) else full

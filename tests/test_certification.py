@@ -102,6 +102,15 @@ def test_rows_complete_and_summary_is_their_aggregate(ablation_workdir, tmp_path
   assert {k: summary[k] for k in want} == want
 
 
+def test_rows_record_a_workdir_below_the_working_directory_relative(tmp_path, monkeypatch):
+  (tmp_path / "pretrained" / "m").mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  assert files.recorded_path("pretrained/m") == os.path.join("pretrained", "m")
+  assert files.recorded_path(str(tmp_path / "pretrained" / "m")) == os.path.join("pretrained", "m")
+  assert files.recorded_path("/elsewhere/run") == "/elsewhere/run"
+  assert files.recorded_path(str(tmp_path) + "-other/run") == str(tmp_path) + "-other/run"
+
+
 def test_resume_by_chunk_and_chunk_size_give_identical_rows(ablation_workdir, tmp_path):
   full = certification.run(ablation_workdir, small(), str(tmp_path / "a"), progress=False)
   assert certification.run(ablation_workdir, small(), str(tmp_path / "b"), progress=False,

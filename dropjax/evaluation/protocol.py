@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dropjax import backend as backend_lib
-from dropjax import contracts, defense, inference, pretrained, units
+from dropjax import contracts, defense, files, inference, pretrained, units
 from dropjax.attacks import (APGDConfig, AttackConfig, SparseRSConfig, make_apgd, make_pgd,
                              make_sparse_rs, paper_attack)
 from dropjax.attacks import norms as norms_lib
@@ -574,7 +574,7 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
         bar.update(1)
       bar.close()
       rows_all = store.merge(n_chunks)
-      summary = {"setting": sid, "workdir": os.path.abspath(workdir),
+      summary = {"setting": sid, "workdir": files.recorded_path(workdir),
                  "dataset": train_cfg.dataset, "depth": train_cfg.depth,
                  "train_drop": train_cfg.drop, "train_drop_rate": train_cfg.drop_rate,
                  "norm": ev.norm, "eps": eps, **budget, "drop_rate": rate, "variant": variant,
