@@ -160,6 +160,14 @@ def test_exact_resume_mid_epoch_and_after_epoch(tiny_data_dir, tmp_path):
   assert steps("b") == steps("a")
   final = json.load(open(tmp_path / "a" / "final_eval.json"))
   assert {"test_accuracy_clean", "test_accuracy_dropped"} <= set(final)
+  # A finished run invoked again trains nothing, keeps its recorded test numbers and
+  # appends no second test row.
+  again = loop.train(cfg, str(tmp_path / "a"), progress=False)
+  assert again["finished"] and again["step"] == 10
+  assert {k: again[k] for k in final} == final
+  assert tree_equal(straight["state"], again["state"])
+  rows = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+  assert [r["kind"] for r in rows].count("test") == 1
   assert json.load(open(tmp_path / "a" / "config.json"))["drop"] == "random"
   assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["10", "6", "9"]
   # 1 epoch (checkpoint at the epoch end) + resume 1 epoch.

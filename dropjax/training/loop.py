@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dropjax import backend as backend_lib
-from dropjax import inference
+from dropjax import files, inference
 from dropjax.config import TrainConfig
 from dropjax.data import load_dataset
 from dropjax.training import checkpoint as ckpt_lib
@@ -77,6 +77,19 @@ def make_evaluator(config: TrainConfig, logits_fn):
     return out
 
   return evaluate
+
+
+def recorded_final_eval(workdir: str, total_steps: int) -> dict | None:
+  """The test numbers a finished run recorded (``final_eval.json``), or None when there
+  are none for ``total_steps`` (an unfinished run, or one of another length)."""
+  path = os.path.join(workdir, FINAL_EVAL_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    final = json.load(f)
+  if final.get("finished") and final.get("step") == total_steps:
+    return final
+  return None
 
 
 def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = None,
@@ -164,13 +177,20 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
   final_state = runner.host_state(dstate)
   result = {"step": int(final_state.step), "total_steps": total_steps,
             "finished": int(final_state.step) == total_steps}
-  if result["finished"]:
+  # A finished run invoked again: its test numbers stand (one process only, so that no
+  # host skips an evaluation whose collectives the others enter).
+  recorded = (recorded_final_eval(workdir, total_steps)
+              if start == total_steps and jax.process_count() == 1 else None)
+  if recorded is not None:
+    log.info("%s finished earlier: %s", workdir, FINAL_EVAL_FILE)
+    result = recorded
+  elif result["finished"]:
     test = evaluate(final_state.variables, data.test, eval_key)
     result.update({f"test_{k}": v for k, v in test.items()})
     result["test_examples"] = len(data.test)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, FINAL_EVAL_FILE), "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
+      files.write_atomic(os.path.join(workdir, FINAL_EVAL_FILE),
+                         json.dumps(result, indent=2, sort_keys=True))
     writer.write({"kind": "test", **result})
   ckpt.close()
   result["state"] = final_state
