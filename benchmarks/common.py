@@ -9,6 +9,8 @@ import platform
 import statistics
 import time
 
+from dropjax import files
+
 
 def cpu_model() -> str:
   try:
@@ -83,6 +85,5 @@ def report(out: dict, path: str | None) -> None:
   """Prints the result as JSON and, when ``path`` is given, writes it there too."""
   text = json.dumps(out, indent=2, sort_keys=True, default=str)
   if path:
-    with open(path, "w") as f:
-      f.write(text + "\n")
+    files.write_atomic(path, text + "\n")
   print(text)
