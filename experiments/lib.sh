@@ -1,13 +1,30 @@
 # Shared by the experiment scripts (source it after `cd` to the repository root).
 : "${DROPJAX_DATA_DIR:=$PWD/.data}"; export DROPJAX_DATA_DIR
 
-# save_rows OUT RES: every setting's per-example rows under OUT, gzipped into RES/rows/.
+# save_rows OUT RES: every setting's per-example rows under OUT, gzipped into RES/rows/,
+# with the setting.json they were computed under (evaluate.py --rows_from RES/rows then
+# takes them up instead of recomputing them, e.g. to extend a run to more examples).
 save_rows() {
   mkdir -p "$2/rows"
-  local f
+  local f name
   for f in "$1"/*/rows.jsonl; do
-    gzip -9 -n -c "$f" > "$2/rows/$(basename "$(dirname "$f")").rows.jsonl.gz"
+    name=$(basename "$(dirname "$f")")
+    gzip -9 -n -c "$f" > "$2/rows/$name.rows.jsonl.gz"
+    if [ -f "$1/$name/setting.json" ]; then cp "$1/$name/setting.json" "$2/rows/$name.setting.json"; fi
   done
+}
+
+# save_summary OUT RES_FILE: OUT's summary rows into RES_FILE, replacing the rows of the
+# same settings and keeping the others (a run of some of the settings loses none).
+save_summary() {
+  python - "$1/summary.jsonl" "$2" <<'PY'
+import json, os, sys
+from dropjax import files
+new = files.read_jsonl(sys.argv[1])
+old = files.read_jsonl(sys.argv[2]) if os.path.exists(sys.argv[2]) else []
+done = {r["setting"] for r in new}
+files.write_jsonl(sys.argv[2], [r for r in old if r["setting"] not in done] + new)
+PY
 }
 
 # save_run WD RES: a finished training run's config, metrics and final test numbers.

@@ -182,6 +182,54 @@ def test_resume_by_chunk_gives_identical_rows(tiny_workdir, tmp_path):
   assert ra == rb and len(ra.splitlines()) == 40
 
 
+def _keep_rows(out, sid, keep):
+  """What experiments/lib.sh save_rows keeps of a setting: gzipped rows and setting.json."""
+  import gzip
+  os.makedirs(keep, exist_ok=True)
+  with open(os.path.join(out, sid, "rows.jsonl"), "rb") as f, \
+      gzip.open(os.path.join(keep, sid + ".rows.jsonl.gz"), "wb") as g:
+    g.write(f.read())
+  shutil.copy(os.path.join(out, sid, "setting.json"), os.path.join(keep, sid + ".setting.json"))
+
+
+def test_kept_rows_extend_to_more_examples_as_one_run(tiny_workdir, tmp_path):
+  cfg = ev_config(norm="l2", eps=[0.5], num_examples=40)
+  a, b, keep = (str(tmp_path / n) for n in ("a", "b", "keep"))
+  [whole] = evaluation.evaluate(tiny_workdir, cfg, a, progress=False)
+  sid = whole["setting"]
+  first = str(tmp_path / "first")
+  evaluation.evaluate(tiny_workdir, ev_config(norm="l2", eps=[0.5], num_examples=32), first,
+                      progress=False)
+  _keep_rows(first, sid, keep)
+  # The kept rows fill chunks 0 and 1; only chunk 2 is left to compute.
+  more = ev_config(norm="l2", eps=[0.5], num_examples=40, rows_from=keep)
+  assert evaluation.evaluate(tiny_workdir, more, b, stop_after_chunks=0, progress=False) == []
+  assert sorted(os.listdir(os.path.join(b, sid))) == ["chunk_00000.jsonl", "chunk_00001.jsonl",
+                                                     "setting.json"]
+  [extended] = evaluation.evaluate(tiny_workdir, more, b, progress=False)
+  assert (open(os.path.join(a, sid, "rows.jsonl")).read()
+          == open(os.path.join(b, sid, "rows.jsonl")).read())
+  assert extended["robust_accuracy_avg"] == whole["robust_accuracy_avg"]
+  # Rows kept under another configuration are refused, not mixed in.
+  with pytest.raises(ValueError, match="seed: 0 kept, 1 now"):
+    evaluation.evaluate(tiny_workdir, ev_config(norm="l2", eps=[0.5], seed=1, rows_from=keep),
+                        str(tmp_path / "c"), progress=False)
+  with pytest.raises(FileNotFoundError, match="no such directory"):
+    evaluation.evaluate(tiny_workdir, ev_config(rows_from=str(tmp_path / "nope")),
+                        str(tmp_path / "d"), progress=False)
+
+
+def test_import_rows_refuses_rows_out_of_order(tmp_path):
+  from dropjax.evaluation.store import SettingStore
+  store = SettingStore(str(tmp_path), "s", {"a": 1})
+  with pytest.raises(ValueError, match="a: 2 kept, 1 now"):
+    store.import_rows([{"index": 0}], 1, {"a": 2})
+  with pytest.raises(ValueError, match="test-set order"):
+    store.import_rows([{"index": 1}, {"index": 0}], 2, None)
+  assert store.import_rows([{"index": i} for i in range(5)], 2, {"a": 1}) == 2
+  assert not store.has_chunk(2)  # the partial chunk is recomputed, not imported
+
+
 def test_sweep_over_drop_rates_and_eps(tiny_workdir, tmp_path):
   out = str(tmp_path / "ev")
   rows = evaluation.evaluate(tiny_workdir, ev_config(norm="none", drop_rates=[0.0, 0.9],

@@ -38,7 +38,7 @@ from dropjax.attacks import norms as norms_lib
 from dropjax.config import TrainConfig
 from dropjax.data import augment, load_dataset
 from dropjax.evaluation import worst_case
-from dropjax.evaluation.store import SettingStore, update_summary
+from dropjax.evaluation.store import SettingStore, committed_rows, update_summary
 from dropjax.masks import DropSpec
 from dropjax.units import BUDGET_READINGS
 from dropjax.training import checkpoint as ckpt_lib
@@ -114,6 +114,11 @@ class EvalConfig:
   num_examples: int = _f(1000, "test examples (0: all)")
   batch_size: int = _f(100, "examples per chunk (the resume unit)")
   seed: int = _f(0, "seed of masks and attack randomness")
+  rows_from: str | None = _f(None, "directory of kept per-example rows (<setting>.rows.jsonl.gz "
+                             "and <setting>.setting.json, as experiments/lib.sh save_rows "
+                             "keeps them): the chunks they hold in full are taken from there "
+                             "instead of recomputed, e.g. to extend a committed evaluation "
+                             "to more examples")
   sanity: bool = _f(False, "run the gradient-masking sanity checks instead (large budget, "
                     "more steps, more EOT, black-box vs white-box, loss curve): "
                     "pass/fail rows in <out>/sanity/checks.jsonl")
@@ -190,7 +195,7 @@ def setting_id(norm: str, eps: float, rate: float, reading: str = "literal",
 # eps and rate; a larger num_examples only adds chunks (chunk c is the same
 # examples and randomness for any N); the sanity fields select another command.
 _OUTSIDE_ROWS = ("norm", "eps", "drop_rates", "num_examples", "sanity", "sanity_examples",
-                 "sanity_tolerance")
+                 "sanity_tolerance", "rows_from")
 # The attack's fields (irrelevant to a clean-accuracy setting, norm "none").
 _ATTACK_FIELDS = ("budget_reading", "attack", "queries", "step_size", "steps", "eot_samples",
                   "losses", "entropy_weight", "modes", "num_targets", "restarts",
@@ -516,6 +521,8 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
     raise ValueError(f"{workdir} is a randomized-ablation model with the doubled input "
                      "encoding: it is certified (python certify.py --workdir ...), not "
                      "defended by pixel dropping")
+  if ev.rows_from and not os.path.isdir(ev.rows_from):
+    raise FileNotFoundError(f"--rows_from {ev.rows_from}: no such directory")
   out_dir = out_dir or os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   test = data.test.take(ev.num_examples or None)
@@ -544,6 +551,9 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
       variant = attack_variant(ev)
       sid = setting_id(ev.norm, eps, rate, ev.budget_reading, variant)
       store = SettingStore(out_dir, sid, row_config(ev))
+      kept = committed_rows(ev.rows_from, sid) if ev.rows_from else None
+      if kept:
+        store.import_rows(kept[0][:len(test)], ev.batch_size, kept[1])
       attacks = []
       if ev.norm != "none":
         attacks = [Attack(name, compile_attack(logits_fn, c, backend), rank)
