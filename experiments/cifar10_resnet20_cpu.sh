@@ -28,3 +28,15 @@ for mode in $MODES; do
     --num_examples 1000 --drop_rates $RATES --no_progress
   cp "runs/$name-${EPOCHS}ep-eval/summary.jsonl" "$RES/clean_summary.jsonl"
 done
+
+# Fig. 2 of the three models together, and the interpretability figures (Figs. 3/4) with
+# the gradient mass over the whole test set (2 min here).
+MODELS=experiments/results/cifar10_resnet20_${EPOCHS}ep_models
+if [ -f pretrained/cifar10-resnet20-normal/MANIFEST.json ] && \
+   [ -f pretrained/cifar10-resnet20-fixed/MANIFEST.json ] && \
+   [ -f pretrained/cifar10-resnet20-random/MANIFEST.json ]; then
+  python -m dropjax.plots experiments/results/cifar10_resnet20_{normal,fixed,random}_${EPOCHS}ep/clean_summary.jsonl \
+    --figures clean --out "$MODELS"
+  python -m dropjax.explain --workdirs pretrained/cifar10-resnet20-{normal,fixed,random} \
+    --drop_rate 0.9 --num_examples 10000 --out "$MODELS"
+fi
