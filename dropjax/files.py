@@ -8,6 +8,7 @@ old file or the new one, never a mix.  Rows are JSON objects, one per line.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -44,12 +45,12 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  """The rows of a JSON-lines file (blank lines skipped).
+  """The rows of a JSON-lines file, gzipped if its name ends in ``.gz`` (blank lines skipped).
 
   Raises ``ValueError`` naming the file and line for a corrupt line.
   """
   rows = []
-  with open(path) as f:
+  with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
     for i, line in enumerate(f, start=1):
       if line.strip():
         try:

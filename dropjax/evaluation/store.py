@@ -24,7 +24,6 @@ robust accuracy 0.324 against 0.336 on 100 images).
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 
@@ -76,17 +75,15 @@ class SettingStore:
     is recomputed).  ``config``: the setting.json the rows were computed under,
     checked against this store's like a resume (``None``: rows committed before
     configurations were recorded; taken as they are)."""
-    path = os.path.join(self.directory, CONFIG_FILE)
-    if config is not None and not os.path.exists(path):
-      self._check_config(config)  # a store opened without a config adopts the kept one
     if config is not None:
+      path = os.path.join(self.directory, CONFIG_FILE)
+      if not os.path.exists(path):
+        self._check_config(config)  # a store opened without a config adopts the kept one
       with open(path) as f:
         diff = _differences(config, json.load(f), "kept", "now")
-    else:
-      diff = ""
-    if diff:
-      raise ValueError(f"the kept rows of {os.path.basename(self.directory)} were computed "
-                       f"with another configuration ({diff}); they are not imported")
+      if diff:
+        raise ValueError(f"the kept rows of {os.path.basename(self.directory)} were computed "
+                         f"with another configuration ({diff}); they are not imported")
     for i, row in enumerate(rows):
       if row.get("index") != i:
         raise ValueError(f"row {i} of the rows imported into {self.directory} has index "
@@ -121,10 +118,9 @@ def committed_rows(rows_dir: str, setting: str) -> tuple[list[dict], dict | None
   (``<setting>.rows.jsonl.gz`` or ``.rows.jsonl``, and ``<setting>.setting.json``
   if it was kept), or ``None`` when ``rows_dir`` holds no rows of ``setting``."""
   base = os.path.join(rows_dir, setting)
-  for path, opener in ((base + ".rows.jsonl.gz", gzip.open), (base + ".rows.jsonl", open)):
+  for path in (base + ".rows.jsonl.gz", base + ".rows.jsonl"):
     if os.path.exists(path):
-      with opener(path, "rt") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+      rows = files.read_jsonl(path)
       break
   else:
     return None
