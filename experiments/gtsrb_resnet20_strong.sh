@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The "strong" column of the reproduction issue, which the paper lacks, on the packaged
-# 30-epoch GTSRB random-r model at test-time r = 0.5 and 0.9, first N test images:
+# 30-epoch GTSRB random-r model at test-time r = 0.5 and 0.9 (RATES), first N test images:
 #   * APGD-EOT (Croce & Hein's step-size schedule; CE and DLR x untargeted and
 #     targeted) for L-inf and L2;
 #   * the rejection-aware EOT-PGD (loss "rejection": cross-entropy of the mask-averaged
@@ -10,25 +10,38 @@
 #     rejection-aware losses, 1,000 queries) for L0.
 # Paper budgets read literally, 20 iterations, EOT over 10 masks, 5 scoring draws,
 # paper calibration.  Every setting gets its own id (attack variant) in one --out.
-# Re-running resumes by chunk.
+# PARTS picks what runs ("gradient": APGD + rejection-aware PGD, ~10 min per setting at
+# N = 500 on 2 cores; "sparse_rs": ~100 min per rate), so the cheap part can go first.
+# Re-running resumes by chunk; the results (summary, rows so far) are saved after every
+# setting, so a run stopped part-way keeps what it computed, and ROWS_FROM (default: the
+# committed rows) lets another machine or session take them up instead of recomputing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
 N=${N:-500}
 RATES=${RATES:-"0.5 0.9"}
+PARTS=${PARTS:-"gradient sparse_rs"}
 WD=${WD:-pretrained/gtsrb-resnet20-random}
 OUT=${OUT:-runs/gtsrb-resnet20-random-30ep-strong}
-RES=experiments/results/gtsrb_resnet20_random_30ep
+RES=${RES:-experiments/results/gtsrb_resnet20_random_30ep}
+ROWS_FROM=${ROWS_FROM:-$RES/rows}
+run() {
+  python evaluate.py "${common[@]}" "$@"
+  save_summary "$OUT" "$RES/eval_summary_strong.jsonl"
+  save_rows "$OUT" "$RES"
+}
 for r in $RATES; do
-  common=(--workdir "$WD" --out "$OUT" --num_examples "$N" --drop_rates "$r" --no_progress)
-  for norm in linf l2; do
-    python evaluate.py "${common[@]}" --norm "$norm" --attack apgd
+  common=(--workdir "$WD" --out "$OUT" --num_examples "$N" --drop_rates "$r" --no_progress
+          --rows_from "$ROWS_FROM")
+  for part in $PARTS; do
+    case "$part" in
+      gradient)
+        for norm in linf l2; do run --norm "$norm" --attack apgd; done
+        for norm in linf l2 l0; do run --norm "$norm" --losses rejection; done ;;
+      sparse_rs)
+        run --norm l0 --attack sparse_rs --losses margin rejection ;;
+      *) echo "unknown part $part (gradient, sparse_rs)" >&2; exit 2 ;;
+    esac
   done
-  for norm in linf l2 l0; do
-    python evaluate.py "${common[@]}" --norm "$norm" --losses rejection
-  done
-  python evaluate.py "${common[@]}" --norm l0 --attack sparse_rs --losses margin rejection
 done
-cp "$OUT/summary.jsonl" "$RES/eval_summary_strong.jsonl"
-save_rows "$OUT" "$RES"
 python -m dropjax.plots "$RES"/eval_summary*.jsonl --out "$RES"
