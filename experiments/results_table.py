@@ -5,7 +5,9 @@
 prints one row per attack setting (norm, budget, test-time r, attack variant): robust
 accuracy of the 10-mask defense without and with entropy rejection (mean ± std over the
 scoring draws), the single-mask numbers, the subset size and a 95% Wilson interval for
-the defended robust accuracy.  Later summary rows of the same setting win (a resumed or
+the defended robust accuracy; then, for the rows of ``python -m
+dropjax.evaluation.combine``, each attack family on the same examples beside the
+per-example worst case.  Later summary rows of the same setting win (a resumed or
 extended run appends).  Reads rows only; computes nothing about the model.
 """
 from __future__ import annotations
@@ -66,11 +68,33 @@ def table(rows: list[dict]) -> str:
   return "\n".join(out)
 
 
+def families_table(rows: list[dict]) -> str:
+  """For each combined row (``python -m dropjax.evaluation.combine``): every attack
+  family's robust accuracy on the combined examples, and the per-example worst case
+  (defended, without / with rejection)."""
+  out = ["| norm | budget (X units) | r | attack family | robust (avg) | with rejection | n |",
+         "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    budget = f"{r['eps']:g}" if r["norm"] != "l0" else f"{r['eps']:g}·D"
+    head = f"| {r['norm']} | {budget} | {r['drop_rate']:g} "
+    plain, rej = r["robust_accuracy_avg_by_attack"], r["robust_accuracy_avg_with_rejection_by_attack"]
+    for name in plain:
+      out.append(f"{head}| {name} | {plain[name]:.3f} | {rej[name]:.3f} | {r['num_examples']} |")
+    out.append(f"{head}| **worst case per example** | **{fmt(r, 'robust_accuracy_avg')}** "
+               f"| **{fmt(r, 'robust_accuracy_avg_with_rejection')}** | {r['num_examples']} |")
+  return "\n".join(out)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("summaries", nargs="+", help="summary.jsonl files of evaluate.py")
   args = p.parse_args(argv)
-  print(table(read(args.summaries)))
+  rows = read(args.summaries)
+  print(table(rows))
+  combined = [r for r in rows if "robust_accuracy_avg_by_attack" in r]
+  if combined:
+    print()
+    print(families_table(combined))
   return 0
 
 

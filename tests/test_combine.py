@@ -113,6 +113,12 @@ def test_cli_combines_two_evaluated_attacks(tiny_workdir, tmp_path, capsys):
     assert row[f"robust_accuracy_{m}"] <= min(ce[f"robust_accuracy_{m}"],
                                               cw[f"robust_accuracy_{m}"]) + 1e-12
     assert set(row[f"attack_wins_{m}"]) <= {combine.attack_name(ce), combine.attack_name(cw)}
+  # Each family's own number on the same (here: all) examples is kept beside the worst.
+  for m in ("avg", "avg_with_rejection"):
+    assert row[f"robust_accuracy_{m}_by_attack"] == {
+        combine.attack_name(ce): pytest.approx(ce[f"robust_accuracy_{m}"]),
+        combine.attack_name(cw): pytest.approx(cw[f"robust_accuracy_{m}"])}
+  assert "worst case per example" in capsys.readouterr().out
   # Run again: the combined row is replaced, not duplicated.
   assert combine.main([os.path.join(out, "summary.jsonl"), "--out", dest]) == 0
   assert len(open(dest).readlines()) == 1

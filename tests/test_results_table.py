@@ -31,3 +31,16 @@ def test_later_rows_of_a_setting_win_and_variants_are_named(tmp_path):
   assert [(rt.variant(r), r["robust_accuracy_avg"]) for r in got] == [
       ("pgd (paper)", 0.3), ("rejection", 0.2)]
   assert "| l0 | 0.03·D | 0.5 | rejection |" in rt.table(got)
+
+
+def test_families_table_lists_each_attack_and_the_worst_case():
+  row = dict(norm="linf", eps=0.1, drop_rate=0.9, num_examples=500, setting="s_worst",
+             robust_accuracy_avg=0.1, robust_accuracy_avg_std=0.01,
+             robust_accuracy_avg_with_rejection=0.2,
+             robust_accuracy_avg_by_attack={"pgd (paper)": 0.15, "apgd": 0.12},
+             robust_accuracy_avg_with_rejection_by_attack={"pgd (paper)": 0.3, "apgd": 0.25})
+  lines = rt.families_table([row]).splitlines()
+  assert len(lines) == 2 + 3
+  assert "| pgd (paper) | 0.150 | 0.300 | 500 |" in lines[2]
+  assert "| apgd | 0.120 | 0.250 | 500 |" in lines[3]
+  assert "**0.100 ± 0.010**" in lines[4] and "**0.200**" in lines[4]

@@ -171,12 +171,31 @@ def summarize(rows: Sequence[dict], settings: Sequence[dict]) -> dict:
   return s
 
 
+def each_attack(rows_by_setting: Mapping[str, Sequence[dict]], indices: Sequence[int],
+                metric: str) -> dict[str, float]:
+  """Each setting's own robust accuracy for ``metric`` on the examples ``indices``
+  (the combined subset), so the families compare on the same images."""
+  keep = set(indices)
+  return {name: worst_case.robust_accuracy(np.array(
+      [r[f"adv_broken_{metric}"] for r in rows if r["index"] in keep]))["mean"]
+          for name, rows in rows_by_setting.items()}
+
+
 def combine_summaries(summaries: Sequence[dict], rows_dirs: Sequence[str]) -> list[dict]:
-  """One combined summary row per group of :func:`groups`."""
+  """One combined summary row per group of :func:`groups`, with each attack
+  family's own robust accuracy on the same examples
+  (``robust_accuracy_<metric>_by_attack``, headline metrics)."""
   out = []
   for settings in groups(summaries).values():
     rows = {x["setting"]: find_rows(rows_dirs, x["setting"]) for x in settings}
-    out.append(summarize(combine(rows), settings))
+    combined = combine(rows)
+    s = summarize(combined, settings)
+    name_of = {x["setting"]: attack_name(x) for x in settings}
+    for metric in ("avg", worst_case.HEADLINE):
+      s[f"robust_accuracy_{metric}_by_attack"] = {
+          name_of[k]: v for k, v in each_attack(rows, [r["index"] for r in combined],
+                                                metric).items()}
+    out.append(s)
   return out
 
 
@@ -208,9 +227,13 @@ def run(cfg: CombineConfig) -> int:
     raise ValueError("no setting was evaluated by two attack families or more in "
                      f"{', '.join(paths)}")
   for s in combined:
-    print(f"{s['setting']}: {s['variant']}; n = {s['num_examples']}, robust accuracy "
-          f"{s['robust_accuracy_avg']:.3f} (avg), {s['robust_accuracy_avg_with_rejection']:.3f} "
-          "(avg, with rejection)")
+    print(f"{s['setting']} (n = {s['num_examples']}), robust accuracy of the "
+          f"{s.get('num_masks')}-mask defense without / with rejection:")
+    for name in s["robust_accuracy_avg_by_attack"]:
+      print(f"  {name:>40}: {s['robust_accuracy_avg_by_attack'][name]:.3f} / "
+            f"{s[f'robust_accuracy_{worst_case.HEADLINE}_by_attack'][name]:.3f}")
+    print(f"  {'worst case per example':>40}: {s['robust_accuracy_avg']:.3f} / "
+          f"{s['robust_accuracy_avg_with_rejection']:.3f}")
   if cfg.out:
     done = {s["setting"] for s in combined}
     old = files.read_jsonl(cfg.out) if os.path.exists(cfg.out) else []
