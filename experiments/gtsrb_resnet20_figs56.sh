@@ -6,11 +6,16 @@
 # under the same attacks (no masks, r = 0).  Figures from every committed summary row.
 # Re-running resumes by chunk; a larger N extends the same settings, taking the committed
 # rows of RES/rows up instead of recomputing them (evaluate.py --rows_from).
+# READING=doubled NORMS="linf l2" NORMAL_TOO=0 reads the L-inf/L2 budgets on the [0, 1]
+# scale instead (twice as large in X units; L0 has one reading), for the random-r model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
 N=${N:-1000}
 RATES=${RATES:-"0 0.5 0.9"}
+NORMS=${NORMS:-"linf l2 l0"}
+READING=${READING:-literal}
+NORMAL_TOO=${NORMAL_TOO:-1}
 RANDOM_WD=${RANDOM_WD:-pretrained/gtsrb-resnet20-random}
 NORMAL_WD=${NORMAL_WD:-pretrained/gtsrb-resnet20-normal}
 RES=experiments/results/gtsrb_resnet20_random_30ep
@@ -20,15 +25,15 @@ OUT_NORMAL=runs/gtsrb-resnet20-normal-30ep-eval
 
 mkdir -p "$RES/rows" "$RES_NORMAL/rows"
 for r in $RATES; do
-  for norm in linf l2 l0; do
+  for norm in $NORMS; do
     python evaluate.py --workdir "$RANDOM_WD" --out "$OUT" --norm "$norm" --num_examples "$N" \
-      --drop_rates "$r" --rows_from "$RES/rows" --no_progress
+      --drop_rates "$r" --budget_reading "$READING" --rows_from "$RES/rows" --no_progress
   done
 done
 save_summary "$OUT" "$RES/eval_summary_figs56.jsonl"
 save_rows "$OUT" "$RES"
 
-if [ -d "$NORMAL_WD" ]; then
+if [ "$NORMAL_TOO" = 1 ] && [ -d "$NORMAL_WD" ]; then
   for norm in linf l2 l0; do
     python evaluate.py --workdir "$NORMAL_WD" --out "$OUT_NORMAL" --norm "$norm" \
       --num_examples "$N" --rows_from "$RES_NORMAL/rows" --no_progress
