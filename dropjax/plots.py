@@ -88,15 +88,16 @@ def plot_robust_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
     for r in these:
       lines[line_label(r, several_eps)][r["drop_rate"]] = r
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, pts in sorted(lines.items()):
+    for i, (name, pts) in enumerate(sorted(lines.items())):
       rates = sorted(pts)
-      ax.plot(rates, [pts[x]["robust_accuracy_avg"] for x in rates], "o-",
+      color = f"C{i % 10}"  # one colour per line: solid without, dashed with rejection
+      ax.plot(rates, [pts[x]["robust_accuracy_avg"] for x in rates], "o-", color=color,
               label=f"{name}")
       ax.plot(rates, [pts[x]["robust_accuracy_avg_with_rejection"] for x in rates], "s--",
-              label=f"{name}, with rejection")
+              color=color, label=f"{name}, with rejection")
     ax.set(xlabel="test-time drop rate r", ylabel=f"robust accuracy ({norm})", ylim=(0, 1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside, not over
     paths += save_figure(fig, out_dir, f"robust_vs_drop_rate_{norm}")
   return paths
 

@@ -9,8 +9,9 @@
 #   * Sparse-RS (black-box random search on the defended decision, margin and
 #     rejection-aware losses, 1,000 queries) for L0.
 # Paper budgets read literally, 20 iterations, EOT over 10 masks, 5 scoring draws,
-# paper calibration.  Every setting gets its own id (attack variant) in one --out.
-# PARTS picks what runs ("gradient": APGD + rejection-aware PGD, ~10 min per setting at
+# paper calibration.  Every setting gets its own id (attack variant) in one --out; at the
+# end, eval_summary_worst.jsonl holds the worst case per example over all families.
+# PARTS picks what runs ("gradient": APGD, ~12 min per setting, and rejection-aware PGD, ~6, at
 # N = 500 on 2 cores; "sparse_rs": ~100 min per rate), so the cheap part can go first.
 # Re-running resumes by chunk; the results (summary, rows so far) are saved after every
 # setting, so a run stopped part-way keeps what it computed, and ROWS_FROM (default: the
@@ -44,4 +45,7 @@ for r in $RATES; do
     esac
   done
 done
+# The per-example worst case over every attack family of a setting (the paper's EOT-PGD
+# of gtsrb_resnet20_figs56.sh included), each family beside it on the same examples.
+python -m dropjax.evaluation.combine "$RES"/eval_summary*.jsonl --out "$RES/eval_summary_worst.jsonl"
 python -m dropjax.plots "$RES"/eval_summary*.jsonl --out "$RES"
