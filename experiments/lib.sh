@@ -4,13 +4,21 @@
 # save_rows OUT RES: every setting's per-example rows under OUT, gzipped into RES/rows/,
 # with the setting.json they were computed under (evaluate.py --rows_from RES/rows then
 # takes them up instead of recomputing them, e.g. to extend a run to more examples).
+# A setting still running (no rows.jsonl yet) keeps its finished chunks, in order, so a
+# session that ends mid-setting loses at most one chunk: --rows_from resumes from them.
 save_rows() {
   mkdir -p "$2/rows"
-  local f name
-  for f in "$1"/*/rows.jsonl; do
-    name=$(basename "$(dirname "$f")")
-    gzip -9 -n -c "$f" > "$2/rows/$name.rows.jsonl.gz"
-    if [ -f "$1/$name/setting.json" ]; then cp "$1/$name/setting.json" "$2/rows/$name.setting.json"; fi
+  local d name
+  for d in "$1"/*/; do
+    name=$(basename "$d")
+    if [ -f "$d/rows.jsonl" ]; then
+      gzip -9 -n -c "$d/rows.jsonl" > "$2/rows/$name.rows.jsonl.gz"
+    elif compgen -G "$d/chunk_*.jsonl" > /dev/null; then
+      cat "$d"/chunk_*.jsonl | gzip -9 -n -c > "$2/rows/$name.rows.jsonl.gz"
+    else
+      continue
+    fi
+    if [ -f "$d/setting.json" ]; then cp "$d/setting.json" "$2/rows/$name.setting.json"; fi
   done
 }
 

@@ -219,6 +219,28 @@ def test_kept_rows_extend_to_more_examples_as_one_run(tiny_workdir, tmp_path):
                         str(tmp_path / "d"), progress=False)
 
 
+def test_lib_sh_save_rows_keeps_a_running_settings_chunks(tiny_workdir, tmp_path):
+  """experiments/lib.sh save_rows on a setting stopped after one chunk keeps that
+  chunk; --rows_from then resumes it to the uninterrupted run's rows."""
+  import subprocess
+  cfg = ev_config(norm="l2", eps=[0.5], num_examples=40)
+  a, part, keep, b = (str(tmp_path / n) for n in ("a", "part", "keep", "b"))
+  [whole] = evaluation.evaluate(tiny_workdir, cfg, a, progress=False)
+  sid = whole["setting"]
+  assert evaluation.evaluate(tiny_workdir, cfg, part, stop_after_chunks=1, progress=False) == []
+  assert not os.path.exists(os.path.join(part, sid, "rows.jsonl"))
+  lib = os.path.join(os.path.dirname(__file__), "..", "experiments", "lib.sh")
+  subprocess.run(["bash", "-c", f'source "{lib}" && save_rows "{part}" "{keep}"'], check=True)
+  assert sorted(os.listdir(os.path.join(keep, "rows"))) == [sid + ".rows.jsonl.gz",
+                                                           sid + ".setting.json"]
+  resumed = ev_config(norm="l2", eps=[0.5], num_examples=40, rows_from=os.path.join(keep, "rows"))
+  assert evaluation.evaluate(tiny_workdir, resumed, b, stop_after_chunks=0, progress=False) == []
+  assert os.path.exists(os.path.join(b, sid, "chunk_00000.jsonl"))  # taken up, not recomputed
+  evaluation.evaluate(tiny_workdir, resumed, b, progress=False)
+  assert (open(os.path.join(a, sid, "rows.jsonl")).read()
+          == open(os.path.join(b, sid, "rows.jsonl")).read())
+
+
 def test_import_rows_refuses_rows_out_of_order(tmp_path):
   from dropjax.evaluation.store import SettingStore
   store = SettingStore(str(tmp_path), "s", {"a": 1})
