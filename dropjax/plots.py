@@ -71,6 +71,8 @@ def line_label(row: dict, with_eps: bool = False) -> str:
   label = model_name(row)
   if with_eps:
     label += f", eps {row['eps']:.4g}"
+  if row.get("norm") != "l0" and row.get("budget_reading", "literal") != "literal":
+    label += f", {row['budget_reading']} budget"  # another line, not the literal one's point
   if row.get("variant"):
     label += f" [{row['variant']}]"
   return label

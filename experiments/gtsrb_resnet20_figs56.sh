@@ -42,4 +42,4 @@ if [ "$NORMAL_TOO" = 1 ] && [ -d "$NORMAL_WD" ]; then
   save_rows "$OUT_NORMAL" "$RES_NORMAL"
   python -m dropjax.plots "$RES_NORMAL/eval_summary.jsonl" --out "$RES_NORMAL"
 fi
-python -m dropjax.plots "$RES/eval_summary.jsonl" "$RES/eval_summary_figs56.jsonl" --out "$RES"
+python -m dropjax.plots "$RES"/eval_summary*.jsonl --out "$RES"

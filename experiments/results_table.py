@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dropjax import units  # noqa: E402
 from dropjax.evaluation.store import read_summaries  # noqa: E402
 
 NORM_ORDER = {"linf": 0, "l2": 1, "l0": 2}
@@ -47,6 +48,15 @@ def read(paths: list[str]) -> list[dict]:
                                                r["drop_rate"], variant(r)))
 
 
+def budget(row: dict) -> str:
+  """The budget in X units (L0: a fraction of the pixels D), naming a non-literal reading."""
+  if row["norm"] == "l0":
+    return f"{row['eps']:g}·D"
+  reading = row.get("budget_reading", "literal")
+  x = units.to_x_units(row["eps"], reading)
+  return f"{x:.6g}" + (f" ({reading})" if reading != "literal" else "")
+
+
 def fmt(row: dict, key: str) -> str:
   std = row.get(f"{key}_std")
   return f"{row[key]:.3f}" + (f" ± {std:.3f}" if std else "")
@@ -58,8 +68,7 @@ def table(rows: list[dict]) -> str:
          "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lo, hi = wilson(r["robust_accuracy_avg"], r["num_examples"])
-    budget = f"{r['eps']:g}" if r["norm"] != "l0" else f"{r['eps']:g}·D"
-    out.append(f"| {r['norm']} | {budget} | {r['drop_rate']:g} | {variant(r)} "
+    out.append(f"| {r['norm']} | {budget(r)} | {r['drop_rate']:g} | {variant(r)} "
                f"| {r['clean_accuracy_avg']:.3f} | {fmt(r, 'robust_accuracy_avg')} "
                f"| {fmt(r, 'robust_accuracy_avg_with_rejection')} "
                f"| {fmt(r, 'robust_accuracy_single')} "
@@ -75,8 +84,7 @@ def families_table(rows: list[dict]) -> str:
   out = ["| norm | budget (X units) | r | attack family | robust (avg) | with rejection | n |",
          "|---|---|---|---|---|---|---|"]
   for r in rows:
-    budget = f"{r['eps']:g}" if r["norm"] != "l0" else f"{r['eps']:g}·D"
-    head = f"| {r['norm']} | {budget} | {r['drop_rate']:g} "
+    head = f"| {r['norm']} | {budget(r)} | {r['drop_rate']:g} "
     plain, rej = r["robust_accuracy_avg_by_attack"], r["robust_accuracy_avg_with_rejection_by_attack"]
     for name in sorted(plain, key=lambda n: (n != "pgd (paper)", n)):  # the paper's first
       out.append(f"{head}| {name} | {plain[name]:.3f} | {rej[name]:.3f} | {r['num_examples']} |")

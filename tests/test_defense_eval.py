@@ -344,6 +344,9 @@ def test_plots_render_from_rows(tmp_path, monkeypatch):
   # Another attack at r = 0.5 is its own line, not a replacement of the default's point.
   rows.append({**rows[-2], "setting": "linf_0.5_eot1", "variant": "eot1",
                "robust_accuracy_avg": 0.7, "robust_accuracy_avg_with_rejection": 0.8})
+  # So is the doubled budget reading at r = 0.9 (same stated eps, twice the budget).
+  rows.append({**rows[-2], "setting": "linf_0.9_doubled", "budget_reading": "doubled",
+               "robust_accuracy_avg": 0.05, "robust_accuracy_avg_with_rejection": 0.15})
   (tmp_path / "ev").mkdir()
   with open(tmp_path / "ev" / "summary.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -361,8 +364,9 @@ def test_plots_render_from_rows(tmp_path, monkeypatch):
   assert robust[name] == (rates, [r / 2 for r in rates])
   assert robust[f"{name}, with rejection"] == (rates, [r / 1.5 for r in rates])
   assert robust[f"{name} [eot1]"] == ([0.5], [0.7])
+  assert robust[f"{name}, doubled budget"] == ([0.9], [0.05])
   table = (tmp_path / "fig" / "table.md").read_text()
-  assert table.count("\n") == 2 + 4 and "| linf |" in table and f"| {name} [eot1] |" in table
+  assert table.count("\n") == 2 + 5 and "| linf |" in table and f"| {name} [eot1] |" in table
   assert "| 0.5 | 0.650 | 0.250 | 0.333 | 0.100 |" in table  # r = 0.5, read from its row
   assert plots.main([str(tmp_path / "missing"), "--out", str(tmp_path / "fig")]) == 2
 

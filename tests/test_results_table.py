@@ -44,3 +44,9 @@ def test_families_table_lists_each_attack_and_the_worst_case():
   assert "| pgd (paper) | 0.150 | 0.300 | 500 |" in lines[2]
   assert "| apgd | 0.120 | 0.250 | 500 |" in lines[3]
   assert "**0.100 ± 0.010**" in lines[4] and "**0.200**" in lines[4]
+
+
+def test_budget_is_in_x_units_and_names_the_doubled_reading():
+  assert rt.budget(dict(norm="linf", eps=0.12549, budget_reading="literal")) == "0.12549"
+  assert rt.budget(dict(norm="linf", eps=0.12549, budget_reading="doubled")) == "0.25098 (doubled)"
+  assert rt.budget(dict(norm="l0", eps=0.03, budget_reading="doubled")) == "0.03·D"
