@@ -8,6 +8,7 @@ old file or the new one, never a mix.  Rows are JSON objects, one per line.
 """
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import os
@@ -66,3 +67,9 @@ def recorded_path(path: str) -> str:
   else absolute."""
   full, cwd = os.path.abspath(path), os.getcwd()
   return os.path.relpath(full, cwd) if full.startswith(cwd + os.sep) else full
+
+
+def expand(patterns: Iterable[str]) -> list[str]:
+  """Command-line paths with their globs expanded (sorted); a pattern matching nothing
+  stays as given, so the reader names the missing file in its error."""
+  return [m for pat in patterns for m in (sorted(glob.glob(pat)) or [pat])]

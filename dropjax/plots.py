@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import os
 
 import matplotlib
@@ -196,7 +195,7 @@ class PlotsConfig:
 
 
 def run(cfg: PlotsConfig) -> int:
-  inputs = [m for pat in cfg.inputs for m in (sorted(glob.glob(pat)) or [pat])]
+  inputs = files.expand(cfg.inputs)
   for path in render(inputs, cfg.out, tuple(cfg.figures)):
     print(path)
   return 0

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import os
 from typing import Mapping, Sequence
 
@@ -215,7 +214,7 @@ class CombineConfig:
 
 
 def run(cfg: CombineConfig) -> int:
-  paths = [m for pat in cfg.summaries for m in (sorted(glob.glob(pat)) or [pat])]
+  paths = files.expand(cfg.summaries)
   if not paths:
     raise ValueError("give the summary.jsonl files to combine")
   summaries = store.read_summaries(paths)
