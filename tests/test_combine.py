@@ -124,3 +124,40 @@ def test_cli_combines_two_evaluated_attacks(tiny_workdir, tmp_path, capsys):
   assert len(open(dest).readlines()) == 1
   assert combine.main([str(tmp_path / "nope.jsonl")]) == 2
   assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_exclude_keeps_a_family_run_on_fewer_images_out_of_the_full_combination(tmp_path):
+  rng = np.random.default_rng(3)
+  base = dict(workdir="w", norm="l0", eps=0.03, budget_reading="literal", drop_rate=0.9,
+              num_masks=10, score_draws=5, calibration="single", seed=0,
+              robust_accuracy_avg=0.5, dataset="gtsrb")
+  name = "l0_eps0.03_r0.9"
+  settings = {name: "", f"{name}_rejection": "rejection",
+              f"{name}_sparse_rs_q1000_margin": "sparse_rs_q1000_margin"}
+  broken = {s: rng.random((6, 5)) < 0.4 for s in settings}
+  n_of = {s: 3 if "sparse_rs" in s else 6 for s in settings}  # Sparse-RS: first 3 only
+  for s in settings:
+    os.makedirs(tmp_path / s)
+    with open(tmp_path / s / "rows.jsonl", "w") as f:
+      for r in fake_rows(broken[s])[:n_of[s]]:
+        f.write(json.dumps(r) + "\n")
+  summaries = [dict(base, setting=s, variant=v) for s, v in settings.items()]
+
+  [full] = combine.combine_summaries(summaries, [str(tmp_path)])
+  assert full["setting"] == f"{name}_worst" and full["num_examples"] == 3
+  assert full["num_examples_by_attack"] == {"pgd (paper)": 6, "rejection": 6,
+                                            "sparse_rs_q1000_margin": 3}
+  assert full["robust_accuracy_avg"] == pytest.approx(
+      reference_accuracy([broken[s][:3] for s in settings]))
+
+  [part] = combine.combine_summaries(summaries, [str(tmp_path)], exclude=("sparse_rs",))
+  assert part["setting"] == f"{name}_worst-without-sparse_rs" and part["num_examples"] == 6
+  assert part["combined_from"] == [name, f"{name}_rejection"]
+  assert part["robust_accuracy_avg"] == pytest.approx(
+      reference_accuracy([broken[name], broken[f"{name}_rejection"]]))
+  # A pattern that matches nothing changes nothing (same id: it replaces the full row);
+  # one that leaves a single family leaves no combination.
+  [same] = combine.combine_summaries(summaries, [str(tmp_path)], exclude=("apgd",))
+  assert same["setting"] == full["setting"] and same["num_examples"] == 3
+  assert combine.combine_summaries(summaries, [str(tmp_path)],
+                                   exclude=("sparse_rs", "rejection")) == []

@@ -20,7 +20,10 @@ Settings are grouped by model (``workdir``), norm, budget and its reading, drop
 rate, masks, scoring draws, calibration and seed; every group with two attack
 families or more gets one combined row.  The attacks must have scored the same
 clean decisions (same model, masks and thresholds): a mismatch is an error, not
-a silently mixed number.  Examples are those all settings of a group hold.
+a silently mixed number.  Examples are those all settings of a group hold: a
+family run on fewer images (Sparse-RS is costly) narrows the combined row to them,
+so ``--exclude`` leaves such families out; the combined setting then says what it
+left out (``<setting>_worst-without-sparse_rs``) and stands beside the full one.
 """
 from __future__ import annotations
 
@@ -138,12 +141,15 @@ def combine(rows_by_setting: Mapping[str, Sequence[dict]]) -> list[dict]:
   return out
 
 
-def summarize(rows: Sequence[dict], settings: Sequence[dict]) -> dict:
+def summarize(rows: Sequence[dict], settings: Sequence[dict],
+              without: Sequence[str] = ()) -> dict:
   """The summary row of combined ``rows`` (:func:`combine`) of ``settings``
-  (their summary rows, one group of :func:`groups`)."""
+  (their summary rows, one group of :func:`groups`); ``without``: the patterns
+  that left families of the group out (named in the setting id)."""
   first = settings[0]
   s = {k: first[k] for k in _COPIED if k in first}
-  s["setting"] = f"{base_setting(first)}_{WORST_SUFFIX}"
+  s["setting"] = f"{base_setting(first)}_{WORST_SUFFIX}" + "".join(
+      f"-without-{w}" for w in without)
   families = [attack_name(x) for x in settings]
   s["variant"] = f"worst of {len(settings)}: " + ", ".join(families)
   s["combined_from"] = [x["setting"] for x in settings]
@@ -180,15 +186,32 @@ def each_attack(rows_by_setting: Mapping[str, Sequence[dict]], indices: Sequence
           for name, rows in rows_by_setting.items()}
 
 
-def combine_summaries(summaries: Sequence[dict], rows_dirs: Sequence[str]) -> list[dict]:
+def split_excluded(settings: Sequence[dict], exclude: Sequence[str]
+                   ) -> tuple[list[dict], list[str]]:
+  """``settings`` whose id contains none of the ``exclude`` substrings, and the
+  patterns that matched one (sorted, unique)."""
+  kept = [x for x in settings if not any(e in x["setting"] for e in exclude)]
+  used = sorted({e for e in exclude for x in settings if e in x["setting"]})
+  return kept, used
+
+
+def combine_summaries(summaries: Sequence[dict], rows_dirs: Sequence[str],
+                      exclude: Sequence[str] = ()) -> list[dict]:
   """One combined summary row per group of :func:`groups`, with each attack
   family's own robust accuracy on the same examples
-  (``robust_accuracy_<metric>_by_attack``, headline metrics)."""
+  (``robust_accuracy_<metric>_by_attack``, headline metrics) and each family's
+  own example count (``num_examples_by_attack``).  Settings whose id contains
+  a string of ``exclude`` are left out (a group keeps a row if two families or
+  more remain)."""
   out = []
   for settings in groups(summaries).values():
+    settings, without = split_excluded(settings, exclude)
+    if len(settings) < 2:
+      continue
     rows = {x["setting"]: find_rows(rows_dirs, x["setting"]) for x in settings}
     combined = combine(rows)
-    s = summarize(combined, settings)
+    s = summarize(combined, settings, without)
+    s["num_examples_by_attack"] = {attack_name(x): len(rows[x["setting"]]) for x in settings}
     name_of = {x["setting"]: attack_name(x) for x in settings}
     for metric in ("avg", worst_case.HEADLINE):
       s[f"robust_accuracy_{metric}_by_attack"] = {
@@ -211,6 +234,10 @@ class CombineConfig:
   out: str = dataclasses.field(default="", metadata={
       "help": "summary file to write the combined rows to (rows of the same settings "
               "replaced, others kept); empty: print them"})
+  exclude: tuple = dataclasses.field(default=(), metadata={
+      "help": "leave out the settings whose id contains one of these strings (e.g. "
+              "sparse_rs, run on fewer images); the combined id then ends "
+              "'_worst-without-<string>', beside the full combination"})
 
 
 def run(cfg: CombineConfig) -> int:
@@ -221,13 +248,19 @@ def run(cfg: CombineConfig) -> int:
   dirs = list(cfg.rows) or [d for p in paths for d in (
       os.path.join(os.path.dirname(p) if os.path.isfile(p) else p, "rows"),
       os.path.dirname(p) if os.path.isfile(p) else p)]
-  combined = combine_summaries(summaries, dirs)
+  combined = combine_summaries(summaries, dirs, cfg.exclude)
   if not combined:
     raise ValueError("no setting was evaluated by two attack families or more in "
-                     f"{', '.join(paths)}")
+                     f"{', '.join(paths)}" + (f" (excluding {', '.join(cfg.exclude)})"
+                                              if cfg.exclude else ""))
   for s in combined:
     print(f"{s['setting']} (n = {s['num_examples']}), robust accuracy of the "
           f"{s.get('num_masks')}-mask defense without / with rejection:")
+    counts = s["num_examples_by_attack"]
+    if len(set(counts.values())) > 1:
+      print("  the families ran on different numbers of examples ("
+            + ", ".join(f"{k}: {v}" for k, v in counts.items())
+            + f"); all are compared on the {s['num_examples']} they share")
     for name in s["robust_accuracy_avg_by_attack"]:
       print(f"  {name:>40}: {s['robust_accuracy_avg_by_attack'][name]:.3f} / "
             f"{s[f'robust_accuracy_{worst_case.HEADLINE}_by_attack'][name]:.3f}")
