@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import re
 import sys
 import time
@@ -38,6 +39,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from dropjax import files, models, published  # noqa: E402
 from dropjax.data import load_dataset  # noqa: E402
+from dropjax.data.local import DataError  # noqa: E402
 
 
 def read_checkpoint(path: str) -> tuple[dict, dict]:
@@ -77,7 +79,17 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.num_examples < 1 or args.batch_size < 1:
     p.error("--num_examples and --batch_size must be >= 1")
+  missing = [c for c in args.checkpoints if not os.path.isfile(c)]
+  if missing:
+    p.error(f"no such checkpoint: {', '.join(missing)}")
+  try:
+    return run(args)
+  except (DataError, ValueError, pickle.UnpicklingError, RuntimeError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
+
+def run(args) -> int:
   data = load_dataset("cifar10", source="local", data_dir=args.data_dir, val_size=0)
   test = data.test.take(args.num_examples)
   x = published.reference_input(test.x)
