@@ -18,7 +18,6 @@ models trained here (RESULTS.md) is then a statement about training, not the mod
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import pickle
@@ -37,7 +36,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
-from dropjax import files, models, published  # noqa: E402
+from dropjax import files, models, pretrained, published  # noqa: E402
 from dropjax.data import load_dataset  # noqa: E402
 from dropjax.data.local import DataError  # noqa: E402
 
@@ -56,14 +55,6 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
     raise ValueError(f"{path}: not a state dict (got {type(ckpt).__name__})")
   extra = {k: float(v) for k, v in ckpt.items() if k != "state_dict" and np.isscalar(v)}
   return {k: v.numpy() for k, v in state.items()}, extra
-
-
-def sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def main(argv=None) -> int:
@@ -95,7 +86,7 @@ def run(args) -> int:
   x = published.reference_input(test.x)
   rows = []
   for path in args.checkpoints:
-    digest = sha256(path)
+    digest = pretrained.sha256(path)
     m = re.search(r"-([0-9a-f]{8})\.th$", os.path.basename(path))
     if m and not digest.startswith(m[1]):
       raise ValueError(f"{path}: SHA-256 {digest[:8]}... does not match its name")
