@@ -12,7 +12,9 @@
 # paper calibration.  Every setting gets its own id (attack variant) in one --out; at the
 # end, eval_summary_worst.jsonl holds the worst case per example over all families.
 # PARTS picks what runs ("gradient": APGD, ~12 min per setting, and rejection-aware PGD, ~6, at
-# N = 500 on 2 cores; "sparse_rs": ~100 min per rate), so the cheap part can go first.
+# N = 500 on 2 cores; "sparse_rs": 4 configurations x 1,000 queries x 10 masks, ~40,000
+# forward passes per image, ~1 h per 100 images per rate), so the cheap part can go first;
+# a smaller N first (N=100) and a larger one later continue the same chunks.
 # Re-running resumes by chunk; the results (summary, rows so far) are saved after every
 # setting, so a run stopped part-way keeps what it computed, and ROWS_FROM (default: the
 # committed rows) lets another machine or session take them up instead of recomputing.
