@@ -46,7 +46,8 @@ def test_bad_state_dicts_are_refused_with_the_reason():
   with pytest.raises(ValueError, match="not a tensor"):
     published.variables_from_state_dict({**sd, "fc.weight": np.zeros((10, 64))})
   with pytest.raises(ValueError, match="missing"):
-    published.variables_from_state_dict({k: a for k, a in sd.items() if k != "layer2.1.bn2.running_var"})
+    published.variables_from_state_dict(
+        {k: a for k, a in sd.items() if k != "layer2.1.bn2.running_var"})
   with pytest.raises(ValueError, match="OIHW"):
     published.variables_from_state_dict({**sd, "conv1.weight": np.zeros((16, 27))})
   with pytest.raises(ValueError, match="wrong shapes"):
