@@ -110,7 +110,7 @@ def variables_from_state_dict(state_dict: Mapping[str, Any]) -> dict:
   if "head" not in out["params"] or "bias" not in out["params"]["head"] or len(blocks) % 3:
     raise ValueError("not a complete CIFAR ResNet: the head (linear.weight, linear.bias) or "
                      f"blocks are missing (blocks found: {sorted(blocks)})")
-  depth, num_classes = 6 * (len(blocks) // 3) + 2, out["params"]["head"]["bias"].shape[0]
+  depth, num_classes = architecture(out)
   want = _shapes(jax.eval_shape(functools.partial(
       models.resnet(depth, num_classes).init, jax.random.key(0)), np.zeros((1, 32, 32, 3))))
   got = _shapes(out)
@@ -120,6 +120,13 @@ def variables_from_state_dict(state_dict: Mapping[str, Any]) -> dict:
     raise ValueError(f"not a ResNet-{depth} with {num_classes} classes: missing {missing}, "
                      f"unexpected {extra}, wrong shapes {[(k, got[k], want[k]) for k in wrong]}")
   return out
+
+
+def architecture(variables: Mapping) -> tuple[int, int]:
+  """``(depth, num_classes)`` of CIFAR ResNet ``variables``: depth ``6n + 2``
+  from the residual blocks (``n`` per stage), classes from the head."""
+  blocks = sum(1 for k in variables["params"] if k.startswith("stage"))
+  return 6 * (blocks // 3) + 2, variables["params"]["head"]["bias"].shape[0]
 
 
 def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:

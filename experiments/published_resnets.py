@@ -92,8 +92,7 @@ def run(args) -> int:
       raise ValueError(f"{path}: SHA-256 {digest[:8]}... does not match its name")
     state, extra = read_checkpoint(path)
     variables = published.variables_from_state_dict(state)
-    blocks = sum(1 for k in variables["params"] if k.startswith("stage"))
-    depth, num_classes = 6 * (blocks // 3) + 2, variables["params"]["head"]["bias"].shape[0]
+    depth, num_classes = published.architecture(variables)
     model = models.resnet(depth, num_classes)
     apply = jax.jit(lambda v, xb: model.apply(v, xb).argmax(-1))
     t0 = time.perf_counter()

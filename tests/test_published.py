@@ -34,6 +34,7 @@ def test_a_state_dict_round_trips_to_the_same_variables_and_logits(depth, num_cl
   sd = torch_layout(v, depth, num_classes, prefix="module.")
   sd["module.bn1.num_batches_tracked"] = np.array(7)
   got = published.variables_from_state_dict(sd)
+  assert published.architecture(got) == (depth, num_classes)
   assert jax.tree.structure(got) == jax.tree.structure(jax.tree.map(np.asarray, v))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(v)):
     np.testing.assert_array_equal(a, np.asarray(b))
