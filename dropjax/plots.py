@@ -77,6 +77,12 @@ def line_label(row: dict, with_eps: bool = False) -> str:
   return label
 
 
+def sample_sizes(rows: list[dict]) -> str:
+  """The examples behind a line's points: ``"500"``, or ``"100-500"`` when they differ."""
+  ns = sorted({r.get("num_examples", 0) for r in rows})
+  return str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+
+
 def plot_robust_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
   paths = []
   attacked = [r for r in rows if r.get("norm") != "none" and "robust_accuracy_avg" in r]
@@ -92,6 +98,7 @@ def plot_robust_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
     for i, (name, pts) in enumerate(sorted(lines.items())):
       rates = sorted(pts)
       color = f"C{i % 10}"  # one colour per line: solid without, dashed with rejection
+      name += f" (n={sample_sizes([pts[x] for x in rates])})"
       ax.plot(rates, [pts[x]["robust_accuracy_avg"] for x in rates], "o-", color=color,
               label=f"{name}")
       ax.plot(rates, [pts[x]["robust_accuracy_avg_with_rejection"] for x in rates], "s--",

@@ -336,13 +336,14 @@ def test_plots_render_from_rows(tmp_path, monkeypatch):
     for r in (0.0, 0.5, 0.9):
       row = {"setting": f"{norm}_{r}", "dataset": "gtsrb", "depth": 20, "train_drop": "random",
              "train_drop_rate": 0.9, "norm": norm, "eps": 0.1, "drop_rate": r,
-             "clean_accuracy_avg": 0.9 - r / 2, "clean_accuracy_single": 0.85 - r / 2}
+             "clean_accuracy_avg": 0.9 - r / 2, "clean_accuracy_single": 0.85 - r / 2,
+             "num_examples": 1000 if r == 0 else 500}
       if norm != "none":
         row.update(robust_accuracy_avg=r / 2, robust_accuracy_avg_with_rejection=r / 1.5,
                    adv_rejection_rate_avg=0.1)
       rows.append(row)
   # Another attack at r = 0.5 is its own line, not a replacement of the default's point.
-  rows.append({**rows[-2], "setting": "linf_0.5_eot1", "variant": "eot1",
+  rows.append({**rows[-2], "setting": "linf_0.5_eot1", "variant": "eot1", "num_examples": 100,
                "robust_accuracy_avg": 0.7, "robust_accuracy_avg_with_rejection": 0.8})
   # So is the doubled budget reading at r = 0.9 (same stated eps, twice the budget).
   rows.append({**rows[-2], "setting": "linf_0.9_doubled", "budget_reading": "doubled",
@@ -360,11 +361,11 @@ def test_plots_render_from_rows(tmp_path, monkeypatch):
   rates = [0.0, 0.5, 0.9]
   assert drawn["clean_vs_drop_rate"][f"{name}, avg"] == (rates, [0.9 - r / 2 for r in rates])
   assert drawn["clean_vs_drop_rate"][f"{name}, 1 mask"] == (rates, [0.85 - r / 2 for r in rates])
-  robust = drawn["robust_vs_drop_rate_linf"]
-  assert robust[name] == (rates, [r / 2 for r in rates])
-  assert robust[f"{name}, with rejection"] == (rates, [r / 1.5 for r in rates])
-  assert robust[f"{name} [eot1]"] == ([0.5], [0.7])
-  assert robust[f"{name}, doubled budget"] == ([0.9], [0.05])
+  robust = drawn["robust_vs_drop_rate_linf"]  # each line says how many examples it rests on
+  assert robust[f"{name} (n=500-1000)"] == (rates, [r / 2 for r in rates])
+  assert robust[f"{name} (n=500-1000), with rejection"] == (rates, [r / 1.5 for r in rates])
+  assert robust[f"{name} [eot1] (n=100)"] == ([0.5], [0.7])
+  assert robust[f"{name}, doubled budget (n=500)"] == ([0.9], [0.05])
   table = (tmp_path / "fig" / "table.md").read_text()
   assert table.count("\n") == 2 + 5 and "| linf |" in table and f"| {name} [eot1] |" in table
   assert "| 0.5 | 0.650 | 0.250 | 0.333 | 0.100 |" in table  # r = 0.5, read from its row
