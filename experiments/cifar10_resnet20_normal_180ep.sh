@@ -18,8 +18,22 @@ cmd="python train.py --preset cifar10-resnet20-normal --workdir $WD --keep_check
 mkdir -p "$WD"; [ -f "$WD/started_at" ] || date +%s > "$WD/started_at"
 $cmd
 if [ ! -f "pretrained/$name/MANIFEST.json" ]; then
+  # Training time from the logged throughput (the run spans sessions; their gaps are not time).
+  minutes=$(python - "$WD" <<'PY'
+import json, sys
+from dropjax import files
+wd = sys.argv[1]
+batch = json.load(open(f"{wd}/config.json"))["batch_size"]
+rows, last, seconds = files.read_jsonl(f"{wd}/metrics.jsonl"), 0, 0.0
+for r in rows:
+  if r.get("kind") == "train" and r.get("images_per_s"):
+    seconds += (r["step"] - last) * batch / r["images_per_s"]
+    last = r["step"]
+print(round(seconds / 60))
+PY
+)
   python -m dropjax.pretrained --workdir "$WD" --out "pretrained/$name" --command "$cmd" \
-    --hardware "$HARDWARE" --wall_time "$(( ($(stat -c %Y "$WD/final_eval.json") - $(cat "$WD/started_at")) / 60 )) min from first start to finish, over several sessions"
+    --hardware "$HARDWARE" --wall_time "$minutes min of training steps (logged throughput), over several sessions"
 fi
 save_run "$WD" "$RES"
 python evaluate.py --workdir "pretrained/$name" --out "runs/$name-eval" --norm none \
