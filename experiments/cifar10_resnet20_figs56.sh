@@ -4,7 +4,7 @@
 # literally: L-inf 16/255, L2 1.0, L0 3% of the pixels; EOT-PGD 20 steps x 10 masks; CE and
 # CW x untargeted and targeted, worst case per example; 5 draws; paper calibration rule)
 # at the test-time drop rates RATES, first N test images; then the rows and the figures.
-# Re-running resumes by chunk; a larger N extends the same settings, taking the committed
+# Re-running resumes by chunk; each setting's summary and rows are saved as it ends; a larger N extends the same settings, taking the committed
 # rows of RES/rows up instead of recomputing them (evaluate.py --rows_from).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,9 +20,9 @@ for r in $RATES; do
   for norm in $NORMS; do
     python evaluate.py --workdir "$WD" --out "$OUT" --norm "$norm" --num_examples "$N" \
       --drop_rates "$r" --rows_from "$RES/rows" --no_progress
+    # saved after every setting: a run stopped part-way keeps what it finished
+    save_summary "$OUT" "$RES/eval_summary_figs56.jsonl"
+    save_rows "$OUT" "$RES"
   done
 done
-mkdir -p "$RES/rows"
-save_summary "$OUT" "$RES/eval_summary_figs56.jsonl"
-save_rows "$OUT" "$RES"
 python -m dropjax.plots "$RES/eval_summary_figs56.jsonl" --figures robust table --out "$RES"

@@ -4,7 +4,7 @@
 # EOT-PGD, worst case per example, 5 draws of the defense, paper calibration rule) on the
 # packaged 30-epoch random-r model, first N test images; then the normally trained model
 # under the same attacks (no masks, r = 0).  Figures from every committed summary row.
-# Re-running resumes by chunk; a larger N extends the same settings, taking the committed
+# Re-running resumes by chunk; each setting's summary and rows are saved as it ends; a larger N extends the same settings, taking the committed
 # rows of RES/rows up instead of recomputing them (evaluate.py --rows_from).
 # READING=doubled NORMS="linf l2" NORMAL_TOO=0 reads the L-inf/L2 budgets on the [0, 1]
 # scale instead (twice as large in X units; L0 has one reading), for the random-r model.
@@ -28,18 +28,19 @@ for r in $RATES; do
   for norm in $NORMS; do
     python evaluate.py --workdir "$RANDOM_WD" --out "$OUT" --norm "$norm" --num_examples "$N" \
       --drop_rates "$r" --budget_reading "$READING" --rows_from "$RES/rows" --no_progress
+    # saved after every setting: a run stopped part-way keeps what it finished
+    save_summary "$OUT" "$RES/eval_summary_figs56.jsonl"
+    save_rows "$OUT" "$RES"
   done
 done
-save_summary "$OUT" "$RES/eval_summary_figs56.jsonl"
-save_rows "$OUT" "$RES"
 
 if [ "$NORMAL_TOO" = 1 ] && [ -d "$NORMAL_WD" ]; then
   for norm in linf l2 l0; do
     python evaluate.py --workdir "$NORMAL_WD" --out "$OUT_NORMAL" --norm "$norm" \
       --num_examples "$N" --rows_from "$RES_NORMAL/rows" --no_progress
+    save_summary "$OUT_NORMAL" "$RES_NORMAL/eval_summary.jsonl"
+    save_rows "$OUT_NORMAL" "$RES_NORMAL"
   done
-  save_summary "$OUT_NORMAL" "$RES_NORMAL/eval_summary.jsonl"
-  save_rows "$OUT_NORMAL" "$RES_NORMAL"
   python -m dropjax.plots "$RES_NORMAL/eval_summary.jsonl" --out "$RES_NORMAL"
 fi
 python -m dropjax.plots "$RES"/eval_summary*.jsonl --out "$RES"
