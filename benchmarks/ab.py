@@ -54,6 +54,11 @@ PRESETS = {
         "xla_forward": {"DROPJAX_NATIVE_FORWARD": "0"},
         "native_forward (default)": {},
     },
+    # The native forward kernel's AVX-512 tiles against its AVX2 tiles (same values).
+    "native_avx512": {
+        "avx2_tiles": {"DROPJAX_NATIVE_AVX512": "0"},
+        "avx512_tiles (default with AVX-512F)": {"DROPJAX_NATIVE_AVX512": "1"},
+    },
     # dropjax.xla_cpu.conv as a whole (native weight gradient + polyphase strided input
     # gradient) against XLA's convolution gradients.
     # The fusion barrier on each residual block's input (train step, --inprocess).

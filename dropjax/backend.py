@@ -16,8 +16,9 @@ backend and import nothing from here.  Whoever owns the devices (``train.py``,
   measured speed-ups of :mod:`dropjax.xla_cpu` (``benchmarks/README.md``):
 
   - convolutions by native AVX2 kernels (forward, input and weight
-    gradients; single-device runs, since XLA cannot partition a custom call)
-    and polyphase input gradients of strided convolutions;
+    gradients; single-device runs, since XLA cannot partition a custom call),
+    by AVX-512 tiles on CPUs that have AVX-512F (bit-identical results), and
+    polyphase input gradients of strided convolutions;
   - in training, a fusion barrier on every convolution input and on every
     residual block's input (XLA:CPU otherwise fuses, and recomputes, the
     batch-norm/ReLU/residual chain inside the weight-gradient transposes and
@@ -35,6 +36,7 @@ This module is the only place that reads the performance switches:
 ``DROPJAX_NATIVE=0``           never build or load the native kernels
 ``DROPJAX_NATIVE_CONV=0|1``    native kernels off / on even with several devices
 ``DROPJAX_NATIVE_FORWARD=0``   XLA's forward and input-gradient convolutions
+``DROPJAX_NATIVE_AVX512=0|1``  AVX-512 tiles of the native kernels (default: if the CPU has them)
 ``DROPJAX_NATIVE_MOMENTS=0``   XLA's batch-norm sums instead of the native pass
 ``DROPJAX_POLYPHASE=0``        XLA's input gradient of strided convolutions
 ``DROPJAX_CONV_BARRIER=0|1``   barrier on convolution inputs (training; default: CPU)
@@ -135,9 +137,14 @@ def _cpu_layers(env: Mapping[str, str], num_devices: int) -> tuple[ModelLayers, 
   # XLA cannot partition a custom call over a multi-device mesh (it would
   # gather the operands): the kernels run on single-device runs unless forced.
   native_ok = kernels and _switch(env, "DROPJAX_NATIVE_CONV", num_devices == 1)
-  options = dict(native_forward=native_ok and env.get("DROPJAX_NATIVE_FORWARD") != "0",
+  native_forward = native_ok and env.get("DROPJAX_NATIVE_FORWARD") != "0"
+  avx512 = _switch(env, "DROPJAX_NATIVE_AVX512", native.has_avx512())
+  if avx512 and native_ok and not native.has_avx512():
+    raise ValueError("DROPJAX_NATIVE_AVX512=1 on a CPU without AVX-512F")
+  options = dict(native_forward=native_forward,
                  native_weight_grad=native_ok,
-                 polyphase=cpu_conv and env.get("DROPJAX_POLYPHASE") != "0")
+                 polyphase=cpu_conv and env.get("DROPJAX_POLYPHASE") != "0",
+                 native_avx512=native_ok and avx512)
   norm = functools.partial(
       batch_norm.BatchNorm, native_moments=native_ok and env.get("DROPJAX_NATIVE_MOMENTS") != "0")
 

@@ -10,7 +10,9 @@ Three places where XLA:CPU is slow for the CIFAR ResNet shapes
 * **convolutions and their input gradients**: the AVX2 kernel of
   :mod:`dropjax.xla_cpu.native` (``conv_forward.cc``) runs them 1.1-2.2x faster than
   XLA's convolution for 16-64 channels and ~6x faster for the 3-channel stem
-  (:func:`native_conv`, ``ConvOptions.native_forward``).  An input gradient of a stride-1 convolution is the
+  (:func:`native_conv`, ``ConvOptions.native_forward``); on a CPU with
+  AVX-512F both native kernels run AVX-512 tiles (``ConvOptions.native_avx512``),
+  bit-identical to their AVX2 ones.  An input gradient of a stride-1 convolution is the
   stride-1 convolution of the output gradient with the flipped kernel, and the
   polyphase input gradient below is made of stride-1 convolutions too, so all
   of them use it (otherwise XLA's convolution).
@@ -65,11 +67,15 @@ class ConvOptions:
     input_barrier: the input passes a :func:`dropjax.xla_cpu.fusion.fusion_barrier`
       first (training: keeps XLA:CPU from fusing the producer chain into the
       weight-gradient transposes).
+    native_avx512: the native kernels run their AVX-512 tiles (the CPU must
+      have AVX-512F: :func:`dropjax.xla_cpu.native.has_avx512`); their results
+      are bit-identical to the AVX2 tiles'.
   """
   native_forward: bool = False
   native_weight_grad: bool = False
   polyphase: bool = True
   input_barrier: bool = False
+  native_avx512: bool = False
 
 
 def _pairs(padding, lhs_shape, rhs_shape, strides):
@@ -104,16 +110,17 @@ def _xla_conv(x, w, strides, pads, precision=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _native_conv_fn(strides, pads):
+def _native_conv_fn(strides, pads, avx512: bool):
   """``f(x, w)``: the native convolution with ``strides``, ``pads``, batchable by ``vmap``."""
   (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
+  isa = np.int64(512 if avx512 else 2)
 
   def call(x, w):
     ho = (x.shape[1] + pt + pb - w.shape[0]) // sh + 1
     wo = (x.shape[2] + pl + pr - w.shape[1]) // sw + 1
     out = jax.ShapeDtypeStruct((x.shape[0], ho, wo, w.shape[3]), jnp.float32)
     return jax.ffi.ffi_call(native.FORWARD_TARGET, out, vmap_method="sequential")(
-        x, w, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl))
+        x, w, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl), isa=isa)
 
   fn = jax.custom_batching.custom_vmap(call)
 
@@ -130,41 +137,46 @@ def _native_conv_fn(strides, pads):
   return fn
 
 
-def native_conv(x: jax.Array, w: jax.Array, strides, pads) -> jax.Array:
+def native_conv(x: jax.Array, w: jax.Array, strides, pads, *, avx512: bool = False) -> jax.Array:
   """Convolution by the native kernel: ``x`` (B, H, W, Ci), ``w`` HWIO, float32.
 
   ``strides`` = (sh, sw) >= 1, ``pads`` = ((top, bottom), (left, right)), all
   >= 0.  Returns (B, (H + top + bottom - KH) // sh + 1, ..., Co) float32, equal
   to ``lax.conv_general_dilated`` up to float rounding; every output is one
   sum in a fixed order (deterministic).  It computes in full float32 whatever
-  ``precision`` the caller asked XLA for.  Needs :func:`dropjax.xla_cpu.native.load`.
+  ``precision`` the caller asked XLA for.  ``avx512``: the AVX-512 tiles
+  (same values bit for bit; an error on a CPU without AVX-512F).  Needs
+  :func:`dropjax.xla_cpu.native.load`.
   """
   strides = tuple(int(s) for s in strides)
   pads = tuple((int(lo), int(hi)) for lo, hi in pads)
   if any(p < 0 for pair in pads for p in pair) or any(s < 1 for s in strides):
     raise ValueError(f"native_conv needs strides >= 1 and non-negative padding, "
                      f"got {strides}, {pads}")
-  return _native_conv_fn(strides, pads)(x, w)
+  return _native_conv_fn(strides, pads, bool(avx512))(x, w)
 
 
 def _forward(x, w, strides, pads, precision, opts: ConvOptions):
   """The convolution: native when ``opts`` say so, else XLA's."""
   if opts.native_forward:
-    return native_conv(x, w, strides, pads)
+    return native_conv(x, w, strides, pads, avx512=opts.native_avx512)
   return _xla_conv(x, w, strides, pads, precision)
 
 
-def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides, pads) -> jax.Array:
+def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides, pads, *,
+                avx512: bool = False) -> jax.Array:
   """Native weight gradient: ``x`` (B, H, W, Ci), ``dy`` (B, Ho, Wo, Co) f32 -> HWIO.
 
   ``pads`` are the forward convolution's ((top, bottom), (left, right)); only
-  top and left matter (``dy``'s shape fixes the rest).
+  top and left matter (``dy``'s shape fixes the rest).  ``avx512``: the
+  AVX-512 tiles (bit-identical results; an error on a CPU without AVX-512F).
   """
   call = jax.ffi.ffi_call(native.TARGET,
                           jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
                           vmap_method="sequential")
   return call(x, dy, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
-              ph=np.int64(pads[0][0]), pw=np.int64(pads[1][0]))
+              ph=np.int64(pads[0][0]), pw=np.int64(pads[1][0]),
+              isa=np.int64(512 if avx512 else 2))
 
 
 def _phase_taps(stride: int, pad: int, size: int) -> list[list[tuple[int, int]]]:
@@ -233,7 +245,8 @@ def _input_grad(dy, w, strides, pads, precision, x_shape, opts: ConvOptions):
   if (tuple(strides) == (1, 1) and opts.native_forward
       and all(p >= 0 for pair in flipped_pads for p in pair)):
     # dx = dy convolved with the kernel rotated by 180 degrees, channels swapped.
-    return native_conv(dy, jnp.swapaxes(w[::-1, ::-1], 2, 3), (1, 1), flipped_pads)
+    return native_conv(dy, jnp.swapaxes(w[::-1, ::-1], 2, 3), (1, 1), flipped_pads,
+                       avx512=opts.native_avx512)
   if opts.polyphase and _polyphase_ok(x_shape, w.shape, strides):
     return input_grad_polyphase(dy, w, strides, pads, x_shape, opts)
   _, vjp = jax.vjp(lambda v: _xla_conv(v, w, strides, pads, precision),
@@ -266,7 +279,7 @@ def _conv_bwd(strides, pads, precision, opts, residuals, dy):
   if x is None:
     dw = None
   elif opts.native_weight_grad and w.shape[-1] % 8 == 0:
-    dw = weight_grad(x, dy, w.shape, strides, pads)
+    dw = weight_grad(x, dy, w.shape, strides, pads, avx512=opts.native_avx512)
   else:
     dw = jax.vjp(lambda v: _xla_conv(x, v, strides, pads, precision), w)[1](dy)[0]
   return dx, dw

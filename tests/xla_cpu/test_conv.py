@@ -15,6 +15,8 @@ DN = ("NHWC", "HWIO", "NHWC")
 
 needs_native = pytest.mark.skipif(
     not native.load(), reason=f"native kernel unavailable here: {native.unavailable_reason()}")
+needs_avx512 = pytest.mark.skipif(not (native.load() and native.has_avx512()),
+                                  reason="the AVX-512 tiles need a CPU with AVX-512F")
 
 # The convolution with every fast path (what the CPU backend trains with on one device).
 FAST = conv.make_conv_general_dilated(
@@ -60,6 +62,29 @@ def test_native_weight_grad_matches_reference(shape, kernel, strides, pads, cout
       x, dy, kernel + (shape[-1], cout), strides, pads)
   want = _weight_grad_reference(x, dy, *kernel, strides, pads)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
+
+@needs_avx512
+@pytest.mark.parametrize("shape,kernel,strides,pads", [
+    ((3, 8, 8, 3), (3, 3), (1, 1), ((1, 1), (1, 1))),     # stem: 3 input channels
+    ((2, 8, 8, 16), (3, 3), (2, 2), ((1, 1), (1, 1))),    # stride-2 block entry
+    ((2, 9, 7, 7), (3, 3), (1, 1), ((1, 1), (1, 1))),     # 6 + 1 channel blocks, odd sizes
+    ((2, 9, 9, 5), (3, 2), (2, 3), ((0, 2), (2, 0))),     # asymmetric everything
+])
+# 8 (AVX2 tile only), 16, 16 + 8, 32, 32 + 8, 32 + 16, 2 x 32 output channels
+@pytest.mark.parametrize("cout", [8, 16, 24, 32, 40, 48, 64])
+def test_native_weight_grad_avx512_tiles_equal_avx2_bit_for_bit(shape, kernel, strides, pads,
+                                                                cout):
+  x = jax.random.normal(jax.random.PRNGKey(2), shape)
+  dy_shape = lax.conv_general_dilated(x, jnp.zeros(kernel + (shape[-1], cout)), strides,
+                                      pads, dimension_numbers=DN).shape
+  dy = jax.random.normal(jax.random.PRNGKey(3), dy_shape)
+  f = jax.jit(conv.weight_grad, static_argnums=(2, 3, 4), static_argnames="avx512")
+  wide = np.asarray(f(x, dy, kernel + (shape[-1], cout), strides, pads, avx512=True))
+  narrow = np.asarray(f(x, dy, kernel + (shape[-1], cout), strides, pads, avx512=False))
+  np.testing.assert_array_equal(wide, narrow)
+  np.testing.assert_allclose(wide, _weight_grad_reference(x, dy, *kernel, strides, pads),
+                             rtol=1e-5, atol=1e-4)
 
 
 @needs_native
@@ -266,6 +291,62 @@ def test_native_conv_matches_reference(x_shape, kernel, strides, pads, cout):
                              rtol=1e-5, atol=1e-4)
 
 
+@needs_avx512
+@pytest.mark.parametrize("x_shape,kernel,strides,pads", [
+    ((3, 8, 8, 3), (3, 3), (1, 1), ((1, 1), (1, 1))),     # the stem
+    ((2, 9, 7, 7), (3, 3), (1, 1), ((1, 1), (1, 1))),     # 63 positions: 12- and 8-tiles wrap
+    ((2, 2, 2, 5), (3, 3), (1, 1), ((1, 1), (1, 1))),     # fewer positions than a tile
+    ((2, 12, 10, 2), (5, 5), (1, 1), ((2, 2), (0, 4))),   # 5x5 kernel, one-sided pads
+    ((2, 8, 8, 16), (3, 3), (2, 2), ((1, 1), (1, 1))),    # the stride-2 block entry
+    ((2, 9, 8, 3), (3, 2), (3, 2), ((0, 1), (2, 0))),     # strides 3 x 2
+])
+# one partial block, one block, a pair, a pair + a partial one, a pair + one block
+@pytest.mark.parametrize("cout", [3, 16, 32, 40, 48])
+def test_native_conv_avx512_tiles_equal_avx2_bit_for_bit(x_shape, kernel, strides, pads, cout):
+  """The AVX-512 tiles (12 x 16 and 8 x 32) run each output's multiply-adds in
+  the AVX2 tiles' order: the same values bit for bit, and the reference's."""
+  x = jax.random.normal(jax.random.PRNGKey(18), x_shape)
+  w = jax.random.normal(jax.random.PRNGKey(19), kernel + (x_shape[-1], cout))
+  f = jax.jit(conv.native_conv, static_argnums=(2, 3), static_argnames="avx512")
+  wide = np.asarray(f(x, w, strides, pads, avx512=True))
+  np.testing.assert_array_equal(wide, np.asarray(f(x, w, strides, pads, avx512=False)))
+  np.testing.assert_allclose(wide, _conv_reference(x, w, strides, pads), rtol=1e-5, atol=1e-4)
+
+
+@needs_avx512
+def test_model_gradients_avx512_equal_avx2():
+  """A ResNet's input gradient (what an attack takes) through either tile set."""
+  model_x = jax.random.normal(jax.random.PRNGKey(20), (4, 8, 8, 3))
+  kernels = [jax.random.normal(jax.random.PRNGKey(21 + i), (3, 3, c_in, c_out)) * 0.2
+             for i, (c_in, c_out) in enumerate([(3, 16), (16, 32), (32, 32)])]
+
+  def loss(x, avx512):
+    fn = conv.make_conv_general_dilated(conv.ConvOptions(native_forward=True,
+                                                         native_avx512=avx512))
+    for k in kernels:
+      x = jnp.tanh(fn(x, k, (1, 1), "SAME", dimension_numbers=DN))
+    return jnp.sum(x ** 2)
+
+  grads = [np.asarray(jax.jit(jax.grad(loss), static_argnums=1)(model_x, a)) for a in (False, True)]
+  np.testing.assert_array_equal(grads[0], grads[1])
+
+
+@needs_avx512
+def test_model_train_gradients_avx512_equal_avx2(monkeypatch):
+  """A training step's loss, gradients and batch statistics (forward, input and
+  weight gradients by the native kernels) are the same bits with either tile
+  set: a run may resume on a machine with the other one exactly."""
+  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")  # the test session has two devices
+  results, programs = train_gradients_per_setting(monkeypatch, "DROPJAX_NATIVE_AVX512",
+                                                  width=16)
+  for a, b in zip(jax.tree.leaves(results["0"]), jax.tree.leaves(results["1"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for flag, isa in (("0", 2), ("1", 512)):  # the switch reaches every native call
+    assert native.TARGET in programs[flag] and native.FORWARD_TARGET in programs[flag]
+    calls = programs[flag].count(native.TARGET) + programs[flag].count(native.FORWARD_TARGET)
+    assert programs[flag].count(f"isa = {isa} : i64") == calls
+
+
 @needs_native
 def test_native_conv_is_deterministic_and_per_image():
   """Each output is one fixed-order sum: repeated calls agree bit for bit, and
@@ -309,3 +390,17 @@ def test_native_forward_switches():
   assert off["native_weight_grad"] == ok  # dW unaffected
   assert not _choices()["native_forward"]  # two test devices: off unless forced
   assert not _choices(num_devices=1, DROPJAX_POLYPHASE="0")["polyphase"]
+  # the AVX-512 tiles: on where the CPU has them, never without the native forward kernel
+  assert _choices(num_devices=1)["native_avx512"] == (ok and native.has_avx512())
+  assert not _choices(num_devices=1, DROPJAX_NATIVE_AVX512="0")["native_avx512"]
+  assert not _choices(num_devices=1, DROPJAX_NATIVE_CONV="0",
+                      DROPJAX_NATIVE_AVX512="1")["native_avx512"]
+
+
+def test_native_avx512_forced_on_a_cpu_without_it_is_an_error(monkeypatch):
+  if not native.load():
+    pytest.skip(f"native kernel unavailable here: {native.unavailable_reason()}")
+  monkeypatch.setattr(native, "has_avx512", lambda: False)
+  assert not _choices(num_devices=1, DROPJAX_NATIVE_AVX512="")["native_avx512"]
+  with pytest.raises(ValueError, match="AVX-512F"):
+    _choices(num_devices=1, DROPJAX_NATIVE_AVX512="1")

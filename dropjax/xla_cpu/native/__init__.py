@@ -5,10 +5,12 @@ Three kernels, used on CPU by :mod:`dropjax.xla_cpu.conv` and
 
 * ``conv_weight_grad.cc``: the weight gradient of a convolution, which
   XLA:CPU otherwise computes through transposed copies of both operands at a
-  fraction of the forward speed (target :data:`TARGET`);
-* ``conv_forward.cc``: a stride-1 convolution, faster than XLA:CPU's for the
+  fraction of the forward speed (target :data:`TARGET`); AVX2 or AVX-512 tiles,
+  as the call asks;
+* ``conv_forward.cc``: a convolution, faster than XLA:CPU's for the
   CIFAR ResNet shapes and ~6x faster for a 3-channel input; it also serves
-  input gradients (target :data:`FORWARD_TARGET`);
+  input gradients (target :data:`FORWARD_TARGET`); AVX2 tiles, or AVX-512
+  tiles (compiled by a target attribute) when the call asks for them;
 * ``channel_moments.cc``: per-channel sum and sum of squares in one pass, the
   batch-norm statistics (target :data:`MOMENTS_TARGET`).
 
@@ -126,6 +128,11 @@ def _load(cache_dir: Path) -> bool:
     return False
   _state["library"] = library  # keep it loaded
   return True
+
+
+def has_avx512() -> bool:
+  """Whether this CPU has AVX-512F (for the convolution kernels' AVX-512 tiles)."""
+  return platform.machine().lower() in ("x86_64", "amd64") and "avx512f" in _cpu_flags()
 
 
 def load(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> bool:

@@ -1,5 +1,5 @@
 // 2-D convolution, NHWC input / HWIO kernel, float32, as an XLA FFI handler
-// for the CPU backend (x86-64 with AVX2 + FMA).
+// for the CPU backend (x86-64 with AVX2 + FMA; AVX-512 tiles when asked for).
 //
 //   y[n, oh, ow, co] = sum_{kh, kw, ci} xpad[n, oh*sh + kh, ow*sw + kw, ci] * w[kh, kw, ci, co]
 // where xpad is x with `pt` zero rows on top and `pl` zero columns on the left
@@ -17,6 +17,12 @@
 // to the next row) is accumulated in 12 AVX registers over (kh, kw, ci).
 // Every output value is one sum in a fixed order: results do not depend on
 // the thread count or the schedule.
+//
+// With the attribute isa = 512 (the caller checks that the CPU has AVX-512F)
+// the tiles are 12 positions x 16 channels (one zmm register each) or, where
+// two blocks of 16 channels are left, 8 positions x 32 channels.  Each output
+// is still the same chain of fused multiply-adds over (kh, kw, ci) in the
+// same order, so both instruction sets give bit-identical results.
 
 #include <immintrin.h>
 
@@ -93,12 +99,23 @@ inline void Tile(const Geometry& g, const float* pad, const float* wpk,
 }
 #undef DROPJAX_ROW
 
-void Image(const Geometry& g, const float* x, const float* packed, float* y, float* pad) {
+// The tile positions starting at `start` (see Image).
+inline void TilePositions(int64_t start, int64_t npos, int tile, int64_t* pos) {
+  const int64_t first = std::max<int64_t>(0, std::min<int64_t>(start, npos - tile));
+  for (int p = 0; p < tile; ++p) pos[p] = std::min(first + p, npos - 1);
+}
+
+// The image copied into the zero-padded buffer every window reads.
+inline void CopyPadded(const Geometry& g, const float* x, float* pad) {
   std::memset(pad, 0, g.hp * g.wp * g.ci * sizeof(float));
   const int64_t cols = std::min(g.w, g.wp - g.pl);  // input columns some window reads
   for (int64_t r = 0; cols > 0 && r < g.h && r + g.pt < g.hp; ++r)
     std::memcpy(pad + ((r + g.pt) * g.wp + g.pl) * g.ci, x + r * g.w * g.ci,
                 cols * g.ci * sizeof(float));
+}
+
+void Image(const Geometry& g, const float* x, const float* packed, float* y, float* pad) {
+  CopyPadded(g, x, pad);
   const int64_t npos = g.ho * g.wo;
   const int64_t block = g.kh * g.kw * g.ci * kBlock;
   for (int64_t co0 = 0; co0 < g.co; co0 += kBlock) {
@@ -107,19 +124,136 @@ void Image(const Geometry& g, const float* x, const float* packed, float* y, flo
       // The last tile is shifted back to end at npos (it overlaps the one
       // before, recomputing identical values); an image with fewer than six
       // positions repeats its last position.
-      const int64_t first = std::max<int64_t>(0, std::min(start, npos - kTile));
       int64_t pos[kTile];
-      for (int p = 0; p < kTile; ++p) pos[p] = std::min(first + p, npos - 1);
+      TilePositions(start, npos, kTile, pos);
       Tile(g, pad, wpk, pos, y, co0);
     }
   }
 }
 
+// ---- AVX-512 tiles ---------------------------------------------------------
+// Compiled for AVX-512F by the target attribute only (the library is built
+// for AVX2): called only when the caller asked for isa = 512.
+#define DROPJAX_AVX512 __attribute__((target("avx512f")))
+
+// Input pointers of a tile's positions (see Tile).
+#define DROPJAX_POINTERS(n)                                                      \
+  const float* x[n];                                                             \
+  for (int p = 0; p < n; ++p)                                                    \
+    x[p] = pad + ((pos[p] / g.wo) * g.sh * g.wp + (pos[p] % g.wo) * g.sw) * ci;
+
+// One position's update by the broadcast input value at j.
+#define DROPJAX_Z1(xp, c) c = _mm512_fmadd_ps(_mm512_set1_ps(xp[j]), b0, c)
+#define DROPJAX_Z2(xp, lo, hi)                   \
+  do {                                           \
+    const __m512 a = _mm512_set1_ps(xp[j]);      \
+    lo = _mm512_fmadd_ps(a, b0, lo);             \
+    hi = _mm512_fmadd_ps(a, b1, hi);             \
+  } while (0)
+
+DROPJAX_AVX512 inline void Store512(const Geometry& g, float* out, const int64_t* pos,
+                                    int p, int64_t co0, __m512 v) {
+  float* o = out + pos[p] * g.co + co0;
+  const int64_t valid = std::min<int64_t>(kBlock, g.co - co0);
+  if (valid == kBlock) {
+    _mm512_storeu_ps(o, v);
+  } else {
+    _mm512_mask_storeu_ps(o, static_cast<__mmask16>((1u << valid) - 1u), v);
+  }
+}
+
+constexpr int kTileZ1 = 12;  // positions of a 16-channel AVX-512 tile
+constexpr int kTileZ2 = 8;   // positions of a 32-channel AVX-512 tile
+
+// 12 positions x 16 channels, accumulated in 12 zmm registers.
+DROPJAX_AVX512 inline void TileZ1(const Geometry& g, const float* pad, const float* wpk,
+                                  const int64_t* pos, float* out, int64_t co0) {
+  const int64_t ci = g.ci, len = g.kw * ci, row = g.wp * ci;
+  DROPJAX_POINTERS(kTileZ1)
+  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3], *x4 = x[4], *x5 = x[5],
+              *x6 = x[6], *x7 = x[7], *x8 = x[8], *x9 = x[9], *x10 = x[10], *x11 = x[11];
+  __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0,
+         c7 = c0, c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+  for (int64_t kh = 0; kh < g.kh; ++kh) {
+    const float* wr = wpk + kh * len * kBlock;
+    const int64_t off = kh * row;
+    for (int64_t j = off; j < off + len; ++j, wr += kBlock) {
+      const __m512 b0 = _mm512_loadu_ps(wr);
+      DROPJAX_Z1(x0, c0); DROPJAX_Z1(x1, c1); DROPJAX_Z1(x2, c2); DROPJAX_Z1(x3, c3);
+      DROPJAX_Z1(x4, c4); DROPJAX_Z1(x5, c5); DROPJAX_Z1(x6, c6); DROPJAX_Z1(x7, c7);
+      DROPJAX_Z1(x8, c8); DROPJAX_Z1(x9, c9); DROPJAX_Z1(x10, c10); DROPJAX_Z1(x11, c11);
+    }
+  }
+  const __m512 acc[kTileZ1] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11};
+  for (int p = 0; p < kTileZ1; ++p) Store512(g, out, pos, p, co0, acc[p]);
+}
+
+// 8 positions x 32 channels (the packed blocks at co0 and co0 + 16), in 16
+// zmm registers: two weight loads serve 16 multiply-adds.
+DROPJAX_AVX512 inline void TileZ2(const Geometry& g, const float* pad, const float* wpk_lo,
+                                  const float* wpk_hi, const int64_t* pos, float* out,
+                                  int64_t co0) {
+  const int64_t ci = g.ci, len = g.kw * ci, row = g.wp * ci;
+  DROPJAX_POINTERS(kTileZ2)
+  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3], *x4 = x[4], *x5 = x[5],
+              *x6 = x[6], *x7 = x[7];
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00,
+         c61 = c00, c70 = c00, c71 = c00;
+  for (int64_t kh = 0; kh < g.kh; ++kh) {
+    const float* wl = wpk_lo + kh * len * kBlock;
+    const float* wh = wpk_hi + kh * len * kBlock;
+    const int64_t off = kh * row;
+    for (int64_t j = off; j < off + len; ++j, wl += kBlock, wh += kBlock) {
+      const __m512 b0 = _mm512_loadu_ps(wl), b1 = _mm512_loadu_ps(wh);
+      DROPJAX_Z2(x0, c00, c01); DROPJAX_Z2(x1, c10, c11); DROPJAX_Z2(x2, c20, c21);
+      DROPJAX_Z2(x3, c30, c31); DROPJAX_Z2(x4, c40, c41); DROPJAX_Z2(x5, c50, c51);
+      DROPJAX_Z2(x6, c60, c61); DROPJAX_Z2(x7, c70, c71);
+    }
+  }
+  const __m512 lo[kTileZ2] = {c00, c10, c20, c30, c40, c50, c60, c70};
+  const __m512 hi[kTileZ2] = {c01, c11, c21, c31, c41, c51, c61, c71};
+  for (int p = 0; p < kTileZ2; ++p) {
+    Store512(g, out, pos, p, co0, lo[p]);
+    Store512(g, out, pos, p, co0 + kBlock, hi[p]);
+  }
+}
+#undef DROPJAX_Z1
+#undef DROPJAX_Z2
+#undef DROPJAX_POINTERS
+
+// Image with AVX-512 tiles: pairs of 16-channel blocks by TileZ2, a last odd
+// block by TileZ1.
+DROPJAX_AVX512 void Image512(const Geometry& g, const float* x, const float* packed, float* y,
+                             float* pad) {
+  CopyPadded(g, x, pad);
+  const int64_t npos = g.ho * g.wo;
+  const int64_t block = g.kh * g.kw * g.ci * kBlock;
+  int64_t pos[kTileZ1];
+  int64_t co0 = 0;
+  for (; co0 + 2 * kBlock <= g.co; co0 += 2 * kBlock) {
+    const float* wpk = packed + co0 / kBlock * block;
+    for (int64_t start = 0; start < npos; start += kTileZ2) {
+      TilePositions(start, npos, kTileZ2, pos);
+      TileZ2(g, pad, wpk, wpk + block, pos, y, co0);
+    }
+  }
+  for (; co0 < g.co; co0 += kBlock) {
+    const float* wpk = packed + co0 / kBlock * block;
+    for (int64_t start = 0; start < npos; start += kTileZ1) {
+      TilePositions(start, npos, kTileZ1, pos);
+      TileZ1(g, pad, wpk, pos, y, co0);
+    }
+  }
+}
+#undef DROPJAX_AVX512
+
 }  // namespace
 
 static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                   ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
-                                  int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+                                  int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                                  int64_t isa) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("conv_forward: operands must have rank 4");
@@ -128,6 +262,10 @@ static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                    pt, pl, (yd[1] - 1) * sh + wd[0], (yd[2] - 1) * sw + wd[1]};
   if (yd[0] != g.n || wd[2] != g.ci || wd[3] != g.co || pt < 0 || pl < 0 || sh < 1 || sw < 1)
     return ffi::Error::InvalidArgument("conv_forward: unsupported shapes");
+  if (isa != 2 && isa != 512)
+    return ffi::Error::InvalidArgument("conv_forward: isa must be 2 (AVX2) or 512 (AVX-512)");
+  if (isa == 512 && !__builtin_cpu_supports("avx512f"))
+    return ffi::Error::InvalidArgument("conv_forward: isa = 512 on a CPU without AVX-512F");
   if (g.n == 0 || g.ho == 0 || g.wo == 0 || g.co == 0) return ffi::Error::Success();
 
   // Kernel packed per block of 16 output channels, zero-padded past co:
@@ -146,8 +284,13 @@ static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t in_image = g.h * g.w * g.ci, out_image = g.ho * g.wo * g.co;
   auto work = [&](dropjax::WorkQueue& queue) {
     std::vector<float> pad(g.hp * g.wp * g.ci);
-    for (int64_t i; (i = queue.Take()) >= 0;)
-      Image(g, xp + i * in_image, packed.data(), yp + i * out_image, pad.data());
+    for (int64_t i; (i = queue.Take()) >= 0;) {
+      if (isa == 512) {
+        Image512(g, xp + i * in_image, packed.data(), yp + i * out_image, pad.data());
+      } else {
+        Image(g, xp + i * in_image, packed.data(), yp + i * out_image, pad.data());
+      }
+    }
   };
   dropjax::RunOnPool(pool, g.n, pool.num_threads(), work);
   return ffi::Error::Success();
@@ -162,4 +305,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DropjaxConvForward, ConvForwardImpl,
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")
                                   .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("isa"));
