@@ -44,12 +44,17 @@ def _weight_grad_reference(x, dy, kh, kw, strides, pads):
   return dw
 
 
-@needs_native
-@pytest.mark.parametrize("shape,kernel,strides,pads", [
+# Weight-gradient cases: (x shape, kernel size, strides, pads).
+WEIGHT_GRAD_CASES = [
     ((3, 8, 8, 3), (3, 3), (1, 1), ((1, 1), (1, 1))),     # stem: 3 input channels
     ((2, 8, 8, 16), (3, 3), (2, 2), ((1, 1), (1, 1))),    # stride-2 block entry
     ((2, 9, 7, 7), (3, 3), (1, 1), ((1, 1), (1, 1))),     # 6 + 1 channel blocks, odd sizes
     ((2, 9, 9, 5), (3, 2), (2, 3), ((0, 2), (2, 0))),     # asymmetric everything
+]
+
+
+@needs_native
+@pytest.mark.parametrize("shape,kernel,strides,pads", WEIGHT_GRAD_CASES + [
     ((1, 5, 5, 8), (1, 1), (1, 1), ((0, 0), (0, 0))),     # 1x1 kernel
 ])
 @pytest.mark.parametrize("cout", [8, 16, 24])            # 8-wide, 16-wide and mixed tiles
@@ -65,12 +70,7 @@ def test_native_weight_grad_matches_reference(shape, kernel, strides, pads, cout
 
 
 @needs_avx512
-@pytest.mark.parametrize("shape,kernel,strides,pads", [
-    ((3, 8, 8, 3), (3, 3), (1, 1), ((1, 1), (1, 1))),     # stem: 3 input channels
-    ((2, 8, 8, 16), (3, 3), (2, 2), ((1, 1), (1, 1))),    # stride-2 block entry
-    ((2, 9, 7, 7), (3, 3), (1, 1), ((1, 1), (1, 1))),     # 6 + 1 channel blocks, odd sizes
-    ((2, 9, 9, 5), (3, 2), (2, 3), ((0, 2), (2, 0))),     # asymmetric everything
-])
+@pytest.mark.parametrize("shape,kernel,strides,pads", WEIGHT_GRAD_CASES)
 # 8 (AVX2 tile only), 16, 16 + 8, 32, 32 + 8, 32 + 16, 2 x 32 output channels
 @pytest.mark.parametrize("cout", [8, 16, 24, 32, 40, 48, 64])
 def test_native_weight_grad_avx512_tiles_equal_avx2_bit_for_bit(shape, kernel, strides, pads,

@@ -38,7 +38,7 @@ from pathlib import Path
 
 _SOURCES = tuple(Path(__file__).with_name(f)
                  for f in ("conv_weight_grad.cc", "conv_forward.cc", "channel_moments.cc"))
-_HEADERS = (Path(__file__).with_name("work_queue.h"),)
+_HEADERS = tuple(Path(__file__).with_name(f) for f in ("work_queue.h", "weight_grad_tile.inc"))
 TARGET = "dropjax_conv_weight_grad"
 FORWARD_TARGET = "dropjax_conv_forward"
 MOMENTS_TARGET = "dropjax_channel_moments"

@@ -59,63 +59,29 @@ struct Window {
   int64_t image, kh, kw, oh0, oh1, ow0, ow1;
 };
 
-// Accumulates a (CB x 8*V) tile of dw starting at (ci0, co0) over a window.
-template <int CB, int V>
-inline void Tile(const Geometry& g, const float* x, const float* dy, float* dw,
-                 const Window& win, int64_t ci0, int64_t co0) {
-  __m256 acc[CB][V];
-  float* out = dw + ((win.kh * g.kw + win.kw) * g.ci + ci0) * g.co + co0;
-  for (int c = 0; c < CB; ++c)
-    for (int v = 0; v < V; ++v) acc[c][v] = _mm256_loadu_ps(out + c * g.co + 8 * v);
-  for (int64_t oh = win.oh0; oh <= win.oh1; ++oh) {
-    const int64_t ih = oh * g.sh + win.kh - g.ph;
-    const float* xrow = x + ((win.image * g.h + ih) * g.w) * g.ci + ci0;
-    const float* dyrow = dy + ((win.image * g.ho + oh) * g.wo) * g.co + co0;
-    const float* xp = xrow + (win.ow0 * g.sw + win.kw - g.pw) * g.ci;
-    const float* dp = dyrow + win.ow0 * g.co;
-    const int64_t x_step = g.sw * g.ci, dy_step = g.co;
-    for (int64_t ow = win.ow0; ow <= win.ow1; ++ow, xp += x_step, dp += dy_step) {
-      __m256 d[V];
-      for (int v = 0; v < V; ++v) d[v] = _mm256_loadu_ps(dp + 8 * v);
-      for (int c = 0; c < CB; ++c) {
-        const __m256 b = _mm256_broadcast_ss(xp + c);
-        for (int v = 0; v < V; ++v) acc[c][v] = _mm256_fmadd_ps(b, d[v], acc[c][v]);
-      }
-    }
-  }
-  for (int c = 0; c < CB; ++c)
-    for (int v = 0; v < V; ++v) _mm256_storeu_ps(out + c * g.co + 8 * v, acc[c][v]);
-}
+// Tile<CB, V>: a (CB x 8*V) tile of dw in ymm registers (AVX2).
+#define DROPJAX_TILE Tile
+#define DROPJAX_TARGET
+#define DROPJAX_VEC __m256
+#define DROPJAX_LANES 8
+#define DROPJAX_LOAD _mm256_loadu_ps
+#define DROPJAX_STORE _mm256_storeu_ps
+#define DROPJAX_SET1 _mm256_set1_ps
+#define DROPJAX_FMADD _mm256_fmadd_ps
+#include "weight_grad_tile.inc"  // undefines the DROPJAX_ parameters above
 
 #define DROPJAX_AVX512 __attribute__((target("avx512f")))
 
-// Tile with a (CB x 16*V) tile of dw in zmm registers.
-template <int CB, int V>
-DROPJAX_AVX512 inline void TileZ(const Geometry& g, const float* x, const float* dy, float* dw,
-                                 const Window& win, int64_t ci0, int64_t co0) {
-  __m512 acc[CB][V];
-  float* out = dw + ((win.kh * g.kw + win.kw) * g.ci + ci0) * g.co + co0;
-  for (int c = 0; c < CB; ++c)
-    for (int v = 0; v < V; ++v) acc[c][v] = _mm512_loadu_ps(out + c * g.co + 16 * v);
-  for (int64_t oh = win.oh0; oh <= win.oh1; ++oh) {
-    const int64_t ih = oh * g.sh + win.kh - g.ph;
-    const float* xrow = x + ((win.image * g.h + ih) * g.w) * g.ci + ci0;
-    const float* dyrow = dy + ((win.image * g.ho + oh) * g.wo) * g.co + co0;
-    const float* xp = xrow + (win.ow0 * g.sw + win.kw - g.pw) * g.ci;
-    const float* dp = dyrow + win.ow0 * g.co;
-    const int64_t x_step = g.sw * g.ci, dy_step = g.co;
-    for (int64_t ow = win.ow0; ow <= win.ow1; ++ow, xp += x_step, dp += dy_step) {
-      __m512 d[V];
-      for (int v = 0; v < V; ++v) d[v] = _mm512_loadu_ps(dp + 16 * v);
-      for (int c = 0; c < CB; ++c) {
-        const __m512 b = _mm512_set1_ps(xp[c]);
-        for (int v = 0; v < V; ++v) acc[c][v] = _mm512_fmadd_ps(b, d[v], acc[c][v]);
-      }
-    }
-  }
-  for (int c = 0; c < CB; ++c)
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + c * g.co + 16 * v, acc[c][v]);
-}
+// TileZ<CB, V>: a (CB x 16*V) tile of dw in zmm registers (AVX-512F).
+#define DROPJAX_TILE TileZ
+#define DROPJAX_TARGET DROPJAX_AVX512
+#define DROPJAX_VEC __m512
+#define DROPJAX_LANES 16
+#define DROPJAX_LOAD _mm512_loadu_ps
+#define DROPJAX_STORE _mm512_storeu_ps
+#define DROPJAX_SET1 _mm512_set1_ps
+#define DROPJAX_FMADD _mm512_fmadd_ps
+#include "weight_grad_tile.inc"  // undefines the DROPJAX_ parameters above
 
 template <int CB>
 void ChannelBlock(const Geometry& g, const float* x, const float* dy, float* dw,
