@@ -5,7 +5,9 @@ The base classifier ``f`` sees an *ablated* image: exactly ``k`` of its
 kept pixel kept; :func:`dropjax.masks.ablate`).  It is called as
 ``logits_fn(variables, x * M, M)`` with the one-channel keep-mask ``M``: a
 model trained with Levine & Feizi's doubled encoding shows ablated pixels as
-``[0, 0]`` (:func:`dropjax.models.encode_doubled`); a pixel-dropping model of
+``[0, 0]`` (:func:`dropjax.models.encode_doubled`), one trained with their mean
+encoding as the training set's mean (:func:`dropjax.models.encode_mean`); a
+pixel-dropping model of
 the paper (values encoding) sees them as 0, its own dropped value -- the
 paper-model variant (zero fill), certified by exactly the same bound.  The smoothed classifier is
 ``g(x) = argmax_c P(f(ablate(x)) = c)``.  If an attacker changes at most ``ρ``

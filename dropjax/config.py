@@ -59,7 +59,9 @@ class TrainConfig:
   input_encoding: str = _f("values", "how the model sees dropped pixels: values (a "
                            "dropped value is 0, the paper) or doubled (Levine & Feizi: "
                            "channels [v, 1-v] on the [0,1] scale for kept pixels, [0, 0] "
-                           "for ablated ones; 6-channel stem; needs --drop ablate)")
+                           "for ablated ones; 6-channel stem; needs --drop ablate) or mean "
+                           "(Levine & Feizi's other variant: an ablated pixel takes the "
+                           "training set's per-channel mean; needs --drop ablate)")
   objective: str = _f("standard", "training objective: standard, "
                       "uniform_original (paper's 'what if' (b): original "
                       "images pushed to uniform) or uniform_noisy ((c): noisy "
@@ -130,7 +132,7 @@ class TrainConfig:
         (self.input_encoding in INPUT_ENCODINGS,
          f"input_encoding must be one of {INPUT_ENCODINGS}, got {self.input_encoding!r}"),
         (self.input_encoding == "values" or self.drop == "ablate",
-         "--input_encoding doubled shows ablated pixels as [0, 0]: it needs --drop ablate"),
+         f"--input_encoding {self.input_encoding} encodes ablated pixels: it needs --drop ablate"),
         (self.objective == "standard" or self.drop != "ablate",
          "the auxiliary objectives are defined for pixel dropping, not ablation"),
         (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
@@ -205,8 +207,17 @@ class TrainConfig:
 
   @property
   def model_takes_mask(self) -> bool:
-    """Whether the model must be told which pixels are kept (``doubled`` encoding)."""
-    return self.input_encoding == "doubled"
+    """Whether the model must be told which pixels are kept (``doubled`` and
+    ``mean`` encodings)."""
+    return self.input_encoding in ("doubled", "mean")
+
+  @property
+  def input_fill(self) -> tuple[float, ...] | None:
+    """``mean`` encoding: the dataset's per-channel mean in the units of X."""
+    if self.input_encoding != "mean":
+      return None
+    from dropjax.data.datasets import DATASETS  # pylint: disable=g-import-not-at-top
+    return tuple(2 * m - 1 for m in DATASETS[self.dataset].channel_mean)
 
   @property
   def use_hflip(self) -> bool:

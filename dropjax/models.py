@@ -12,10 +12,11 @@ so published PyTorch weights map one-to-one.  Convolutions carry no bias.
 The model maps images ``(B, H, W, 3)`` (any float dtype; the project feeds
 values in ``[-1, 1]``) to logits ``(B, num_classes)`` in float32, with no
 built-in preprocessing.  How it sees dropped pixels is its ``input_encoding``:
-``"values"`` (the paper: a dropped value is simply 0) or ``"doubled"``
+``"values"`` (the paper: a dropped value is simply 0), ``"doubled"``
 (randomized ablation, Levine & Feizi 2020: the stem takes ``2C`` channels
-:func:`encode_doubled`, so ablated pixels differ from every real value; the
-keep-mask is passed as ``keep``).
+:func:`encode_doubled`, so ablated pixels differ from every real value) or
+``"mean"`` (their other variant: an ablated pixel takes the training set's
+mean, :func:`encode_mean`); for the last two the keep-mask is passed as ``keep``.
 
 As in flax's ``examples/imagenet``, the layers are module attributes:
 ``conv`` (default ``nn.Conv``), ``norm`` (default ``nn.BatchNorm``) and
@@ -38,7 +39,7 @@ ModuleDef = Any
 # PyTorch's kaiming_normal_ (fan_in, gain sqrt(2)), the He et al. init.
 he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 PAD1 = ((1, 1), (1, 1))
-INPUT_ENCODINGS = ("values", "doubled")
+INPUT_ENCODINGS = ("values", "doubled", "mean")
 
 
 def encode_doubled(x, keep=None):
@@ -54,6 +55,21 @@ def encode_doubled(x, keep=None):
     return jnp.concatenate([v, 1 - v], axis=-1)
   keep = keep.astype(x.dtype)
   return jnp.concatenate([v * keep, (1 - v) * keep], axis=-1)
+
+
+def encode_mean(x, keep, fill):
+  """Levine & Feizi's mean encoding: an ablated pixel takes the dataset's mean.
+
+  ``x`` (B, H, W, C) in [-1, 1]; ``keep`` 0/1 of shape (B, H, W, 1) or
+  (B, H, W, C) (``None``: every pixel kept); ``fill`` C values in the units
+  of X.  Returns (B, H, W, C): ``x`` where kept, ``fill`` where ablated.
+  """
+  if fill is None or len(fill) != x.shape[-1]:
+    raise ValueError(f"the mean encoding needs one fill value per channel ({x.shape[-1]}), "
+                     f"got {fill}")
+  if keep is None:
+    return x
+  return jnp.where(keep.astype(bool), x, jnp.asarray(fill, x.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +126,11 @@ class CifarResNet(nn.Module):
     norm: batch-norm module (``nn.BatchNorm`` signature).
     block_input: function applied to each residual block's input; it must
       return its argument's values (e.g. a compiler fusion barrier).
-    input_encoding: ``"values"`` (``x * keep``; 3-channel stem) or
-      ``"doubled"`` (:func:`encode_doubled`; 6-channel stem).
+    input_encoding: ``"values"`` (``x * keep``; 3-channel stem),
+      ``"doubled"`` (:func:`encode_doubled`; 6-channel stem) or ``"mean"``
+      (:func:`encode_mean` with ``fill``; 3-channel stem).
+    fill: ``"mean"`` encoding: the per-channel value of an ablated pixel, in
+      the units of X (the training set's mean: ``2 * mean - 1``).
   """
   depth: int = 20
   num_classes: int = 10
@@ -122,6 +141,7 @@ class CifarResNet(nn.Module):
   norm: ModuleDef = nn.BatchNorm
   block_input: Callable | None = None
   input_encoding: str = "values"
+  fill: tuple[float, ...] | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False, keep=None):
@@ -136,6 +156,8 @@ class CifarResNet(nn.Module):
                        f"{INPUT_ENCODINGS}")
     if self.input_encoding == "doubled":
       x = encode_doubled(x, keep)
+    elif self.input_encoding == "mean":
+      x = encode_mean(x, keep, self.fill)
     elif keep is not None:
       x = x * keep.astype(x.dtype)
     n = (self.depth - 2) // 6
@@ -162,9 +184,10 @@ class CifarResNet(nn.Module):
 def resnet(depth: int, num_classes: int, *, width: int = 16, half_precision: bool = False,
            bn_axis_name: str | None = None, conv: ModuleDef = nn.Conv,
            norm: ModuleDef = nn.BatchNorm, block_input: Callable | None = None,
-           input_encoding: str = "values") -> CifarResNet:
+           input_encoding: str = "values", fill: tuple[float, ...] | None = None) -> CifarResNet:
   """Builds a CIFAR ResNet; ``half_precision`` computes in bfloat16."""
   return CifarResNet(depth=depth, num_classes=num_classes, width=width,
                      dtype=jnp.bfloat16 if half_precision else jnp.float32,
                      bn_axis_name=bn_axis_name, conv=conv, norm=norm, block_input=block_input,
-                     input_encoding=input_encoding)
+                     input_encoding=input_encoding,
+                     fill=None if fill is None else tuple(float(v) for v in fill))

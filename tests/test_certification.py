@@ -9,6 +9,8 @@ import pytest
 from conftest import tiny_config
 from dropjax import certification, certify, cli, files, plots
 from dropjax.config import from_preset
+from dropjax.data.datasets import DATASETS
+from dropjax.evaluation import protocol
 from dropjax.training import checkpoint as ckpt_lib
 from dropjax.training import loop, state as state_lib, step as step_lib
 
@@ -69,6 +71,25 @@ def test_doubled_model_trains_on_the_mask(ablation_workdir):
   assert moved[:, :, 3:].max() > 0
 
 
+def test_mean_encoding_trains_and_certifies(tiny_data_dir, tmp_path):
+  """--input_encoding mean: the run's model fills ablated pixels with the
+  dataset's mean (in X units), trains on the mask and is certified like any
+  ablation model; its workdir is refused by the pixel-dropping evaluation."""
+  cfg = tiny_config(tiny_data_dir, drop="ablate", keep=300, input_encoding="mean",
+                    epochs=1, eval_every_epochs=0)
+  assert cfg.model_takes_mask
+  mean = np.array(DATASETS[cfg.dataset].channel_mean)
+  np.testing.assert_allclose(cfg.input_fill, 2 * mean - 1)
+  model = state_lib.make_model(cfg, 43)
+  assert model.fill == cfg.input_fill
+  wd = str(tmp_path / "mean")
+  assert loop.train(cfg, wd, progress=False)["finished"]
+  summary = certification.run(wd, small(num_examples=4), str(tmp_path / "cert"), progress=False)
+  assert summary["input_encoding"] == "mean" and summary["keep"] == 300
+  with pytest.raises(ValueError, match="mean input encoding"):
+    protocol.evaluate(wd, protocol.EvalConfig(norm="linf", num_examples=4), str(tmp_path / "ev"))
+
+
 def test_encoding_is_part_of_the_architecture(ablation_workdir, tiny_data_dir):
   cfg = tiny_config(tiny_data_dir, drop="ablate", keep=300, input_encoding="values")
   with pytest.raises(ckpt_lib.CheckpointError, match="input_encoding"):
@@ -77,7 +98,8 @@ def test_encoding_is_part_of_the_architecture(ablation_workdir, tiny_data_dir):
 
 @pytest.mark.parametrize("kw,msg", [(dict(input_encoding="doubled"), "needs --drop ablate"),
                                     (dict(drop="ablate", keep=0), "keep must be"),
-                                    (dict(input_encoding="mean"), "input_encoding must be"),
+                                    (dict(input_encoding="mean"), "needs --drop ablate"),
+                                    (dict(input_encoding="median"), "input_encoding must be"),
                                     (dict(drop="ablate", objective="uniform_original"),
                                      "not ablation")])
 def test_bad_ablation_configs(kw, msg):

@@ -98,7 +98,30 @@ def test_doubled_model_has_a_six_channel_stem_and_sees_the_mask():
   assert not np.allclose(model.apply(variables, zero_img, keep=keep),
                          model.apply(variables, zero_img))
   with pytest.raises(ValueError, match="unknown input encoding"):
-    models.resnet(8, 5, input_encoding="mean").init(KEY, x)
+    models.resnet(8, 5, input_encoding="median").init(KEY, x)
+
+
+def test_mean_encoding_shows_ablated_pixels_as_the_fill():
+  """Levine & Feizi's mean encoding: kept pixels as they are, ablated ones at
+  the per-channel fill; a mean-encoding model equals the plain model (same
+  parameters, 3-channel stem) on the filled image."""
+  x = jax.random.uniform(KEY, (3, 8, 8, 3), minval=-1, maxval=1)
+  fill = (-0.1, 0.2, -0.3)
+  z, keep = masks.ablate(KEY, x, 10)
+  filled = np.asarray(models.encode_mean(z, keep, fill))
+  kept = np.broadcast_to(np.asarray(keep, bool), x.shape)
+  np.testing.assert_array_equal(filled[kept], np.asarray(x)[kept])
+  np.testing.assert_array_equal(filled[~kept], np.broadcast_to(np.float32(fill), x.shape)[~kept])
+  np.testing.assert_array_equal(np.asarray(models.encode_mean(x, None, fill)), np.asarray(x))
+  model = models.resnet(8, 5, width=4, input_encoding="mean", fill=fill)
+  plain = models.resnet(8, 5, width=4)
+  variables = model.init(KEY, x)
+  assert variables["params"]["stem"]["kernel"].shape == (3, 3, 3, 4)
+  np.testing.assert_allclose(np.asarray(model.apply(variables, z, keep=keep)),
+                             np.asarray(plain.apply(variables, jnp.asarray(filled))),
+                             rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="one fill value per channel"):
+    models.resnet(8, 5, input_encoding="mean", fill=(0.0,)).init(KEY, x)
 
 
 def test_ablation_drop_spec_is_one_vocabulary():

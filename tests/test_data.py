@@ -227,3 +227,10 @@ def test_real_datasets(real_data_dir):
   g = load_dataset("gtsrb", data_dir=real_data_dir)
   assert len(g.train) + len(g.val) == 39209 and len(g.test) == 12630
   assert g.train.y.max() == 42
+  # The "mean" input encoding's fill: each dataset's per-channel mean over all of
+  # its official training images (train + validation splits), to 4 decimals.
+  for name, ds in (("cifar10", c), ("gtsrb", g)):
+    total = (ds.train.x.reshape(-1, 3).astype(np.float64).sum(0)
+             + ds.val.x.reshape(-1, 3).astype(np.float64).sum(0))
+    mean = total / ((len(ds.train) + len(ds.val)) * 32 * 32) / 255
+    np.testing.assert_allclose(datasets.DATASETS[name].channel_mean, mean, atol=6e-5)

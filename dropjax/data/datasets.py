@@ -37,13 +37,19 @@ class DatasetSpec:
   hflip: bool           # horizontal flips are label-preserving
   val_size: int         # default number of held-out validation images
   group_key: str | None = None  # hold out whole groups (tracks) for validation
+  # Per-channel (R, G, B) mean of the official training images on the [0, 1] scale:
+  # the fill of the "mean" input encoding (dropjax.models).
+  channel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
 DATASETS = {
-    "cifar10": DatasetSpec("cifar10", 10, "cifar10", hflip=True, val_size=5000),
+    # CIFAR-10's mean: all 50,000 training images (also Levine & Feizi's constant).
+    "cifar10": DatasetSpec("cifar10", 10, "cifar10", hflip=True, val_size=5000,
+                           channel_mean=(0.4914, 0.4822, 0.4465)),
     # Flipping traffic signs changes their meaning (keep left / keep right).
+    # GTSRB's mean: all 39,209 official training images, resized to 32x32.
     "gtsrb": DatasetSpec("gtsrb", 43, "gtsrb", hflip=False, val_size=3900,
-                         group_key="train_track"),
+                         group_key="train_track", channel_mean=(0.3398, 0.3117, 0.3210)),
 }
 
 

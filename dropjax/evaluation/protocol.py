@@ -518,9 +518,9 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
   backend = backend or backend_lib.resolve()
   train_cfg, variables, logits_fn, data = load_model(workdir, data_dir, source, backend)
   if train_cfg.model_takes_mask:
-    raise ValueError(f"{workdir} is a randomized-ablation model with the doubled input "
-                     "encoding: it is certified (python certify.py --workdir ...), not "
-                     "defended by pixel dropping")
+    raise ValueError(f"{workdir} is a randomized-ablation model with the "
+                     f"{train_cfg.input_encoding} input encoding: it is certified (python "
+                     "certify.py --workdir ...), not defended by pixel dropping")
   if ev.rows_from and not os.path.isdir(ev.rows_from):
     raise FileNotFoundError(f"--rows_from {ev.rows_from}: no such directory")
   out_dir = out_dir or os.path.join(workdir, "eval")

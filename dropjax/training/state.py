@@ -34,7 +34,8 @@ def make_model(config: TrainConfig, num_classes: int, layers: ModelLayers | None
   layers = layers or ModelLayers()
   return models.resnet(config.depth, num_classes, width=config.width,
                        half_precision=config.half_precision, bn_axis_name=bn_axis_name,
-                       input_encoding=config.input_encoding, **layers.as_kwargs())
+                       input_encoding=config.input_encoding, fill=config.input_fill,
+                       **layers.as_kwargs())
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
