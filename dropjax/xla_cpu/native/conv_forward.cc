@@ -18,7 +18,7 @@
 // Every output value is one sum in a fixed order: results do not depend on
 // the thread count or the schedule.
 //
-// With the attribute isa = 512 (the caller checks that the CPU has AVX-512F)
+// With the attribute isa = 512 (an error on a CPU without AVX-512F)
 // the tiles are 12 positions x 16 channels (one zmm register each) or, where
 // two blocks of 16 channels are left, 8 positions x 32 channels.  Each output
 // is still the same chain of fused multiply-adds over (kh, kw, ci) in the

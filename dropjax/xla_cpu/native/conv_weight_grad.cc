@@ -15,7 +15,7 @@
 // partitions whose partial sums are added in a fixed order, so the result does
 // not depend on thread scheduling (bit-for-bit reproducible runs).
 //
-// With the attribute isa = 512 (the caller checks that the CPU has AVX-512F)
+// With the attribute isa = 512 (an error on a CPU without AVX-512F)
 // the tiles are 6 input channels x 32 or 16 output channels in zmm registers
 // (blocks of 8 left over, and 16-channel blocks of fewer than 4 input
 // channels, keep the AVX2 tile).  Every dw value is still one
