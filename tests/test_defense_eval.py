@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -239,6 +240,112 @@ def test_lib_sh_save_rows_keeps_a_running_settings_chunks(tiny_workdir, tmp_path
   evaluation.evaluate(tiny_workdir, resumed, b, progress=False)
   assert (open(os.path.join(a, sid, "rows.jsonl")).read()
           == open(os.path.join(b, sid, "rows.jsonl")).read())
+
+
+# A defense and attacks that read their answer off the image, for the cascade: pixel (1, 1)
+# holds the undefended model's class, pixel (2, 2) the masked models' class, pixel (0, 0)
+# which attack breaks the example (code 3: attack 0 breaks only the undefended model).
+C = 4
+
+
+def _class_of(x, i):
+  return jnp.clip(jnp.round((x[:, i, i, 0] + 1) * (C - 1) / 2), 0, C - 1).astype(jnp.int32)
+
+
+def _level(c):
+  return jnp.asarray(c, jnp.float32) * 2 / (C - 1) - 1
+
+
+def _fake_defend(key, variables, x):
+  del key, variables
+  return {"plain": jax.nn.one_hot(_class_of(x, 1), C),
+          "single": jax.nn.one_hot(_class_of(x, 2), C),
+          "avg": jax.nn.one_hot(_class_of(x, 2), C)}
+
+
+def _fake_attack(k, seen):
+  def run(key, variables, x, y, target):
+    del key, variables, target
+    code = _class_of(x, 0)
+    seen.append(np.asarray(code))
+    wrong = _level((y + 1) % C)[:, None, None]
+    hit = (code == k)[:, None, None]
+    x = x.at[:, 1, 1, 0].set(jnp.where(hit[:, 0, 0] | ((k == 0) & (code == 3)), wrong[:, 0, 0],
+                                       x[:, 1, 1, 0]))
+    return x.at[:, 2, 2, 0].set(jnp.where(hit[:, 0, 0], wrong[:, 0, 0], x[:, 2, 2, 0]))
+  return run
+
+
+def _fake_batch(n=12):
+  code = np.arange(n) % 4
+  y = (np.arange(n) * 7) % C
+  image = np.zeros((n, 4, 4, 1), np.uint8)
+  to_u8 = lambda c: np.round(c * 255 / (C - 1)).astype(np.uint8)
+  image[:, 0, 0, 0], image[:, 1, 1, 0], image[:, 2, 2, 0] = to_u8(code), to_u8(y), to_u8(y)
+  return {"image": image, "label": y.astype(np.int32), "index": np.arange(n, dtype=np.int32)}
+
+
+def test_cascade_attacks_only_what_is_left_and_keeps_the_full_worst_case():
+  batch, thresholds = _fake_batch(), {"single": 0.5, "avg": 0.5}
+  rows = {}
+  for name, cascade_batch in (("full", None), ("cascade", 2)):
+    seen = {k: [] for k in range(3)}
+    attacks = [evaluation.protocol.Attack(f"a{k}", _fake_attack(k, seen[k])) for k in range(3)]
+    rows[name] = evaluation.evaluate_chunk(KEY, _fake_defend, attacks, None, batch, thresholds,
+                                           score_draws=2, cascade_batch=cascade_batch)
+    rows[name + "_seen"] = {k: np.concatenate(v) for k, v in seen.items()}
+  code = np.arange(12) % 4
+  # Attack 0 breaks code 0 everywhere; code 3 only undefended, so it stays in the cascade.
+  assert sorted(set(rows["cascade_seen"][1])) == [1, 2, 3]
+  assert sorted(set(rows["cascade_seen"][2])) == [2, 3]
+  assert len(rows["cascade_seen"][1]) == 10 and len(rows["cascade_seen"][2]) == 6  # 2 per call
+  assert len(rows["full_seen"][2]) == 12
+  np.testing.assert_array_equal(rows["cascade"]["adv_attacks_run"], np.array([1, 2, 3, 3])[code])
+  np.testing.assert_array_equal(rows["full"]["adv_attacks_run"], np.full(12, 3))
+  for col, v in rows["full"].items():  # the same worst case, winners, draws and decisions
+    if not col.startswith("norm_") and col != "adv_attacks_run":
+      np.testing.assert_array_equal(rows["cascade"][col], v, err_msg=col)
+  assert list(rows["cascade"]["adv_attack_avg"][code == 1]) == ["a1"] * 3
+  assert not rows["cascade"]["adv_broken_avg"][code == 3].any()
+  assert rows["cascade"]["adv_broken_plain"][code == 3].all()
+
+
+def test_cascade_rows_resume_and_old_rows_continue_without_it(tiny_workdir, tmp_path):
+  cfg = ev_config(losses=("ce", "cw"), modes=("untargeted", "targeted"), eps=[0.5],
+                  num_examples=40, cascade_batch=4)
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  [summary] = evaluation.evaluate(tiny_workdir, cfg, a, progress=False)
+  sid = summary["setting"]
+  assert summary["cascade"] is True
+  assert json.load(open(os.path.join(a, sid, "setting.json")))["cascade"] is True
+  rows = [json.loads(l) for l in open(os.path.join(a, sid, "rows.jsonl"))]
+  run = np.array([r["adv_attacks_run"] for r in rows])
+  assert summary["attacks_run_per_example"] == pytest.approx(run.mean())
+  assert (run == 1).any() and (run == 4).any()  # some stopped after the first attack
+  for r in rows:  # an example left out of an attack was broken everywhere before it
+    if r["adv_attacks_run"] < 4:
+      assert all(all(r[f"adv_broken_{m}"]) for m in evaluation.worst_case.METRICS)
+  assert evaluation.evaluate(tiny_workdir, cfg, b, stop_after_chunks=1, progress=False) == []
+  evaluation.evaluate(tiny_workdir, cfg, b, progress=False)
+  assert (open(os.path.join(a, sid, "rows.jsonl")).read()
+          == open(os.path.join(b, sid, "rows.jsonl")).read())
+  # Rows begun without the cascade (setting.json without the field, as before it
+  # existed) continue without it under auto, and are refused under true.
+  keep, c = str(tmp_path / "keep"), str(tmp_path / "c")
+  off = dataclasses.replace(cfg, cascade="false", num_examples=32)
+  [first] = evaluation.evaluate(tiny_workdir, off, str(tmp_path / "off"), progress=False)
+  assert first["cascade"] is False and "cascade" not in json.load(
+      open(os.path.join(tmp_path, "off", sid, "setting.json")))
+  _keep_rows(str(tmp_path / "off"), sid, keep)
+  more = dataclasses.replace(cfg, rows_from=keep)
+  [extended] = evaluation.evaluate(tiny_workdir, more, c, progress=False)
+  assert extended["cascade"] is False and extended["num_examples"] == 40
+  with pytest.raises(ValueError, match="cascade"):
+    evaluation.evaluate(tiny_workdir, dataclasses.replace(more, cascade="true"),
+                        str(tmp_path / "d"), progress=False)
+  for bad in (dict(cascade="maybe"), dict(cascade_batch=0)):
+    with pytest.raises(ValueError):
+      ev_config(**bad).validate()
 
 
 def test_import_rows_refuses_rows_out_of_order(tmp_path):

@@ -10,9 +10,10 @@ rows only (:func:`summarize`).
 
 Per example: clean predictions (no mask, one mask, K-mask average),
 entropies and rejection flags; with an attack, every configuration (loss x
-mode x target x restart, :func:`attack_configs`) is run, each output is scored
-by the defense's real decision in ``score_draws`` independent draws, and per
-metric the worst attack is kept (:mod:`dropjax.evaluation.worst_case`); the
+mode x target x restart, :func:`attack_configs`) is run (with the cascade, those
+after the first only on the examples not yet broken everywhere,
+:func:`evaluate_chunk`), each output is scored by the defense's real decision in
+``score_draws`` independent draws, and per metric the worst attack is kept (:mod:`dropjax.evaluation.worst_case`); the
 largest perturbation (L-inf / L2 in units of X and on the [0, 1] scale, L0 in
 pixels) and the budget in both units (:mod:`dropjax.units`).  The entropy
 thresholds are calibrated on the validation split by the paper's rule or the
@@ -52,6 +53,7 @@ def _f(default, help_text: str, **kw):
 
 
 ATTACK_MODES = ("untargeted", "targeted")
+CASCADE_CHOICES = ("auto", "true", "false")
 ATTACKS = ("pgd", "apgd", "sparse_rs")
 ATTACK_LOSSES = {"pgd": ("ce", "cw", "rejection"), "apgd": ("ce", "dlr"),
                  "sparse_rs": ("margin", "rejection")}
@@ -119,6 +121,15 @@ class EvalConfig:
                              "keeps them): the chunks they hold in full are taken from there "
                              "instead of recomputed, e.g. to extend a committed evaluation "
                              "to more examples")
+  cascade: str = _f("auto", "run every attack configuration after the first only on the "
+                    "examples no earlier one broke in every draw for every metric (their "
+                    "worst case is final: no attack can raise it, and ties go to the "
+                    "first), in calls of --cascade_batch examples; the worst case is the "
+                    "one a full run defines, for fewer attack calls. true, false, or auto: "
+                    "true for a new setting, and for rows being resumed or extended "
+                    "(--rows_from) the way they were begun", choices=CASCADE_CHOICES)
+  cascade_batch: int = _f(10, "examples per attack call of the cascade (the attacks after "
+                          "the first; at most --batch_size)")
   sanity: bool = _f(False, "run the gradient-masking sanity checks instead (large budget, "
                     "more steps, more EOT, black-box vs white-box, loss curve): "
                     "pass/fail rows in <out>/sanity/checks.jsonl")
@@ -157,6 +168,10 @@ class EvalConfig:
     for mode in self.modes:
       if mode not in ATTACK_MODES:
         raise ValueError(f"unknown attack mode {mode!r}; choose one of {ATTACK_MODES}")
+    if self.cascade not in CASCADE_CHOICES:
+      raise ValueError(f"unknown cascade {self.cascade!r}; choose one of {CASCADE_CHOICES}")
+    if self.cascade_batch < 1:
+      raise ValueError(f"cascade_batch must be >= 1, got {self.cascade_batch}")
     if self.restarts < 1 or self.num_targets < 1 or self.score_draws < 1:
       raise ValueError("restarts, num_targets and score_draws must be >= 1")
     if self.calibration not in defense.CALIBRATION_RULES:
@@ -195,7 +210,7 @@ def setting_id(norm: str, eps: float, rate: float, reading: str = "literal",
 # eps and rate; a larger num_examples only adds chunks (chunk c is the same
 # examples and randomness for any N); the sanity fields select another command.
 _OUTSIDE_ROWS = ("norm", "eps", "drop_rates", "num_examples", "sanity", "sanity_examples",
-                 "sanity_tolerance", "rows_from")
+                 "sanity_tolerance", "rows_from", "cascade", "cascade_batch")
 # The attack's fields (irrelevant to a clean-accuracy setting, norm "none").
 _ATTACK_FIELDS = ("budget_reading", "attack", "queries", "step_size", "steps", "eot_samples",
                   "losses", "entropy_weight", "modes", "num_targets", "restarts",
@@ -226,15 +241,30 @@ def attack_variant(ev: EvalConfig) -> str:
   return "_".join(tokens)
 
 
-def row_config(ev: EvalConfig) -> dict:
+def row_config(ev: EvalConfig, cascade: bool = False) -> dict:
   """Everything besides the setting id that determines a setting's rows
   (JSON-ready); :class:`dropjax.evaluation.store.SettingStore` refuses to
-  resume chunks written under another."""
+  resume chunks written under another.  ``cascade``: whether the setting's
+  attacks cascade (:func:`cascade_for`); recorded only when they do, so the
+  configurations of rows computed before the cascade existed read as
+  without it."""
   skip = _OUTSIDE_ROWS + (_ATTACK_FIELDS if ev.norm == "none" else ())
   out = {f.name: getattr(ev, f.name) for f in dataclasses.fields(ev) if f.name not in skip}
   if ev.norm != "none":
     out.update(losses=list(ev.attack_losses), modes=list(ev.modes))
+    if cascade:
+      out.update(cascade=True, cascade_batch=ev.cascade_batch)
   return out
+
+
+def cascade_for(ev: EvalConfig, begun: dict | None) -> bool:
+  """Whether a setting's attacks cascade: ``--cascade true/false`` as given;
+  ``auto``: yes for a new setting (``begun is None``), else as the rows it
+  continues were computed (``begun``: their configuration, ``{}`` when they
+  hold none), so a setting's rows are all computed one way."""
+  if ev.cascade != "auto":
+    return ev.cascade == "true"
+  return True if begun is None else bool(begun.get("cascade", False))
 
 
 def load_model(workdir: str, data_dir: str | None = None, source: str | None = None,
@@ -411,6 +441,8 @@ def summarize(rows: list[dict], thresholds: dict) -> dict:
       s[f"robust_accuracy_{metric}_min"] = acc["min"]
       winners = [row[f"adv_attack_{metric}"] for row in rows if any(row[f"adv_broken_{metric}"])]
       s[f"attack_wins_{metric}"] = {n: winners.count(n) for n in sorted(set(winners))}
+    if all("adv_attacks_run" in row for row in rows):  # rows from before it: no column
+      s["attacks_run_per_example"] = float(np.mean([row["adv_attacks_run"] for row in rows]))
     s["adv_rejection_rate_avg"] = float(np.mean(r["adv_rejected_avg"]))
     s["adv_rejection_rate_single"] = float(np.mean(r["adv_rejected_single"]))
     for n in ("linf", "l2", "linf_pixel01", "l2_pixel01", "l0"):
@@ -425,8 +457,25 @@ def top_other_classes(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarr
   return np.argsort(-p, axis=1, kind="stable")[:, :k]
 
 
+def attack_subset(attack: Attack, key, variables, x, y, target, todo: np.ndarray,
+                  size: int):
+  """``x`` (B, H, W, C) with the examples ``todo`` replaced by ``attack``'s
+  outputs, computed in calls of ``size`` examples (call ``t`` under
+  ``fold_in(key, t)``; the last call padded by repeating its last example, so
+  one compiled shape serves every call); the other examples stay clean."""
+  x_adv = np.array(x)
+  for t, lo in enumerate(range(0, len(todo), size)):
+    part = todo[lo:lo + size]
+    idx = np.concatenate([part, np.full(size - len(part), part[-1])])
+    out = attack.run(jax.random.fold_in(key, t), variables, x[idx], y[idx],
+                     None if target is None else target[idx])
+    x_adv[part] = np.asarray(out)[:len(part)]
+  return jnp.asarray(x_adv)
+
+
 def evaluate_chunk(key, defend, attacks: Sequence[Attack], variables, batch: dict,
-                   thresholds: dict, score_draws: int = 1) -> dict:
+                   thresholds: dict, score_draws: int = 1,
+                   cascade_batch: int | None = None) -> dict:
   """Rows (as columns of (B,) arrays) of one chunk.
 
   Clean: predictions, entropies and rejections (:func:`prediction_columns`).
@@ -435,8 +484,15 @@ def evaluate_chunk(key, defend, attacks: Sequence[Attack], variables, batch: dic
   :mod:`dropjax.evaluation.worst_case` the row keeps the worst attack's name
   (``adv_attack_<metric>``) and its draws (``adv_broken_<metric>``, a list of
   bools); ``adv_*`` prediction columns are the first draw's decision on the
-  headline metric's (``avg_with_rejection``) worst attack, and ``norm_*`` the
-  largest perturbation of any attack.
+  headline metric's (``avg_with_rejection``) worst attack, ``norm_*`` the
+  largest perturbation of any attack, ``adv_attacks_run`` how many attacks
+  ran on the example.
+
+  ``cascade_batch`` (``None``: off): the attacks after the first run only on
+  the examples no earlier attack broke in every draw for every metric, in
+  calls of ``cascade_batch`` examples (:func:`attack_subset`); the others are
+  scored on their clean image for those attacks.  Their worst case cannot
+  change: it is already broken everywhere, and the first attack wins ties.
 
   ``key`` is the chunk's key; ``batch`` holds uint8 ``image`` (B, H, W, C),
   ``label`` and ``index``.
@@ -455,10 +511,22 @@ def evaluate_chunk(key, defend, attacks: Sequence[Attack], variables, batch: dic
              if ranks else None)
   broken = {m: [] for m in worst_case.METRICS}
   decisions, worst_norms = [], None
+  done = np.zeros(len(y_np), bool)  # broken in every draw for every metric
+  attacks_run = np.zeros(len(y_np), np.int32)
   for j, attack in enumerate(attacks):
     target = None if attack.target_rank is None else jnp.asarray(
         targets[:, attack.target_rank], jnp.int32)
-    x_adv = attack.run(jax.random.fold_in(k_attack, j), variables, x, y, target)
+    if cascade_batch is None or j == 0:
+      x_adv = attack.run(jax.random.fold_in(k_attack, j), variables, x, y, target)
+      attacks_run += 1
+    else:
+      todo = np.flatnonzero(~done)
+      if len(todo) == 0:
+        x_adv = x
+      else:
+        x_adv = attack_subset(attack, jax.random.fold_in(k_attack, j), variables, x, y,
+                              target, todo, cascade_batch)
+      attacks_run[todo] += 1
     norms_j = perturbation_norms(x_adv, x)
     worst_norms = norms_j if worst_norms is None else {
         n: np.maximum(worst_norms[n], v) for n, v in norms_j.items()}
@@ -473,6 +541,7 @@ def evaluate_chunk(key, defend, attacks: Sequence[Attack], variables, batch: dic
     decisions.append(first)
     for m in worst_case.METRICS:
       broken[m].append(np.stack(per_draw[m]))  # (R, B)
+    done |= np.all([broken[m][-1].all(axis=0) for m in worst_case.METRICS], axis=0)
   names = np.array([a.name for a in attacks])
   for m in worst_case.METRICS:
     winner, draws = worst_case.select(np.stack(broken[m]))  # (J, R, B)
@@ -485,6 +554,7 @@ def evaluate_chunk(key, defend, attacks: Sequence[Attack], variables, batch: dic
     cols[col] = np.stack([d[col] for d in decisions])[head, b]
   for n, v in worst_norms.items():
     cols[f"norm_{n}"] = v
+  cols["adv_attacks_run"] = attacks_run
   return cols
 
 
@@ -550,8 +620,12 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
     for eps in eps_list:
       variant = attack_variant(ev)
       sid = setting_id(ev.norm, eps, rate, ev.budget_reading, variant)
-      store = SettingStore(out_dir, sid, row_config(ev))
       kept = committed_rows(ev.rows_from, sid) if ev.rows_from else None
+      begun = SettingStore.saved_config(out_dir, sid)
+      if begun is None and kept:
+        begun = kept[1] or {}
+      cascade = ev.norm != "none" and cascade_for(ev, begun)
+      store = SettingStore(out_dir, sid, row_config(ev, cascade))
       if kept:
         store.import_rows(kept[0][:len(test)], ev.batch_size, kept[1])
       attacks = []
@@ -573,9 +647,9 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
           bar.close()
           return summaries
         t0 = time.perf_counter()
-        cols = jax.block_until_ready(evaluate_chunk(jax.random.fold_in(root, c), defend,
-                                                    attacks, variables, batch, thresholds,
-                                                    ev.score_draws))
+        cols = jax.block_until_ready(evaluate_chunk(
+            jax.random.fold_in(root, c), defend, attacks, variables, batch, thresholds,
+            ev.score_draws, min(ev.cascade_batch, ev.batch_size) if cascade else None))
         if attacks:
           attack_seconds += time.perf_counter() - t0
           attacked += n_valid
@@ -594,6 +668,7 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
                  "modes": list(ev.modes),
                  "num_targets": ev.num_targets, "restarts": ev.restarts,
                  "attacks": [a.name for a in attacks], "score_draws": ev.score_draws,
+                 "cascade": cascade,
                  "max_drop": ev.max_drop, "seed": ev.seed,
                  **summarize(rows_all, thresholds)}
       if attacked:

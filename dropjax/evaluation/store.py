@@ -54,6 +54,15 @@ class SettingStore:
     if config is not None:
       self._check_config(json.loads(json.dumps(config)))
 
+  @staticmethod
+  def saved_config(out_dir: str, setting: str) -> dict | None:
+    """The configuration ``out/<setting>/setting.json`` holds (``None``: none yet)."""
+    path = os.path.join(out_dir, setting, CONFIG_FILE)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
   def _check_config(self, config: dict) -> None:
     path = os.path.join(self.directory, CONFIG_FILE)
     if not os.path.exists(path):
