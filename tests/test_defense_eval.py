@@ -289,17 +289,23 @@ def test_cascade_attacks_only_what_is_left_and_keeps_the_full_worst_case():
   batch, thresholds = _fake_batch(), {"single": 0.5, "avg": 0.5}
   rows = {}
   for name, cascade_batch in (("full", None), ("cascade", 2)):
-    seen = {k: [] for k in range(3)}
+    seen, scored = {k: [] for k in range(3)}, []
     attacks = [evaluation.protocol.Attack(f"a{k}", _fake_attack(k, seen[k])) for k in range(3)]
-    rows[name] = evaluation.evaluate_chunk(KEY, _fake_defend, attacks, None, batch, thresholds,
+    defend = lambda key, v, x: scored.append(len(x)) or _fake_defend(key, v, x)
+    rows[name] = evaluation.evaluate_chunk(KEY, defend, attacks, None, batch, thresholds,
                                            score_draws=2, cascade_batch=cascade_batch)
     rows[name + "_seen"] = {k: np.concatenate(v) for k, v in seen.items()}
+    rows[name + "_scored"] = scored
   code = np.arange(12) % 4
   # Attack 0 breaks code 0 everywhere; code 3 only undefended, so it stays in the cascade.
   assert sorted(set(rows["cascade_seen"][1])) == [1, 2, 3]
   assert sorted(set(rows["cascade_seen"][2])) == [2, 3]
   assert len(rows["cascade_seen"][1]) == 10 and len(rows["cascade_seen"][2]) == 6  # 2 per call
   assert len(rows["full_seen"][2]) == 12
+  # Scored: the clean batch, then 2 draws of each attack's outputs; in the cascade the
+  # later attacks' only where they ran (10 and 6 examples, 2 per call).
+  assert rows["full_scored"] == [12] * 7
+  assert rows["cascade_scored"] == [12] * 3 + [2] * (2 * 5 + 2 * 3)
   np.testing.assert_array_equal(rows["cascade"]["adv_attacks_run"], np.array([1, 2, 3, 3])[code])
   np.testing.assert_array_equal(rows["full"]["adv_attacks_run"], np.full(12, 3))
   for col, v in rows["full"].items():  # the same worst case, winners, draws and decisions

@@ -457,20 +457,40 @@ def top_other_classes(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarr
   return np.argsort(-p, axis=1, kind="stable")[:, :k]
 
 
+def subset_calls(todo: np.ndarray, size: int):
+  """``(t, part, idx)`` per call of at most ``size`` of the examples ``todo``:
+  ``part`` the call's examples, ``idx`` them padded to ``size`` by repeating the
+  last one (one compiled shape serves every call)."""
+  for t, lo in enumerate(range(0, len(todo), size)):
+    part = todo[lo:lo + size]
+    yield t, part, np.concatenate([part, np.full(size - len(part), part[-1])])
+
+
 def attack_subset(attack: Attack, key, variables, x, y, target, todo: np.ndarray,
                   size: int):
   """``x`` (B, H, W, C) with the examples ``todo`` replaced by ``attack``'s
   outputs, computed in calls of ``size`` examples (call ``t`` under
-  ``fold_in(key, t)``; the last call padded by repeating its last example, so
-  one compiled shape serves every call); the other examples stay clean."""
+  ``fold_in(key, t)``, :func:`subset_calls`); the other examples stay clean."""
   x_adv = np.array(x)
-  for t, lo in enumerate(range(0, len(todo), size)):
-    part = todo[lo:lo + size]
-    idx = np.concatenate([part, np.full(size - len(part), part[-1])])
+  for t, part, idx in subset_calls(todo, size):
     out = attack.run(jax.random.fold_in(key, t), variables, x[idx], y[idx],
                      None if target is None else target[idx])
     x_adv[part] = np.asarray(out)[:len(part)]
   return jnp.asarray(x_adv)
+
+
+def score_subset(defend, key, variables, x_adv, todo: np.ndarray, size: int,
+                 thresholds: dict, filler: dict) -> dict:
+  """One draw of the defense's decision columns (:func:`prediction_columns`,
+  prefix ``adv_``) on the examples ``todo`` of ``x_adv``, in calls of ``size``
+  (call ``t`` under ``fold_in(key, t)``); ``filler``'s values elsewhere."""
+  cols = {k: np.array(v) for k, v in filler.items()}
+  for t, part, idx in subset_calls(todo, size):
+    dec = prediction_columns(defend(jax.random.fold_in(key, t), variables, x_adv[idx]),
+                             thresholds, "adv_")
+    for k, v in dec.items():
+      cols[k][part] = np.asarray(v)[:len(part)]
+  return cols
 
 
 def evaluate_chunk(key, defend, attacks: Sequence[Attack], variables, batch: dict,
@@ -490,9 +510,10 @@ def evaluate_chunk(key, defend, attacks: Sequence[Attack], variables, batch: dic
 
   ``cascade_batch`` (``None``: off): the attacks after the first run only on
   the examples no earlier attack broke in every draw for every metric, in
-  calls of ``cascade_batch`` examples (:func:`attack_subset`); the others are
-  scored on their clean image for those attacks.  Their worst case cannot
-  change: it is already broken everywhere, and the first attack wins ties.
+  calls of ``cascade_batch`` examples (:func:`attack_subset`), and only there
+  are their outputs scored (:func:`score_subset`); the others count as not
+  broken by those attacks.  Their worst case cannot change: it is already
+  broken everywhere, and the first attack wins ties.
 
   ``key`` is the chunk's key; ``batch`` holds uint8 ``image`` (B, H, W, C),
   ``label`` and ``index``.
@@ -513,31 +534,33 @@ def evaluate_chunk(key, defend, attacks: Sequence[Attack], variables, batch: dic
   decisions, worst_norms = [], None
   done = np.zeros(len(y_np), bool)  # broken in every draw for every metric
   attacks_run = np.zeros(len(y_np), np.int32)
+  unattacked = prediction_columns(clean, thresholds, "adv_")  # decisions where none ran
   for j, attack in enumerate(attacks):
     target = None if attack.target_rank is None else jnp.asarray(
         targets[:, attack.target_rank], jnp.int32)
+    k_j = jax.random.fold_in(k_attack, j)
     if cascade_batch is None or j == 0:
-      x_adv = attack.run(jax.random.fold_in(k_attack, j), variables, x, y, target)
-      attacks_run += 1
-    else:
-      todo = np.flatnonzero(~done)
-      if len(todo) == 0:
-        x_adv = x
-      else:
-        x_adv = attack_subset(attack, jax.random.fold_in(k_attack, j), variables, x, y,
-                              target, todo, cascade_batch)
-      attacks_run[todo] += 1
+      attacked = np.ones(len(y_np), bool)
+      x_adv = attack.run(k_j, variables, x, y, target)
+      score = lambda k, x_adv=x_adv: prediction_columns(defend(k, variables, x_adv),
+                                                        thresholds, "adv_")
+    else:  # only the examples not yet broken everywhere; scored only there
+      attacked, todo = ~done, np.flatnonzero(~done)
+      x_adv = attack_subset(attack, k_j, variables, x, y, target, todo,
+                            cascade_batch) if len(todo) else x
+      score = lambda k, x_adv=x_adv, todo=todo: score_subset(
+          defend, k, variables, x_adv, todo, cascade_batch, thresholds, unattacked)
+    attacks_run += attacked
     norms_j = perturbation_norms(x_adv, x)
     worst_norms = norms_j if worst_norms is None else {
         n: np.maximum(worst_norms[n], v) for n, v in norms_j.items()}
     per_draw = {m: [] for m in worst_case.METRICS}
     first = None
     for r in range(score_draws):  # the same draws score every attack
-      dec = prediction_columns(defend(jax.random.fold_in(k_score, r), variables, x_adv),
-                               thresholds, "adv_")
+      dec = score(jax.random.fold_in(k_score, r))
       first = dec if first is None else first
       for m, v in worst_case.broken({k[4:]: v for k, v in dec.items()}, y_np).items():
-        per_draw[m].append(v)
+        per_draw[m].append(v & attacked)
     decisions.append(first)
     for m in worst_case.METRICS:
       broken[m].append(np.stack(per_draw[m]))  # (R, B)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The reproduction's CPU work still pending (RESULTS.md "What is left"), one job at a
+# time, in the reproduction issue's fill order.  Every step resumes where it stopped
+# (evaluations by chunk, from runs/ or from the rows committed under
+# experiments/results/; training from its last epoch checkpoint in runs/) and costs
+# about a minute once done, so each session re-launches the whole queue at its start:
+#
+#   nohup nice -n 19 bash experiments/cpu_queue.sh > runs/cpu_queue.log 2>&1 &
+#
+# and, before it ends, keeps the finished chunks of the setting still running and
+# commits them (SAVE=1 does only that, for every evaluation step below):
+#
+#   SAVE=1 bash experiments/cpu_queue.sh && git add experiments/results && git commit
+#
+# STEPS picks steps by number (default: all, in order).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source experiments/lib.sh
+STEPS=${STEPS:-"1 2 3 4"}
+SAVE=${SAVE:-0}
+mkdir -p runs
+GTSRB_RES=experiments/results/gtsrb_resnet20_random_30ep
+CIFAR_RES=experiments/results/cifar10_resnet20_random_30ep
+for step in $STEPS; do
+  case "$step" in
+    1)  # The strong column: Sparse-RS on 500 images at r = 0.9, then r = 0.5 (~29 s per image).
+      if [ "$SAVE" = 1 ]; then
+        save_rows runs/gtsrb-resnet20-random-30ep-strong "$GTSRB_RES"
+      else
+        RATES="0.9 0.5" N=500 PARTS=sparse_rs bash experiments/gtsrb_resnet20_strong.sh
+      fi ;;
+    2)  # The remaining GTSRB drop rates, 1,000 images.
+      if [ "$SAVE" = 1 ]; then
+        save_rows runs/gtsrb-resnet20-random-30ep-figs56 "$GTSRB_RES"
+      else
+        RATES="0.3 0.7" bash experiments/gtsrb_resnet20_figs56.sh
+      fi ;;
+    3)  # CIFAR-10 Figs. 5/6 of the random-r model at every drop rate, 1,000 images.
+      if [ "$SAVE" = 1 ]; then
+        save_rows runs/cifar10-resnet20-random-30ep-figs56 "$CIFAR_RES"
+      else
+        N=1000 RATES="0 0.3 0.5 0.7 0.9" bash experiments/cifar10_resnet20_figs56.sh
+      fi ;;
+    4)  # The adversarial-training baseline (10 epochs, ~80 min, then 500 images per norm).
+      if [ "$SAVE" != 1 ]; then
+        EPOCHS=10 N=500 bash experiments/gtsrb_resnet20_pgd_at.sh
+      fi ;;
+    *) echo "unknown step $step (1-4)" >&2; exit 2 ;;
+  esac
+done
