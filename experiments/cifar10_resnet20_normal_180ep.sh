@@ -3,7 +3,8 @@
 # 30-epoch model of cifar10_resnet20_cpu.sh stops at 88.64%, 2.6 points under He et al.'s
 # 91.25%, and the published weights score 91.73% through the same model and pipeline:
 # experiments/published_resnets.py).  ~90-100 s per epoch on 2 cores, ~4.5 h in all: it
-# resumes from its last epoch when re-run, across sessions.  Then packaged as
+# resumes from its last epoch when re-run, across sessions (and is skipped once
+# packaged).  Then packaged as
 # pretrained/cifar10-resnet20-normal-180ep (the 30-epoch model keeps its name: the other
 # CIFAR-10 rows use it) and swept over the test-time drop rate (1,000 test images).
 set -euo pipefail
@@ -12,30 +13,16 @@ source experiments/lib.sh
 name=cifar10-resnet20-normal-180ep
 WD=runs/$name
 RES=experiments/results/cifar10_resnet20_normal_180ep
-vec=AVX2; grep -q avx512f /proc/cpuinfo && vec=AVX-512
-HARDWARE=${HARDWARE:-"$(lscpu | sed -n 's/^Model name: *//p' | head -n 1) ($vec), $(nproc) cores"}
+HARDWARE=${HARDWARE:-"$(hardware_line)"}
 cmd="python train.py --preset cifar10-resnet20-normal --workdir $WD --keep_checkpoints 1 --no_progress"
-mkdir -p "$WD"; [ -f "$WD/started_at" ] || date +%s > "$WD/started_at"
-$cmd
-if [ ! -f "pretrained/$name/MANIFEST.json" ]; then
+if [ ! -f "pretrained/$name/MANIFEST.json" ]; then  # packaged: trained, nothing to redo
+  $cmd
   # Training time from the logged throughput (the run spans sessions; their gaps are not time).
-  minutes=$(python - "$WD" <<'PY'
-import json, sys
-from dropjax import files
-wd = sys.argv[1]
-batch = json.load(open(f"{wd}/config.json"))["batch_size"]
-rows, last, seconds = files.read_jsonl(f"{wd}/metrics.jsonl"), 0, 0.0
-for r in rows:
-  if r.get("kind") == "train" and r.get("images_per_s"):
-    seconds += (r["step"] - last) * batch / r["images_per_s"]
-    last = r["step"]
-print(round(seconds / 60))
-PY
-)
+  minutes=$(training_minutes "$WD")
   python -m dropjax.pretrained --workdir "$WD" --out "pretrained/$name" --command "$cmd" \
     --hardware "$HARDWARE" --wall_time "$minutes min of training steps (logged throughput), over several sessions"
+  save_run "$WD" "$RES"
 fi
-save_run "$WD" "$RES"
 python evaluate.py --workdir "pretrained/$name" --out "runs/$name-eval" --norm none \
   --num_examples 1000 --drop_rates 0 0.5 0.9 --no_progress
 cp "runs/$name-eval/summary.jsonl" "$RES/clean_summary.jsonl"

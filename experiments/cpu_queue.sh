@@ -2,8 +2,9 @@
 # The reproduction's CPU work still pending (RESULTS.md "What is left"), one job at a
 # time, in the reproduction issue's fill order.  Every step resumes where it stopped
 # (evaluations by chunk, from runs/ or from the rows committed under
-# experiments/results/; training from its last epoch checkpoint in runs/) and costs
-# about a minute once done, so each session re-launches the whole queue at its start:
+# experiments/results/; training from its last epoch checkpoint in runs/), and a step
+# already done costs only its threshold calibrations and figures (a few minutes), so
+# each session re-launches the whole queue at its start:
 #
 #   nohup nice -n 19 bash experiments/cpu_queue.sh > runs/cpu_queue.log 2>&1 &
 #
@@ -42,7 +43,9 @@ for step in $STEPS; do
         N=1000 RATES="0 0.3 0.5 0.7 0.9" bash experiments/cifar10_resnet20_figs56.sh
       fi ;;
     4)  # The adversarial-training baseline (10 epochs, ~80 min, then 500 images per norm).
-      if [ "$SAVE" != 1 ]; then
+      if [ "$SAVE" = 1 ]; then
+        save_rows runs/gtsrb-resnet20-pgd-at-10ep-eval experiments/results/gtsrb_resnet20_pgd_at_10ep
+      else
         EPOCHS=10 N=500 bash experiments/gtsrb_resnet20_pgd_at.sh
       fi ;;
     *) echo "unknown step $step (1-4)" >&2; exit 2 ;;

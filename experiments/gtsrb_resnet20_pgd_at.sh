@@ -5,21 +5,31 @@
 # preset's 30 take ~4 h, 6.0x pixel-dropping training per step, benchmarks/README.md),
 # then evaluated under the same attacks as the pixel-dropping models (the paper's
 # budgets read literally, CE/CW x untargeted/targeted PGD, no masks: r = 0), first N test
-# images.  Both steps resume exactly when re-run.
+# images.  Both steps resume exactly when re-run; the trained model is packaged as
+# pretrained/gtsrb-resnet20-pgd-at-<EPOCHS>ep (then not retrained), the rows kept
+# after every setting.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
 EPOCHS=${EPOCHS:-10}
 N=${N:-500}
-WD=${WD:-runs/gtsrb-resnet20-pgd-at-${EPOCHS}ep}
+name=gtsrb-resnet20-pgd-at-${EPOCHS}ep
+WD=${WD:-runs/$name}
 RES=experiments/results/gtsrb_resnet20_pgd_at_${EPOCHS}ep
-python train.py --preset gtsrb-resnet20-pgd-at --epochs "$EPOCHS" --workdir "$WD" \
-  --keep_checkpoints 1 --no_progress
+HARDWARE=${HARDWARE:-"$(hardware_line)"}
+cmd="python train.py --preset gtsrb-resnet20-pgd-at --epochs $EPOCHS --workdir $WD --keep_checkpoints 1 --no_progress"
+if [ ! -f "pretrained/$name/MANIFEST.json" ]; then  # packaged: trained, nothing to redo
+  $cmd
+  python -m dropjax.pretrained --workdir "$WD" --out "pretrained/$name" --command "$cmd" \
+    --hardware "$HARDWARE" --wall_time "$(training_minutes "$WD") min of training steps (logged throughput)"
+  save_run "$WD" "$RES"
+fi
+mkdir -p "$RES/rows"
 for norm in linf l2 l0; do
-  python evaluate.py --workdir "$WD" --out "$WD/eval" --norm "$norm" --num_examples "$N" \
-    --no_progress
+  python evaluate.py --workdir "pretrained/$name" --out "runs/$name-eval" --norm "$norm" \
+    --num_examples "$N" --rows_from "$RES/rows" --no_progress
+  # saved after every setting: a run stopped part-way keeps what it finished
+  save_summary "runs/$name-eval" "$RES/eval_summary.jsonl"
+  save_rows "runs/$name-eval" "$RES"
 done
-save_run "$WD" "$RES"
-cp "$WD/eval/summary.jsonl" "$RES/eval_summary.jsonl"
-save_rows "$WD/eval" "$RES"
 python -m dropjax.plots "$RES/eval_summary.jsonl" --out "$RES"

@@ -40,3 +40,27 @@ save_run() {
   mkdir -p "$2"
   cp "$1/config.json" "$1/metrics.jsonl" "$1/final_eval.json" "$2/"
 }
+
+# training_minutes WD: minutes of training steps of the run in WD, from its logged
+# throughput (a run spanning sessions: their gaps are not training time).
+training_minutes() {
+  python - "$1" <<'PY'
+import json, sys
+from dropjax import files
+wd = sys.argv[1]
+batch = json.load(open(f"{wd}/config.json"))["batch_size"]
+rows, last, seconds = files.read_jsonl(f"{wd}/metrics.jsonl"), 0, 0.0
+for r in rows:
+  if r.get("kind") == "train" and r.get("images_per_s"):
+    seconds += (r["step"] - last) * batch / r["images_per_s"]
+    last = r["step"]
+print(round(seconds / 60))
+PY
+}
+
+# hardware_line: this machine's CPU, vector extensions and cores, for manifests.
+hardware_line() {
+  local vec=AVX2
+  grep -q avx512f /proc/cpuinfo && vec=AVX-512
+  echo "$(lscpu | sed -n 's/^Model name: *//p' | head -n 1) ($vec), $(nproc) cores"
+}
