@@ -315,10 +315,11 @@ def test_cascade_attacks_only_what_is_left_and_keeps_the_full_worst_case():
   assert list(cascade["adv_attack_avg"][code == 1]) == ["a1"] * 2
   assert not cascade["adv_broken_avg"][code == 3].any()
   assert cascade["adv_broken_plain"][code == 3].all()
-  # With more than half of the chunk left, the attack runs on all of it.
-  code = np.arange(12) % 4
-  half, seen, _ = _run_chunk(code, 2)
-  assert len(seen[1]) == 12 and sorted(set(seen[2])) == [2, 3] and len(seen[2]) == 6
+  # Where the padded calls would cover the whole chunk (11 left, calls of 4), the
+  # attack runs on all of it; then on the 8 left, in two calls.
+  code = np.array([0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3])
+  half, seen, _ = _run_chunk(code, 4)
+  assert len(seen[1]) == 12 and sorted(set(seen[2])) == [2, 3] and len(seen[2]) == 8
   np.testing.assert_array_equal(half["adv_attacks_run"], np.array([2, 2, 3, 3])[code])
   full, _, _ = _run_chunk(code, None)
   for col in ("adv_attack_avg", "adv_broken_avg", "adv_broken_plain", "adv_pred_avg"):

@@ -513,9 +513,9 @@ def evaluate_chunk(key, defend, attacks: Sequence[Attack], variables, batch: dic
   calls of ``cascade_batch`` examples (:func:`attack_subset`), and only there
   are their outputs scored (:func:`score_subset`); the others count as not
   broken by those attacks.  Their worst case cannot change: it is already
-  broken everywhere, and the first attack wins ties.  While more than half
-  of the chunk is left, an attack runs on the whole chunk as without the
-  cascade (small calls would cost more than they save).
+  broken everywhere, and the first attack wins ties.  Where the padded calls
+  would cover as many examples as the chunk, the attack runs on the whole
+  chunk as without the cascade.
 
   ``key`` is the chunk's key; ``batch`` holds uint8 ``image`` (B, H, W, C),
   ``label`` and ``index``.
@@ -541,7 +541,8 @@ def evaluate_chunk(key, defend, attacks: Sequence[Attack], variables, batch: dic
     target = None if attack.target_rank is None else jnp.asarray(
         targets[:, attack.target_rank], jnp.int32)
     k_j = jax.random.fold_in(k_attack, j)
-    if cascade_batch is None or j == 0 or np.sum(~done) > len(y_np) // 2:
+    left = int(np.sum(~done))
+    if cascade_batch is None or j == 0 or -(-left // cascade_batch) * cascade_batch >= len(y_np):
       attacked = np.ones(len(y_np), bool)
       x_adv = attack.run(k_j, variables, x, y, target)
       score = lambda k, x_adv=x_adv: prediction_columns(defend(k, variables, x_adv),
