@@ -13,9 +13,10 @@ entropies and rejection flags; with an attack, every configuration (loss x
 mode x target x restart, :func:`attack_configs`) is run (with the cascade, those
 after the first only on the examples not yet broken everywhere,
 :func:`evaluate_chunk`), each output is scored by the defense's real decision in
-``score_draws`` independent draws, and per metric the worst attack is kept (:mod:`dropjax.evaluation.worst_case`); the
-largest perturbation (L-inf / L2 in units of X and on the [0, 1] scale, L0 in
-pixels) and the budget in both units (:mod:`dropjax.units`).  The entropy
+``score_draws`` independent draws, and per metric the worst attack is kept
+(:mod:`dropjax.evaluation.worst_case`); the largest perturbation (L-inf / L2 in
+units of X and on the [0, 1] scale, L0 in pixels) and the budget in both units
+(:mod:`dropjax.units`).  The entropy
 thresholds are calibrated on the validation split by the paper's rule or the
 stricter one (:func:`calibrate`) and saved in the summary.
 """
