@@ -537,7 +537,8 @@ def evaluate_chunk(key, defend, attacks: Sequence[Attack], variables, batch: dic
   decisions, worst_norms = [], None
   done = np.zeros(len(y_np), bool)  # broken in every draw for every metric
   attacks_run = np.zeros(len(y_np), np.int32)
-  unattacked = prediction_columns(clean, thresholds, "adv_")  # decisions where none ran
+  unattacked = (None if cascade_batch is None  # decisions where no attack ran
+                else prediction_columns(clean, thresholds, "adv_"))
   for j, attack in enumerate(attacks):
     target = None if attack.target_rank is None else jnp.asarray(
         targets[:, attack.target_rank], jnp.int32)
