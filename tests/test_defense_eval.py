@@ -174,13 +174,63 @@ def test_resume_by_chunk_gives_identical_rows(tiny_workdir, tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   evaluation.evaluate(tiny_workdir, cfg, a, progress=False)
   assert evaluation.evaluate(tiny_workdir, cfg, b, stop_after_chunks=2, progress=False) == []
-  sid = os.listdir(b)[0]
+  [sid] = [d for d in os.listdir(b) if os.path.isdir(os.path.join(b, d))]
   assert sorted(os.listdir(os.path.join(b, sid))) == ["chunk_00000.jsonl", "chunk_00001.jsonl",
                                                      "setting.json"]
   evaluation.evaluate(tiny_workdir, cfg, b, progress=False)
   ra = open(os.path.join(a, sid, "rows.jsonl")).read()
   rb = open(os.path.join(b, sid, "rows.jsonl")).read()
   assert ra == rb and len(ra.splitlines()) == 40
+
+
+def test_calibration_is_kept_and_reused_only_under_the_same_key(tiny_workdir, tmp_path,
+                                                                monkeypatch):
+  from dropjax.evaluation import protocol, store
+  calls = []
+  real = protocol.calibrate
+  monkeypatch.setattr(protocol, "calibrate", lambda *a, **k: calls.append(a[6]) or real(*a, **k))
+  out = str(tmp_path / "ev")
+  cfg = ev_config(norm="none", num_examples=16, drop_rates=[0.5, 0.9])
+  first = evaluation.evaluate(tiny_workdir, cfg, out, progress=False)
+  assert len(calls) == 2  # one pass per drop rate
+  again = evaluation.evaluate(tiny_workdir, cfg, out, progress=False)
+  assert len(calls) == 2 and again == first  # a finished setting costs no calibration
+  # An attacked setting of the same rates, resumed by chunk, reuses them too.
+  atk = ev_config(eps=[0.1], num_examples=32, drop_rates=[0.9])
+  assert evaluation.evaluate(tiny_workdir, atk, out, stop_after_chunks=1, progress=False) == []
+  [attacked] = evaluation.evaluate(tiny_workdir, atk, out, progress=False)
+  assert len(calls) == 2
+  assert attacked["threshold_avg"] == first[1]["threshold_avg"]
+  # What the thresholds depend on is in the key: another max_drop or seed recalibrates.
+  path = os.path.join(out, store.CALIBRATION_FILE)
+  for i, change in enumerate([dict(max_drop=0.05), dict(seed=3)]):
+    other = str(tmp_path / f"other{i}")
+    os.makedirs(other)
+    shutil.copy(path, other)
+    evaluation.evaluate(tiny_workdir, dataclasses.replace(cfg, drop_rates=(0.9,), **change),
+                        other, progress=False)
+    assert len(open(os.path.join(other, store.CALIBRATION_FILE)).readlines()) == 3
+  assert calls == [0.01, 0.01, 0.05, 0.01]
+  # The kept value is the one used: an edited entry shows up in the next summary.
+  entries = [json.loads(l) for l in open(path)]
+  assert [e["key"]["drop_rate"] for e in entries] == [0.5, 0.9]
+  entries[0]["calibration"]["avg"] = 123.0
+  open(path, "w").write("".join(json.dumps(e) + "\n" for e in entries))
+  rerun = evaluation.evaluate(tiny_workdir, cfg, out, progress=False)
+  assert rerun[0]["threshold_avg"] == 123.0 and rerun[1] == first[1] and len(calls) == 4
+
+
+def test_digest_tells_arrays_apart():
+  from dropjax.evaluation.store import digest
+  a = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
+  same = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": jnp.zeros(3)}
+  assert digest(a) == digest(same) and len(digest(a)) == 64
+  flipped = {**a, "w": a["w"].copy()}
+  flipped["w"][1, 2] = np.nextafter(flipped["w"][1, 2], np.float32(10))
+  assert digest(flipped) != digest(a)
+  assert digest({**a, "w": a["w"].reshape(3, 2)}) != digest(a)  # shape
+  assert digest({**a, "w": a["w"].astype(np.float64)}) != digest(a)  # dtype
+  assert digest(a["w"], a["b"]) != digest(a["b"], a["w"])  # order
 
 
 def _keep_rows(out, sid, keep):

@@ -18,7 +18,9 @@ after the first only on the examples not yet broken everywhere,
 units of X and on the [0, 1] scale, L0 in pixels) and the budget in both units
 (:mod:`dropjax.units`).  The entropy
 thresholds are calibrated on the validation split by the paper's rule or the
-stricter one (:func:`calibrate`) and saved in the summary.
+stricter one (:func:`calibrate`), saved in the summary and kept in the output
+directory, so a resumed or completed setting reuses them
+(:func:`dropjax.evaluation.store.cached_calibration`).
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ from dropjax.attacks import norms as norms_lib
 from dropjax.config import TrainConfig
 from dropjax.data import augment, load_dataset
 from dropjax.evaluation import worst_case
-from dropjax.evaluation.store import SettingStore, committed_rows, update_summary
+from dropjax.evaluation.store import (SettingStore, cached_calibration, committed_rows, digest,
+                                      update_summary)
 from dropjax.masks import DropSpec
 from dropjax.units import BUDGET_READINGS
 from dropjax.training import checkpoint as ckpt_lib
@@ -638,13 +641,20 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
   root = jax.random.PRNGKey(ev.seed)
   chunks_done_here = 0
   summaries = []
+  # What the entropy thresholds depend on besides the drop rate (the cache's key).
+  calibration_key = {"variables": digest(variables), "val": digest(data.val.x, data.val.y),
+                     "per_pixel": train_cfg.per_pixel, "num_masks": ev.num_masks,
+                     "max_drop": ev.max_drop, "rule": ev.calibration, "seed": ev.seed,
+                     "batch_size": ev.batch_size}
   for rate in rates:
     drop = DropSpec.fixed(rate, train_cfg.per_pixel)
     defend = make_defense_fn(logits_fn, drop, ev.num_masks)
-    thresholds = calibrate(defend, variables, data.val.x, data.val.y, ev.batch_size,
-                           jax.random.fold_in(root, 10**6), ev.max_drop,
-                           ev.calibration) if len(data.val) else {
-                               "single": float("inf"), "avg": float("inf")}
+    thresholds = cached_calibration(out_dir, {**calibration_key, "drop_rate": rate},
+                                    lambda: calibrate(
+                                        defend, variables, data.val.x, data.val.y,
+                                        ev.batch_size, jax.random.fold_in(root, 10**6),
+                                        ev.max_drop, ev.calibration)) if len(data.val) else {
+                                            "single": float("inf"), "avg": float("inf")}
     for eps in eps_list:
       variant = attack_variant(ev)
       sid = setting_id(ev.norm, eps, rate, ev.budget_reading, variant)
