@@ -19,7 +19,7 @@ mkdir -p "$RES/rows"
 for r in $RATES; do
   for norm in $NORMS; do
     python evaluate.py --workdir "$WD" --out "$OUT" --norm "$norm" --num_examples "$N" \
-      --drop_rates "$r" --rows_from "$RES/rows" --no_progress
+      --drop_rates "$r" --rows_from "$RES/rows" --no_progress "${stop_at_args[@]}"
     # saved after every setting: a run stopped part-way keeps what it finished
     save_summary "$OUT" "$RES/eval_summary_figs56.jsonl"
     save_rows "$OUT" "$RES"

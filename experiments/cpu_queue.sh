@@ -13,7 +13,10 @@
 #
 #   SAVE=1 bash experiments/cpu_queue.sh && git add experiments/results && git commit
 #
-# STEPS picks steps by number (default: all, in order).
+# STEPS picks steps by number (default: all, in order).  STOP_AT (an ISO 8601 time, e.g.
+# STOP_AT=$(date -d '+150 min' -Iseconds)) is the time by which the queue must be done:
+# the evaluations start no chunk they expect to end after it (experiments/lib.sh) and
+# move on to settings that still fit, and no step starts after it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
@@ -23,6 +26,10 @@ mkdir -p runs
 GTSRB_RES=experiments/results/gtsrb_resnet20_random_30ep
 CIFAR_RES=experiments/results/cifar10_resnet20_random_30ep
 for step in $STEPS; do
+  if [ -n "${STOP_AT:-}" ] && [ "$SAVE" != 1 ] && [ "$(date +%s)" -ge "$(date -d "$STOP_AT" +%s)" ]; then
+    echo "STOP_AT $STOP_AT has passed: steps from $step on not started" >&2
+    break
+  fi
   case "$step" in
     1)  # The strong column: Sparse-RS on 500 images at r = 0.9, then r = 0.5 (~29 s per image).
       if [ "$SAVE" = 1 ]; then

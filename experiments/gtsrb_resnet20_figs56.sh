@@ -27,7 +27,8 @@ mkdir -p "$RES/rows" "$RES_NORMAL/rows"
 for r in $RATES; do
   for norm in $NORMS; do
     python evaluate.py --workdir "$RANDOM_WD" --out "$OUT" --norm "$norm" --num_examples "$N" \
-      --drop_rates "$r" --budget_reading "$READING" --rows_from "$RES/rows" --no_progress
+      --drop_rates "$r" --budget_reading "$READING" --rows_from "$RES/rows" --no_progress \
+      "${stop_at_args[@]}"
     # saved after every setting: a run stopped part-way keeps what it finished
     save_summary "$OUT" "$RES/eval_summary_figs56.jsonl"
     save_rows "$OUT" "$RES"
@@ -37,7 +38,7 @@ done
 if [ "$NORMAL_TOO" = 1 ] && [ -d "$NORMAL_WD" ]; then
   for norm in linf l2 l0; do
     python evaluate.py --workdir "$NORMAL_WD" --out "$OUT_NORMAL" --norm "$norm" \
-      --num_examples "$N" --rows_from "$RES_NORMAL/rows" --no_progress
+      --num_examples "$N" --rows_from "$RES_NORMAL/rows" --no_progress "${stop_at_args[@]}"
     save_summary "$OUT_NORMAL" "$RES_NORMAL/eval_summary.jsonl"
     save_rows "$OUT_NORMAL" "$RES_NORMAL"
   done

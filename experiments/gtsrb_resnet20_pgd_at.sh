@@ -27,7 +27,7 @@ fi
 mkdir -p "$RES/rows"
 for norm in linf l2 l0; do
   python evaluate.py --workdir "pretrained/$name" --out "runs/$name-eval" --norm "$norm" \
-    --num_examples "$N" --rows_from "$RES/rows" --no_progress
+    --num_examples "$N" --rows_from "$RES/rows" --no_progress "${stop_at_args[@]}"
   # saved after every setting: a run stopped part-way keeps what it finished
   save_summary "runs/$name-eval" "$RES/eval_summary.jsonl"
   save_rows "runs/$name-eval" "$RES"

@@ -35,6 +35,7 @@ run() {
 }
 for r in $RATES; do
   common=(--workdir "$WD" --out "$OUT" --num_examples "$N" --drop_rates "$r" --no_progress
+          "${stop_at_args[@]}"
           --rows_from "$ROWS_FROM")
   for part in $PARTS; do
     case "$part" in

@@ -1,6 +1,12 @@
 # Shared by the experiment scripts (source it after `cd` to the repository root).
 : "${DROPJAX_DATA_DIR:=$PWD/.data}"; export DROPJAX_DATA_DIR
 
+# STOP_AT (an ISO 8601 time, e.g. `date -d '+150 min' -Iseconds`): the evaluations of the
+# scripts start no chunk they expect to end after it (evaluate.py --stop_at), so a session
+# that must end by then loses no half-computed chunk.  stop_at_args holds the flag.
+stop_at_args=()
+if [ -n "${STOP_AT:-}" ]; then stop_at_args=(--stop_at "$STOP_AT"); fi
+
 # save_rows OUT RES: every setting's per-example rows under OUT, gzipped into RES/rows/,
 # with the setting.json they were computed under (evaluate.py --rows_from RES/rows then
 # takes them up instead of recomputing them, e.g. to extend a run to more examples).
@@ -28,7 +34,7 @@ save_summary() {
   python - "$1/summary.jsonl" "$2" <<'PY'
 import json, os, sys
 from dropjax import files
-new = files.read_jsonl(sys.argv[1])
+new = files.read_jsonl(sys.argv[1]) if os.path.exists(sys.argv[1]) else []  # none finished
 old = files.read_jsonl(sys.argv[2]) if os.path.exists(sys.argv[2]) else []
 done = {r["setting"] for r in new}
 files.write_jsonl(sys.argv[2], [r for r in old if r["setting"] not in done] + new)

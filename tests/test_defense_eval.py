@@ -220,6 +220,51 @@ def test_calibration_is_kept_and_reused_only_under_the_same_key(tiny_workdir, tm
   assert rerun[0]["threshold_avg"] == 123.0 and rerun[1] == first[1] and len(calls) == 4
 
 
+def test_stop_at_starts_no_chunk_it_does_not_expect_to_finish(tiny_workdir, tmp_path, capsys):
+  import datetime
+  from dropjax.evaluation import store
+  now = datetime.datetime.now()
+  soon = (now + datetime.timedelta(hours=1)).isoformat(timespec="seconds")
+  cfg = ev_config(norm="l2", eps=[0.5])
+  out = str(tmp_path / "ev")
+  # Nothing timed yet and the deadline ahead: chunks start, and are timed.
+  assert evaluation.evaluate(tiny_workdir, dataclasses.replace(cfg, stop_at=soon), out,
+                             stop_after_chunks=1, progress=False) == []
+  [sid] = [d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))]
+  setting = store.SettingStore(out, sid)
+  [first] = setting.chunk_seconds()
+  assert first > 0
+  # A chunk expected to outlast the deadline does not start; the rows are untouched.
+  open(os.path.join(out, sid, store.TIMING_FILE), "w").write(
+      json.dumps({"chunk": 0, "seconds": 7200.0}) + "\n")
+  assert evaluation.evaluate(tiny_workdir, dataclasses.replace(cfg, stop_at=soon), out,
+                             progress=False) == []
+  assert "chunk 1 of " + sid + " not started" in capsys.readouterr().err
+  assert sorted(f for f in os.listdir(os.path.join(out, sid)) if f.startswith("chunk_0")) == [
+      "chunk_00000.jsonl"]
+  # Another setting of the same --out with no time of its own is expected to take the
+  # longest recorded there, so it does not start either; the next setting is tried.
+  two = dataclasses.replace(cfg, eps=[0.25, 0.5], stop_at=soon)
+  assert evaluation.evaluate(tiny_workdir, two, out, progress=False) == []
+  assert len([d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))]) == 2
+  # With time enough (and without a deadline) the setting finishes as one run would.
+  later = (now + datetime.timedelta(hours=3)).isoformat(timespec="seconds")
+  [done] = evaluation.evaluate(tiny_workdir, dataclasses.replace(cfg, stop_at=later), out,
+                               progress=False)
+  [whole] = evaluation.evaluate(tiny_workdir, cfg, str(tmp_path / "whole"), progress=False)
+  assert open(os.path.join(out, sid, "rows.jsonl")).read() == \
+      open(os.path.join(tmp_path / "whole", sid, "rows.jsonl")).read()
+  assert len(setting.chunk_seconds()) == 3  # the edited one, and chunks 1 and 2
+  # A deadline already passed starts nothing, timed or not.
+  past = (now - datetime.timedelta(minutes=1)).isoformat(timespec="seconds")
+  assert evaluation.evaluate(tiny_workdir, ev_config(norm="l2", eps=[0.5], stop_at=past),
+                             str(tmp_path / "fresh"), progress=False) == []
+  assert not os.path.exists(os.path.join(tmp_path / "fresh", sid, "chunk_00000.jsonl"))
+  for bad in ("noon", "2026-13-01T00:00"):
+    with pytest.raises(ValueError, match="ISO 8601"):
+      ev_config(stop_at=bad).validate()
+
+
 def test_digest_tells_arrays_apart():
   from dropjax.evaluation.store import digest
   a = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}

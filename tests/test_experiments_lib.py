@@ -29,3 +29,43 @@ def test_hardware_line_names_the_cpu_its_vector_width_and_cores(tmp_path):
   line = _lib("hardware_line", str(tmp_path))
   assert ("(AVX-512)" in line) or ("(AVX2)" in line)
   assert line.endswith(f", {len(os.sched_getaffinity(0))} cores")  # nproc: the usable cores
+
+
+def _lib_env(command: str, cwd: str, **env) -> str:
+  return subprocess.run(["bash", "-c", f'set -euo pipefail; source "{LIB}" && {command}'],
+                        cwd=cwd, check=True, capture_output=True, text=True,
+                        env={**os.environ, **env}).stdout.strip()
+
+
+def test_stop_at_reaches_the_scripts_evaluations_only_when_set(tmp_path):
+  show = 'printf "<%s>" "${stop_at_args[@]}"'
+  assert _lib_env(show, str(tmp_path), STOP_AT="2026-12-04T12:05") == \
+      "<--stop_at><2026-12-04T12:05>"
+  env = {k: v for k, v in os.environ.items() if k != "STOP_AT"}
+  out = subprocess.run(["bash", "-c", f'set -euo pipefail; source "{LIB}" && '
+                        'echo "n=${#stop_at_args[@]}"'], cwd=str(tmp_path), check=True,
+                       capture_output=True, text=True, env=env).stdout.strip()
+  assert out == "n=0"
+
+
+def test_save_summary_keeps_the_kept_rows_when_no_setting_finished(tmp_path):
+  """An evaluation stopped by --stop_at before any setting finished leaves no
+  summary.jsonl: the kept summary rows stay as they were."""
+  root = os.path.dirname(os.path.dirname(LIB))
+  kept = tmp_path / "kept.jsonl"
+  kept.write_text(json.dumps({"setting": "a", "x": 1}) + "\n")
+  (tmp_path / "out").mkdir()
+  _lib_env(f'save_summary "{tmp_path / "out"}" "{kept}"', root,
+           PYTHONPATH=root)
+  assert [json.loads(l) for l in kept.read_text().splitlines()] == [{"setting": "a", "x": 1}]
+  (tmp_path / "out" / "summary.jsonl").write_text(json.dumps({"setting": "b", "x": 2}) + "\n")
+  _lib_env(f'save_summary "{tmp_path / "out"}" "{kept}"', root, PYTHONPATH=root)
+  assert [json.loads(l)["setting"] for l in kept.read_text().splitlines()] == ["a", "b"]
+
+
+def test_cpu_queue_starts_no_step_after_stop_at(tmp_path):
+  root = os.path.dirname(os.path.dirname(LIB))
+  done = subprocess.run(["bash", os.path.join(root, "experiments", "cpu_queue.sh")],
+                        cwd=str(tmp_path), capture_output=True, text=True,
+                        env={**os.environ, "STOP_AT": "2020-01-01T00:00", "STEPS": "1 2 3 4 5"})
+  assert done.returncode == 0 and "steps from 1 on not started" in done.stderr

@@ -25,7 +25,9 @@ directory, so a resumed or completed setting reuses them
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -43,7 +45,7 @@ from dropjax.config import TrainConfig
 from dropjax.data import augment, load_dataset
 from dropjax.evaluation import worst_case
 from dropjax.evaluation.store import (SettingStore, cached_calibration, committed_rows, digest,
-                                      update_summary)
+                                      longest_chunk_seconds, update_summary)
 from dropjax.masks import DropSpec
 from dropjax.units import BUDGET_READINGS
 from dropjax.training import checkpoint as ckpt_lib
@@ -134,6 +136,14 @@ class EvalConfig:
                     "(--rows_from) the way they were begun", choices=CASCADE_CHOICES)
   cascade_batch: int = _f(10, "examples per attack call of the cascade (the attacks after "
                           "the first; at most --batch_size)")
+  stop_at: str | None = _f(None, "wall-clock deadline (ISO 8601, e.g. 2026-12-04T12:05 "
+                           "local time, or with a UTC offset): no chunk starts that is "
+                           "expected to end after it -- expected to take as long as the "
+                           "longest chunk this --out has timed for the setting, else for "
+                           "any setting (none timed yet: it starts while the deadline is "
+                           "ahead); the run then moves on to its next setting, and exits "
+                           "0 with what it finished. So a job that must end by a time "
+                           "loses no half-computed chunk")
   sanity: bool = _f(False, "run the gradient-masking sanity checks instead (large budget, "
                     "more steps, more EOT, black-box vs white-box, loss curve): "
                     "pass/fail rows in <out>/sanity/checks.jsonl")
@@ -188,7 +198,19 @@ class EvalConfig:
     for e in self.eps or ():
       if e < 0:
         raise ValueError(f"eps must be >= 0, got {e}")
+    if self.stop_at is not None:
+      deadline(self.stop_at)
     return self
+
+
+def deadline(stop_at: str) -> float:
+  """``--stop_at`` (ISO 8601; without a UTC offset: local time) as seconds
+  since the epoch."""
+  try:
+    return datetime.datetime.fromisoformat(stop_at).timestamp()
+  except (TypeError, ValueError):
+    raise ValueError(f"stop_at must be an ISO 8601 time such as 2026-12-04T12:05 or "
+                     f"2026-12-04T12:05+00:00, got {stop_at!r}") from None
 
 
 def default_drop_rate(train_cfg: TrainConfig, num_pixels: int) -> float:
@@ -214,7 +236,7 @@ def setting_id(norm: str, eps: float, rate: float, reading: str = "literal",
 # eps and rate; a larger num_examples only adds chunks (chunk c is the same
 # examples and randomness for any N); the sanity fields select another command.
 _OUTSIDE_ROWS = ("norm", "eps", "drop_rates", "num_examples", "sanity", "sanity_examples",
-                 "sanity_tolerance", "rows_from", "cascade", "cascade_batch")
+                 "sanity_tolerance", "rows_from", "cascade", "cascade_batch", "stop_at")
 # The attack's fields (irrelevant to a clean-accuracy setting, norm "none").
 _ATTACK_FIELDS = ("budget_reading", "attack", "queries", "step_size", "steps", "eot_samples",
                   "losses", "entropy_weight", "modes", "num_targets", "restarts",
@@ -606,6 +628,21 @@ def budget_columns(norm: str, eps: float, reading: str) -> dict:
           "eps_pixel01": scales["pixel01"]}
 
 
+def _fits_before(stop_at: str, store: SettingStore, out_dir: str, sid: str,
+                 chunk: int) -> bool:
+  """Whether chunk ``chunk`` of ``sid`` is expected to end before ``stop_at``
+  (:attr:`EvalConfig.stop_at`); says why not on stderr."""
+  left = deadline(stop_at) - time.time()
+  expected = max(store.chunk_seconds(), default=None)
+  if expected is None:
+    expected = longest_chunk_seconds(out_dir)
+  if left > (expected or 0.0):
+    return True
+  print(f"--stop_at {stop_at}: chunk {chunk} of {sid} not started ({left / 60:.1f} min left, "
+        f"a chunk here has taken up to {(expected or 0.0) / 60:.1f} min)", file=sys.stderr)
+  return False
+
+
 def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
              data_dir: str | None = None, source: str | None = None,
              stop_after_chunks: int | None = None, progress: bool | None = None,
@@ -675,7 +712,7 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
       n_chunks = -(-len(test) // ev.batch_size)
       bar = tqdm(total=n_chunks, desc=sid, unit="chunk", dynamic_ncols=True,
                  disable=None if progress is None else not progress)
-      attack_seconds, attacked = 0.0, 0
+      attack_seconds, attacked, stopped_early = 0.0, 0, False
       for c, (batch, n_valid) in enumerate(inference.padded_batches(
           {"image": test.x, "label": test.y}, ev.batch_size)):
         if store.has_chunk(c):
@@ -684,6 +721,9 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
         if stop_after_chunks is not None and chunks_done_here >= stop_after_chunks:
           bar.close()
           return summaries
+        if ev.stop_at is not None and not _fits_before(ev.stop_at, store, out_dir, sid, c):
+          stopped_early = True
+          break
         t0 = time.perf_counter()
         cols = jax.block_until_ready(evaluate_chunk(
             jax.random.fold_in(root, c), defend, attacks, variables, batch, thresholds,
@@ -692,9 +732,12 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
           attack_seconds += time.perf_counter() - t0
           attacked += n_valid
         store.write_chunk(c, [{**row, **budget} for row in _rows(cols, n_valid)])
+        store.record_seconds(c, time.perf_counter() - t0)
         chunks_done_here += 1
         bar.update(1)
       bar.close()
+      if stopped_early:
+        continue
       rows_all = store.merge(n_chunks)
       summary = {"setting": sid, "workdir": files.recorded_path(workdir),
                  "dataset": train_cfg.dataset, "depth": train_cfg.depth,

@@ -5,6 +5,8 @@ Layout under the output directory ``out`` (default ``<workdir>/eval``)::
     out/<setting>/setting.json        what besides the id determines the rows
     out/<setting>/chunk_00000.jsonl   one row per example of chunk 0 (atomic)
     out/<setting>/rows.jsonl          all rows of the setting, once every chunk exists
+    out/<setting>/chunk_seconds.jsonl how long each chunk computed here took (wall
+                                      seconds; for ``--stop_at``, not part of the rows)
     out/summary.jsonl                 one summary row per setting (replaced, not appended)
     out/calibration.jsonl             the entropy thresholds calibrated so far, by what
                                       determines them (:func:`cached_calibration`)
@@ -40,6 +42,7 @@ SUMMARY_FILE = "summary.jsonl"
 ROWS_FILE = "rows.jsonl"
 CONFIG_FILE = "setting.json"
 CALIBRATION_FILE = "calibration.jsonl"
+TIMING_FILE = "chunk_seconds.jsonl"
 
 
 def _differences(a: dict, b: dict, a_name: str, b_name: str) -> str:
@@ -121,6 +124,17 @@ class SettingStore:
   def write_chunk(self, chunk: int, rows: list[dict]) -> None:
     files.write_jsonl(self.chunk_path(chunk), rows)
 
+  def record_seconds(self, chunk: int, seconds: float) -> None:
+    """Adds how long computing ``chunk`` took (wall seconds, compilation included)."""
+    path = os.path.join(self.directory, TIMING_FILE)
+    rows = files.read_jsonl(path) if os.path.exists(path) else []
+    files.write_jsonl(path, rows + [{"chunk": chunk, "seconds": round(seconds, 3)}])
+
+  def chunk_seconds(self) -> list[float]:
+    """The recorded chunk times of this setting (wall seconds)."""
+    path = os.path.join(self.directory, TIMING_FILE)
+    return [r["seconds"] for r in files.read_jsonl(path)] if os.path.exists(path) else []
+
   def merge(self, num_chunks: int) -> list[dict]:
     """All rows, chunk by chunk, also written to ``rows.jsonl``."""
     rows = []
@@ -146,6 +160,14 @@ def committed_rows(rows_dir: str, setting: str) -> tuple[list[dict], dict | None
     with open(base + ".setting.json") as f:
       config = json.load(f)
   return rows, config
+
+
+def longest_chunk_seconds(out_dir: str) -> float | None:
+  """The longest chunk time recorded for any setting under ``out_dir`` (wall
+  seconds; ``None``: none recorded)."""
+  times = [SettingStore(out_dir, d).chunk_seconds() for d in sorted(os.listdir(out_dir))
+           if os.path.isfile(os.path.join(out_dir, d, TIMING_FILE))]
+  return max((t for ts in times for t in ts), default=None)
 
 
 def update_summary(out_dir: str, row: dict) -> None:
