@@ -19,8 +19,8 @@ save_rows() {
     name=$(basename "$d")
     if [ -f "$d/rows.jsonl" ]; then
       gzip -9 -n -c "$d/rows.jsonl" > "$2/rows/$name.rows.jsonl.gz"
-    elif compgen -G "$d/chunk_*.jsonl" > /dev/null; then
-      cat "$d"/chunk_*.jsonl | gzip -9 -n -c > "$2/rows/$name.rows.jsonl.gz"
+    elif compgen -G "$d/chunk_[0-9]*.jsonl" > /dev/null; then
+      cat "$d"/chunk_[0-9]*.jsonl | gzip -9 -n -c > "$2/rows/$name.rows.jsonl.gz"
     else
       continue
     fi

@@ -176,7 +176,7 @@ def test_resume_by_chunk_gives_identical_rows(tiny_workdir, tmp_path):
   assert evaluation.evaluate(tiny_workdir, cfg, b, stop_after_chunks=2, progress=False) == []
   [sid] = [d for d in os.listdir(b) if os.path.isdir(os.path.join(b, d))]
   assert sorted(os.listdir(os.path.join(b, sid))) == ["chunk_00000.jsonl", "chunk_00001.jsonl",
-                                                     "setting.json"]
+                                                     "setting.json", "timing.jsonl"]
   evaluation.evaluate(tiny_workdir, cfg, b, progress=False)
   ra = open(os.path.join(a, sid, "rows.jsonl")).read()
   rb = open(os.path.join(b, sid, "rows.jsonl")).read()

@@ -5,7 +5,7 @@ Layout under the output directory ``out`` (default ``<workdir>/eval``)::
     out/<setting>/setting.json        what besides the id determines the rows
     out/<setting>/chunk_00000.jsonl   one row per example of chunk 0 (atomic)
     out/<setting>/rows.jsonl          all rows of the setting, once every chunk exists
-    out/<setting>/chunk_seconds.jsonl how long each chunk computed here took (wall
+    out/<setting>/timing.jsonl        how long each chunk computed here took (wall
                                       seconds; for ``--stop_at``, not part of the rows)
     out/summary.jsonl                 one summary row per setting (replaced, not appended)
     out/calibration.jsonl             the entropy thresholds calibrated so far, by what
@@ -42,7 +42,7 @@ SUMMARY_FILE = "summary.jsonl"
 ROWS_FILE = "rows.jsonl"
 CONFIG_FILE = "setting.json"
 CALIBRATION_FILE = "calibration.jsonl"
-TIMING_FILE = "chunk_seconds.jsonl"
+TIMING_FILE = "timing.jsonl"
 
 
 def _differences(a: dict, b: dict, a_name: str, b_name: str) -> str:
