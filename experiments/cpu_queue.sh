@@ -3,10 +3,11 @@
 # time, in the reproduction issue's fill order.  Every step resumes where it stopped
 # (evaluations by chunk, from runs/ or from the rows committed under
 # experiments/results/; training from its last epoch checkpoint in runs/), and a step
-# already done costs only its threshold calibrations and figures (a few minutes), so
-# each session re-launches the whole queue at its start:
+# already done costs a few minutes (its figures, and its threshold calibrations where
+# runs/ does not keep them yet), so each session re-launches the whole queue at its start:
 #
-#   nohup nice -n 19 bash experiments/cpu_queue.sh > runs/cpu_queue.log 2>&1 &
+#   STOP_AT=$(date -d '+150 min' -Iseconds) nohup nice -n 19 bash experiments/cpu_queue.sh \
+#     > runs/cpu_queue.log 2>&1 &
 #
 # and, before it ends, keeps the finished chunks of the setting still running and
 # commits them (SAVE=1 does only that, for every evaluation step below):
