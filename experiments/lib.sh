@@ -29,15 +29,16 @@ save_rows() {
 }
 
 # save_summary OUT RES_FILE: OUT's summary rows into RES_FILE, replacing the rows of the
-# same settings and keeping the others (a run of some of the settings loses none).
+# same settings and keeping the others (a run of some of the settings loses none; a
+# re-run that computed no chunk keeps the attack time of the run that did).
 save_summary() {
   python - "$1/summary.jsonl" "$2" <<'PY'
-import json, os, sys
+import os, sys
 from dropjax import files
+from dropjax.evaluation import store
 new = files.read_jsonl(sys.argv[1]) if os.path.exists(sys.argv[1]) else []  # none finished
 old = files.read_jsonl(sys.argv[2]) if os.path.exists(sys.argv[2]) else []
-done = {r["setting"] for r in new}
-files.write_jsonl(sys.argv[2], [r for r in old if r["setting"] not in done] + new)
+files.write_jsonl(sys.argv[2], store.replace_summaries(old, new))
 PY
 }
 

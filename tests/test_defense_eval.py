@@ -251,6 +251,9 @@ def test_stop_at_starts_no_chunk_it_does_not_expect_to_finish(tiny_workdir, tmp_
   later = (now + datetime.timedelta(hours=3)).isoformat(timespec="seconds")
   [done] = evaluation.evaluate(tiny_workdir, dataclasses.replace(cfg, stop_at=later), out,
                                progress=False)
+  assert done["attack_seconds_this_run"] > 0
+  [again] = evaluation.evaluate(tiny_workdir, cfg, out, progress=False)  # nothing to compute:
+  assert again == done  # the time of the run that computed the chunks is kept
   [whole] = evaluation.evaluate(tiny_workdir, cfg, str(tmp_path / "whole"), progress=False)
   assert open(os.path.join(out, sid, "rows.jsonl")).read() == \
       open(os.path.join(tmp_path / "whole", sid, "rows.jsonl")).read()

@@ -63,6 +63,31 @@ def test_save_summary_keeps_the_kept_rows_when_no_setting_finished(tmp_path):
   assert [json.loads(l)["setting"] for l in kept.read_text().splitlines()] == ["a", "b"]
 
 
+def test_save_summary_keeps_the_attack_time_of_the_run_that_computed_the_rows(tmp_path):
+  root = os.path.dirname(os.path.dirname(LIB))
+  timed = {"attack_seconds_this_run": 400.0, "attack_images_per_s": 2.5}
+  kept = tmp_path / "kept.jsonl"
+  kept.write_text("".join(json.dumps(r) + "\n" for r in [
+      {"setting": "a", "num_examples": 1000, "robust": 0.1, **timed},
+      {"setting": "b", "num_examples": 500, "robust": 0.2, **timed}]))
+  (tmp_path / "out").mkdir()
+  # a re-run of a (nothing computed: no time) and b extended to 1,000 images elsewhere
+  (tmp_path / "out" / "summary.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+      {"setting": "a", "num_examples": 1000, "robust": 0.1},
+      {"setting": "b", "num_examples": 1000, "robust": 0.3}]))
+  _lib_env(f'save_summary "{tmp_path / "out"}" "{kept}"', root, PYTHONPATH=root)
+  rows = {r["setting"]: r for r in map(json.loads, kept.read_text().splitlines())}
+  assert rows["a"] == {"setting": "a", "num_examples": 1000, "robust": 0.1, **timed}
+  assert rows["b"] == {"setting": "b", "num_examples": 1000, "robust": 0.3}  # other rows
+  # a run that timed its own chunks reports its own time
+  (tmp_path / "out" / "summary.jsonl").write_text(json.dumps(
+      {"setting": "a", "num_examples": 1000, "robust": 0.1, "attack_seconds_this_run": 9.0,
+       "attack_images_per_s": 1.0}) + "\n")
+  _lib_env(f'save_summary "{tmp_path / "out"}" "{kept}"', root, PYTHONPATH=root)
+  rows = {r["setting"]: r for r in map(json.loads, kept.read_text().splitlines())}
+  assert rows["a"]["attack_seconds_this_run"] == 9.0 and rows["a"]["attack_images_per_s"] == 1.0
+
+
 def test_cpu_queue_starts_no_step_after_stop_at(tmp_path):
   root = os.path.dirname(os.path.dirname(LIB))
   done = subprocess.run(["bash", os.path.join(root, "experiments", "cpu_queue.sh")],

@@ -755,6 +755,5 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
       if attacked:
         summary["attack_seconds_this_run"] = attack_seconds
         summary["attack_images_per_s"] = attacked / max(attack_seconds, 1e-9)
-      update_summary(out_dir, summary)
-      summaries.append(summary)
+      summaries.append(update_summary(out_dir, summary))
   return summaries

@@ -170,12 +170,36 @@ def longest_chunk_seconds(out_dir: str) -> float | None:
   return max((t for ts in times for t in ts), default=None)
 
 
-def update_summary(out_dir: str, row: dict) -> None:
-  """Replaces the row of ``row["setting"]`` in ``out_dir/summary.jsonl``."""
+# How fast a setting's attacks ran, known only to the run that computed its chunks.
+TIME_FIELDS = ("attack_seconds_this_run", "attack_images_per_s")
+
+
+def replace_summaries(old: list[dict], new: list[dict]) -> list[dict]:
+  """``old`` summary rows with those of ``new``'s settings replaced by ``new``'s.
+
+  A new row that lacks the attack time (:data:`TIME_FIELDS`: a re-run that
+  computed no chunk, every one kept or imported) keeps the replaced row's, when
+  both cover the same examples -- the time of the run that computed them."""
+  before = {r["setting"]: r for r in old}
+  kept = []
+  for row in new:
+    prev = before.get(row["setting"], {})
+    if (not any(k in row for k in TIME_FIELDS)
+        and prev.get("num_examples") == row.get("num_examples")):
+      row = {**row, **{k: prev[k] for k in TIME_FIELDS if k in prev}}
+    kept.append(row)
+  done = {r["setting"] for r in new}
+  return [r for r in old if r["setting"] not in done] + kept
+
+
+def update_summary(out_dir: str, row: dict) -> dict:
+  """Replaces the row of ``row["setting"]`` in ``out_dir/summary.jsonl``
+  (:func:`replace_summaries`); returns the row as written."""
   path = os.path.join(out_dir, SUMMARY_FILE)
-  rows = [r for r in (files.read_jsonl(path) if os.path.exists(path) else [])
-          if r["setting"] != row["setting"]]
-  files.write_jsonl(path, rows + [row])
+  old = files.read_jsonl(path) if os.path.exists(path) else []
+  rows = replace_summaries(old, [row])
+  files.write_jsonl(path, rows)
+  return rows[-1]
 
 
 def read_summaries(paths: list[str]) -> list[dict]:
