@@ -220,6 +220,31 @@ def test_calibration_is_kept_and_reused_only_under_the_same_key(tiny_workdir, tm
   assert rerun[0]["threshold_avg"] == 123.0 and rerun[1] == first[1] and len(calls) == 4
 
 
+def test_kept_calibration_is_used_before_computing_and_copied_to_out(tmp_path):
+  from dropjax.evaluation import store
+  out, kept = str(tmp_path / "out"), str(tmp_path / "kept")
+  os.makedirs(out)
+  calls = []
+  compute = lambda: calls.append(1) or {"avg": 1.0, "single": 2.0}
+  assert store.cached_calibration(out, {"r": 0.5}, compute, kept_dir=kept) == {
+      "avg": 1.0, "single": 2.0}  # nothing kept (no file): computed
+  os.makedirs(kept)
+  open(os.path.join(kept, store.CALIBRATION_FILE), "w").write(
+      json.dumps({"key": {"r": 0.9}, "calibration": {"avg": 7.0, "single": 8.0}}) + "\n")
+  assert store.cached_calibration(out, {"r": 0.9}, compute, kept_dir=kept) == {
+      "avg": 7.0, "single": 8.0}
+  assert len(calls) == 1
+  # Now in out: used from there even without the kept directory.
+  assert store.cached_calibration(out, {"r": 0.9}, compute) == {"avg": 7.0, "single": 8.0}
+  assert len(calls) == 1
+  assert store.merge_calibrations(out, kept) == 1  # r = 0.5 joins; r = 0.9 was kept
+  assert store.merge_calibrations(out, kept) == 0
+  assert [json.loads(l)["key"] for l in open(os.path.join(kept, store.CALIBRATION_FILE))] == [
+      {"r": 0.9}, {"r": 0.5}]
+  assert store.merge_calibrations(str(tmp_path / "none"), str(tmp_path / "new")) == 0
+  assert not os.path.exists(str(tmp_path / "new"))
+
+
 def test_stop_at_starts_no_chunk_it_does_not_expect_to_finish(tiny_workdir, tmp_path, capsys):
   import datetime
   from dropjax.evaluation import store
@@ -318,26 +343,48 @@ def test_kept_rows_extend_to_more_examples_as_one_run(tiny_workdir, tmp_path):
                         str(tmp_path / "d"), progress=False)
 
 
-def test_lib_sh_save_rows_keeps_a_running_settings_chunks(tiny_workdir, tmp_path):
+def test_lib_sh_save_rows_keeps_a_running_settings_chunks(tiny_workdir, tmp_path, monkeypatch):
   """experiments/lib.sh save_rows on a setting stopped after one chunk keeps that
-  chunk; --rows_from then resumes it to the uninterrupted run's rows."""
+  chunk and the thresholds it was decided with; --rows_from then resumes it to the
+  uninterrupted run's rows, with those thresholds, calibrating nothing."""
   import subprocess
+  from dropjax.evaluation import protocol, store
   cfg = ev_config(norm="l2", eps=[0.5], num_examples=40)
   a, part, keep, b = (str(tmp_path / n) for n in ("a", "part", "keep", "b"))
   [whole] = evaluation.evaluate(tiny_workdir, cfg, a, progress=False)
   sid = whole["setting"]
   assert evaluation.evaluate(tiny_workdir, cfg, part, stop_after_chunks=1, progress=False) == []
   assert not os.path.exists(os.path.join(part, sid, "rows.jsonl"))
-  lib = os.path.join(os.path.dirname(__file__), "..", "experiments", "lib.sh")
-  subprocess.run(["bash", "-c", f'source "{lib}" && save_rows "{part}" "{keep}"'], check=True)
-  assert sorted(os.listdir(os.path.join(keep, "rows"))) == [sid + ".rows.jsonl.gz",
-                                                           sid + ".setting.json"]
-  resumed = ev_config(norm="l2", eps=[0.5], num_examples=40, rows_from=os.path.join(keep, "rows"))
+  lib = os.path.join(ROOT, "experiments", "lib.sh")
+  save = ["bash", "-c", f'source "{lib}" && save_rows "{part}" "{keep}"']
+  subprocess.run(save, check=True, cwd=ROOT)
+  rows_dir = os.path.join(keep, "rows")
+  assert sorted(os.listdir(rows_dir)) == sorted([sid + ".rows.jsonl.gz", sid + ".setting.json",
+                                                 store.CALIBRATION_FILE])
+  kept_cal = open(os.path.join(rows_dir, store.CALIBRATION_FILE)).read()
+  assert kept_cal == open(os.path.join(part, store.CALIBRATION_FILE)).read()
+  # Saving again adds nothing; entries already kept are not replaced by another run's.
+  other = str(tmp_path / "other")
+  os.makedirs(other)
+  entry = json.loads(kept_cal)
+  open(os.path.join(other, store.CALIBRATION_FILE), "w").write(
+      json.dumps({**entry, "calibration": {**entry["calibration"], "avg": -1.0}}) + "\n"
+      + json.dumps({**entry, "key": {**entry["key"], "drop_rate": 0.25}}) + "\n")
+  subprocess.run(save, check=True, cwd=ROOT)
+  subprocess.run(["bash", "-c", f'source "{lib}" && save_rows "{other}" "{keep}"'], check=True,
+                 cwd=ROOT)
+  kept = [json.loads(l) for l in open(os.path.join(rows_dir, store.CALIBRATION_FILE))]
+  assert kept[0] == entry and [e["key"]["drop_rate"] for e in kept] == [
+      entry["key"]["drop_rate"], 0.25]
+  # Another machine resumes with the kept thresholds: no calibration pass.
+  monkeypatch.setattr(protocol, "calibrate", lambda *a, **k: pytest.fail("recalibrated"))
+  resumed = ev_config(norm="l2", eps=[0.5], num_examples=40, rows_from=rows_dir)
   assert evaluation.evaluate(tiny_workdir, resumed, b, stop_after_chunks=0, progress=False) == []
   assert os.path.exists(os.path.join(b, sid, "chunk_00000.jsonl"))  # taken up, not recomputed
-  evaluation.evaluate(tiny_workdir, resumed, b, progress=False)
+  [extended] = evaluation.evaluate(tiny_workdir, resumed, b, progress=False)
   assert (open(os.path.join(a, sid, "rows.jsonl")).read()
           == open(os.path.join(b, sid, "rows.jsonl")).read())
+  assert extended["threshold_avg"] == entry["calibration"]["avg"] == whole["threshold_avg"]
 
 
 # A defense and attacks that read their answer off the image, for the cascade: pixel (1, 1)

@@ -126,7 +126,8 @@ class EvalConfig:
                              "and <setting>.setting.json, as experiments/lib.sh save_rows "
                              "keeps them): the chunks they hold in full are taken from there "
                              "instead of recomputed, e.g. to extend a committed evaluation "
-                             "to more examples")
+                             "to more examples; the entropy thresholds kept there "
+                             "(calibration.jsonl) are used where their key matches")
   cascade: str = _f("auto", "run every attack configuration after the first only on the "
                     "examples no earlier one broke in every draw for every metric (their "
                     "worst case is final: no attack can raise it, and ties go to the "
@@ -686,12 +687,14 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
   for rate in rates:
     drop = DropSpec.fixed(rate, train_cfg.per_pixel)
     defend = make_defense_fn(logits_fn, drop, ev.num_masks)
-    thresholds = cached_calibration(out_dir, {**calibration_key, "drop_rate": rate},
-                                    lambda: calibrate(
-                                        defend, variables, data.val.x, data.val.y,
-                                        ev.batch_size, jax.random.fold_in(root, 10**6),
-                                        ev.max_drop, ev.calibration)) if len(data.val) else {
-                                            "single": float("inf"), "avg": float("inf")}
+    if len(data.val):
+      thresholds = cached_calibration(
+          out_dir, {**calibration_key, "drop_rate": rate},
+          lambda: calibrate(defend, variables, data.val.x, data.val.y, ev.batch_size,
+                            jax.random.fold_in(root, 10**6), ev.max_drop, ev.calibration),
+          kept_dir=ev.rows_from)
+    else:
+      thresholds = {"single": float("inf"), "avg": float("inf")}
     for eps in eps_list:
       variant = attack_variant(ev)
       sid = setting_id(ev.norm, eps, rate, ev.budget_reading, variant)

@@ -19,7 +19,9 @@ naming the fields, instead of mixing rows of two configurations.
 Committed rows (``<setting>.rows.jsonl.gz`` beside ``<setting>.setting.json``,
 as ``experiments/lib.sh`` ``save_rows`` keeps them) can seed the chunks of a
 fresh output directory (:func:`committed_rows`, :meth:`SettingStore.import_rows`),
-so an evaluation extended to more examples computes only the new chunks.
+so an evaluation extended to more examples computes only the new chunks; the
+``calibration.jsonl`` kept beside them (:func:`merge_calibrations`) gives it the
+thresholds those chunks were decided with.
 Imported chunks hold the same protocol and keys as recomputed ones, but not
 always the same bits: on another CPU, float rounding (~1e-9 in the clean
 entropies) can send an attack's iterates elsewhere (measured: chunk 0 of the
@@ -225,9 +227,16 @@ def digest(*trees) -> str:
   return h.hexdigest()
 
 
-def cached_calibration(out_dir: str, key: dict, compute: Callable[[], dict]) -> dict:
+def _calibrations(path: str) -> list[dict]:
+  return files.read_jsonl(path) if os.path.exists(path) else []
+
+
+def cached_calibration(out_dir: str, key: dict, compute: Callable[[], dict],
+                       kept_dir: str | None = None) -> dict:
   """The calibration (a JSON-ready dict) stored under ``key`` in
-  ``out_dir/calibration.jsonl``, else ``compute()``, stored there.
+  ``out_dir/calibration.jsonl``, else the one kept under ``key`` in
+  ``kept_dir/calibration.jsonl`` (committed beside the rows, :func:`merge_calibrations`),
+  else ``compute()``; what is not in ``out_dir`` yet is stored there.
 
   ``key`` (JSON-ready) must hold everything the calibration depends on (the
   model's and the validation split's :func:`digest`, the drop rate, the keys'
@@ -236,10 +245,30 @@ def cached_calibration(out_dir: str, key: dict, compute: Callable[[], dict]) -> 
   setting whose chunks all exist costs no calibration pass."""
   key = json.loads(json.dumps(key))
   path = os.path.join(out_dir, CALIBRATION_FILE)
-  entries = files.read_jsonl(path) if os.path.exists(path) else []
+  entries = _calibrations(path)
   for entry in entries:
     if entry.get("key") == key:
       return entry["calibration"]
-  value = compute()
+  kept = _calibrations(os.path.join(kept_dir, CALIBRATION_FILE)) if kept_dir else []
+  value = next((e["calibration"] for e in kept if e.get("key") == key), None)
+  if value is None:
+    value = compute()
   files.write_jsonl(path, entries + [{"key": key, "calibration": value}])
   return json.loads(json.dumps(value))
+
+
+def merge_calibrations(src_dir: str, dst_dir: str) -> int:
+  """Adds the calibrations of ``src_dir/calibration.jsonl`` whose key
+  ``dst_dir/calibration.jsonl`` lacks to it (kept entries win: the rows kept
+  beside them were decided with those); returns how many were added.  Committed
+  with the rows, they let another machine extend an evaluation with the
+  thresholds its first chunks used (float rounding differs across CPUs)."""
+  dst = os.path.join(dst_dir, CALIBRATION_FILE)
+  kept = _calibrations(dst)
+  keys = [e["key"] for e in kept]
+  new = [e for e in _calibrations(os.path.join(src_dir, CALIBRATION_FILE))
+         if e["key"] not in keys]
+  if new:
+    os.makedirs(dst_dir, exist_ok=True)
+    files.write_jsonl(dst, kept + new)
+  return len(new)
