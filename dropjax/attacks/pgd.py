@@ -178,7 +178,8 @@ def make_pgd(logits_fn: Callable, config: AttackConfig, *, unroll: int | bool = 
   The returned function takes ``x`` float (B, H, W, C) in [-1, 1] and ``y``
   int (B,); called with concrete arrays it raises ``ValueError`` for images
   outside [-1, 1] or not finite and for labels that are not class indices
-  (:mod:`dropjax.contracts`; under ``jit`` only shapes and dtypes are checked).  For targeted attacks ``target`` (B,) is the class to reach; when
+  (:mod:`dropjax.contracts`; under ``jit`` only shapes and dtypes are checked).
+  For targeted attacks ``target`` (B,) is the class to reach; when
   omitted a random wrong class is drawn from ``key``.  ``start`` (shape of
   ``x``), when given, is where the steps begin (projected onto the threat
   model) instead of the random start: adversarial training draws it per
