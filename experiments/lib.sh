@@ -13,11 +13,12 @@ if [ -n "${STOP_AT:-}" ]; then stop_at_args=(--stop_at "$STOP_AT"); fi
 # A setting still running (no rows.jsonl yet) keeps its finished chunks, in order, so a
 # session that ends mid-setting loses at most one chunk: --rows_from resumes from them.
 # OUT's entropy thresholds join RES/rows/calibration.jsonl (kept entries win), so
-# another CPU extends the rows with the thresholds they were decided with.
+# another CPU extends the rows with the thresholds they were decided with, and each
+# setting's chunk times RES/rows/<setting>.timing.jsonl (for --stop_at's estimate there).
 save_rows() {
   mkdir -p "$2/rows"
   python -c 'import sys; from dropjax.evaluation import store
-store.merge_calibrations(sys.argv[1], sys.argv[2])' "$1" "$2/rows"
+store.keep_records(sys.argv[1], sys.argv[2])' "$1" "$2/rows"
   local d name
   for d in "$1"/*/; do
     name=$(basename "$d")

@@ -360,7 +360,9 @@ def test_lib_sh_save_rows_keeps_a_running_settings_chunks(tiny_workdir, tmp_path
   subprocess.run(save, check=True, cwd=ROOT)
   rows_dir = os.path.join(keep, "rows")
   assert sorted(os.listdir(rows_dir)) == sorted([sid + ".rows.jsonl.gz", sid + ".setting.json",
-                                                 store.CALIBRATION_FILE])
+                                                 sid + ".timing.jsonl", store.CALIBRATION_FILE])
+  assert (open(os.path.join(rows_dir, sid + ".timing.jsonl")).read()
+          == open(os.path.join(part, sid, store.TIMING_FILE)).read())
   kept_cal = open(os.path.join(rows_dir, store.CALIBRATION_FILE)).read()
   assert kept_cal == open(os.path.join(part, store.CALIBRATION_FILE)).read()
   # Saving again adds nothing; entries already kept are not replaced by another run's.
@@ -381,10 +383,19 @@ def test_lib_sh_save_rows_keeps_a_running_settings_chunks(tiny_workdir, tmp_path
   resumed = ev_config(norm="l2", eps=[0.5], num_examples=40, rows_from=rows_dir)
   assert evaluation.evaluate(tiny_workdir, resumed, b, stop_after_chunks=0, progress=False) == []
   assert os.path.exists(os.path.join(b, sid, "chunk_00000.jsonl"))  # taken up, not recomputed
+  # ... with its time, which --stop_at's estimate on this machine reads.
+  [kept_time] = [json.loads(l)["seconds"] for l in open(os.path.join(rows_dir,
+                                                                    sid + ".timing.jsonl"))]
+  assert store.SettingStore(b, sid).chunk_seconds() == [kept_time]
   [extended] = evaluation.evaluate(tiny_workdir, resumed, b, progress=False)
   assert (open(os.path.join(a, sid, "rows.jsonl")).read()
           == open(os.path.join(b, sid, "rows.jsonl")).read())
   assert extended["threshold_avg"] == entry["calibration"]["avg"] == whole["threshold_avg"]
+  # Saved again: the chunks timed in b join the kept time of chunk 0, in chunk order.
+  subprocess.run(["bash", "-c", f'source "{lib}" && save_rows "{b}" "{keep}"'], check=True,
+                 cwd=ROOT)
+  timed = [json.loads(l) for l in open(os.path.join(rows_dir, sid + ".timing.jsonl"))]
+  assert [t["chunk"] for t in timed] == [0, 1, 2] and timed[0]["seconds"] == kept_time
 
 
 # A defense and attacks that read their answer off the image, for the cascade: pixel (1, 1)

@@ -44,7 +44,8 @@ from dropjax.attacks import norms as norms_lib
 from dropjax.config import TrainConfig
 from dropjax.data import augment, load_dataset
 from dropjax.evaluation import worst_case
-from dropjax.evaluation.store import (SettingStore, cached_calibration, committed_rows, digest,
+from dropjax.evaluation.store import (SettingStore, cached_calibration, committed_rows,
+                                      committed_timing, digest,
                                       longest_chunk_seconds, update_summary)
 from dropjax.masks import DropSpec
 from dropjax.units import BUDGET_READINGS
@@ -706,6 +707,7 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
       store = SettingStore(out_dir, sid, row_config(ev, cascade))
       if kept:
         store.import_rows(kept[0][:len(test)], ev.batch_size, kept[1])
+        store.import_timing(committed_timing(ev.rows_from, sid))
       attacks = []
       if ev.norm != "none":
         attacks = [Attack(name, compile_attack(logits_fn, c, backend), rank)

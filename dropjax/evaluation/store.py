@@ -20,8 +20,9 @@ Committed rows (``<setting>.rows.jsonl.gz`` beside ``<setting>.setting.json``,
 as ``experiments/lib.sh`` ``save_rows`` keeps them) can seed the chunks of a
 fresh output directory (:func:`committed_rows`, :meth:`SettingStore.import_rows`),
 so an evaluation extended to more examples computes only the new chunks; the
-``calibration.jsonl`` kept beside them (:func:`merge_calibrations`) gives it the
-thresholds those chunks were decided with.
+``calibration.jsonl`` kept beside them (:func:`keep_records`) gives it the
+thresholds those chunks were decided with, and ``<setting>.timing.jsonl`` their
+chunk times (``--stop_at``'s estimate on a machine that has not timed one yet).
 Imported chunks hold the same protocol and keys as recomputed ones, but not
 always the same bits: on another CPU, float rounding (~1e-9 in the clean
 entropies) can send an attack's iterates elsewhere (measured: chunk 0 of the
@@ -137,6 +138,14 @@ class SettingStore:
     path = os.path.join(self.directory, TIMING_FILE)
     return [r["seconds"] for r in files.read_jsonl(path)] if os.path.exists(path) else []
 
+  def import_timing(self, rows: list[dict]) -> None:
+    """Takes the chunk times ``rows`` (``{"chunk", "seconds"}``, kept beside
+    committed rows by :func:`keep_records`) when this setting has none of its
+    own, so ``--stop_at`` can estimate a chunk on a machine that never ran one."""
+    path = os.path.join(self.directory, TIMING_FILE)
+    if rows and not os.path.exists(path):
+      files.write_jsonl(path, [{"chunk": r["chunk"], "seconds": r["seconds"]} for r in rows])
+
   def merge(self, num_chunks: int) -> list[dict]:
     """All rows, chunk by chunk, also written to ``rows.jsonl``."""
     rows = []
@@ -162,6 +171,13 @@ def committed_rows(rows_dir: str, setting: str) -> tuple[list[dict], dict | None
     with open(base + ".setting.json") as f:
       config = json.load(f)
   return rows, config
+
+
+def committed_timing(rows_dir: str, setting: str) -> list[dict]:
+  """The chunk times of ``setting`` kept in ``rows_dir`` (``<setting>.timing.jsonl``,
+  :func:`keep_records`; ``[]`` if none)."""
+  path = os.path.join(rows_dir, setting + ".timing.jsonl")
+  return files.read_jsonl(path) if os.path.exists(path) else []
 
 
 def longest_chunk_seconds(out_dir: str) -> float | None:
@@ -272,3 +288,22 @@ def merge_calibrations(src_dir: str, dst_dir: str) -> int:
     os.makedirs(dst_dir, exist_ok=True)
     files.write_jsonl(dst, kept + new)
   return len(new)
+
+
+def keep_records(out_dir: str, rows_dir: str) -> None:
+  """Keeps beside the committed rows in ``rows_dir`` what besides the rows a
+  later run on another machine needs: the calibrations (:func:`merge_calibrations`)
+  and each setting's chunk times (``<setting>.timing.jsonl``; a chunk timed in
+  ``out_dir`` replaces its kept time, the others stay)."""
+  if not os.path.isdir(out_dir):
+    return
+  merge_calibrations(out_dir, rows_dir)
+  for setting in sorted(os.listdir(out_dir)):
+    timing = os.path.join(out_dir, setting, TIMING_FILE)
+    if not os.path.isfile(timing):
+      continue
+    new = files.read_jsonl(timing)
+    chunks = {r["chunk"] for r in new}
+    kept = [r for r in committed_timing(rows_dir, setting) if r["chunk"] not in chunks]
+    files.write_jsonl(os.path.join(rows_dir, setting + ".timing.jsonl"),
+                      sorted(kept + new, key=lambda r: r["chunk"]))
