@@ -50,7 +50,8 @@ for step in $STEPS; do
       else
         N=1000 RATES="0 0.3 0.5 0.7 0.9" bash experiments/cifar10_resnet20_figs56.sh
       fi ;;
-    4)  # The adversarial-training baseline (10 epochs, ~80 min, then 500 images per norm).
+    4)  # The adversarial-training baseline (10 epochs, ~75 min, then 500 images per norm;
+        # done 2026-12-04: a re-run only re-checks its evaluation).
       if [ "$SAVE" = 1 ]; then
         save_rows runs/gtsrb-resnet20-pgd-at-10ep-eval experiments/results/gtsrb_resnet20_pgd_at_10ep
       else
