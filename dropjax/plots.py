@@ -35,14 +35,23 @@ def model_name(row: dict) -> str:
   return f"{row.get('dataset')} ResNet-{row.get('depth')} ({drop})"
 
 
+# What makes a saved figure depend on more than its rows: the date matplotlib writes
+# into an SVG and the random ids of its clip paths.  Without them, re-rendering
+# unchanged rows rewrites no committed figure.
+_REPRODUCIBLE = {"png": {}, "svg": {"Date": None}}
+_SVG_SALT = "dropjax"
+
+
 def save_figure(fig, out_dir: str, name: str) -> list[str]:
-  """Saves ``fig`` as ``out_dir/name.png`` and ``.svg``, closes it, returns the paths."""
+  """Saves ``fig`` as ``out_dir/name.png`` and ``.svg`` (the same bytes for the
+  same figure), closes it, returns the paths."""
   os.makedirs(out_dir, exist_ok=True)
   paths = []
-  for ext in ("png", "svg"):
-    path = os.path.join(out_dir, f"{name}.{ext}")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    paths.append(path)
+  with matplotlib.rc_context({"svg.hashsalt": _SVG_SALT}):
+    for ext, metadata in _REPRODUCIBLE.items():
+      path = os.path.join(out_dir, f"{name}.{ext}")
+      fig.savefig(path, dpi=120, bbox_inches="tight", metadata=metadata)
+      paths.append(path)
   plt.close(fig)
   return paths
 

@@ -670,6 +670,10 @@ def test_plots_render_from_rows(tmp_path, monkeypatch):
   assert robust[f"{name} (n=500-1000), with rejection"] == (rates, [r / 1.5 for r in rates])
   assert robust[f"{name} [eot1] (n=100)"] == ([0.5], [0.7])
   assert robust[f"{name}, doubled budget (n=500)"] == ([0.9], [0.05])
+  # Rendered again from the same rows: the same bytes (no date, no random ids).
+  first = {n: (tmp_path / "fig" / n).read_bytes() for n in os.listdir(tmp_path / "fig")}
+  assert plots.main([str(tmp_path / "ev"), "--out", str(tmp_path / "fig2")]) == 0
+  assert {n: (tmp_path / "fig2" / n).read_bytes() for n in os.listdir(tmp_path / "fig2")} == first
   table = (tmp_path / "fig" / "table.md").read_text()
   assert table.count("\n") == 2 + 5 and "| linf |" in table and f"| {name} [eot1] |" in table
   assert "| 0.5 | 0.650 | 0.250 | 0.333 | 0.100 |" in table  # r = 0.5, read from its row
