@@ -48,6 +48,11 @@ CALIBRATION_FILE = "calibration.jsonl"
 TIMING_FILE = "timing.jsonl"
 
 
+def _rows_if_any(path: str) -> list[dict]:
+  """The rows of the JSON-lines file ``path``; ``[]`` if there is none yet."""
+  return files.read_jsonl(path) if os.path.exists(path) else []
+
+
 def _differences(a: dict, b: dict, a_name: str, b_name: str) -> str:
   """The fields where configs ``a`` and ``b`` differ, in words ("" if none)."""
   return ", ".join(f"{k}: {a.get(k)!r} {a_name}, {b.get(k)!r} {b_name}"
@@ -130,13 +135,13 @@ class SettingStore:
   def record_seconds(self, chunk: int, seconds: float) -> None:
     """Adds how long computing ``chunk`` took (wall seconds, compilation included)."""
     path = os.path.join(self.directory, TIMING_FILE)
-    rows = files.read_jsonl(path) if os.path.exists(path) else []
+    rows = _rows_if_any(path)
     files.write_jsonl(path, rows + [{"chunk": chunk, "seconds": round(seconds, 3)}])
 
   def chunk_seconds(self) -> list[float]:
     """The recorded chunk times of this setting (wall seconds)."""
     path = os.path.join(self.directory, TIMING_FILE)
-    return [r["seconds"] for r in files.read_jsonl(path)] if os.path.exists(path) else []
+    return [r["seconds"] for r in _rows_if_any(path)]
 
   def import_timing(self, rows: list[dict]) -> None:
     """Takes the chunk times ``rows`` (``{"chunk", "seconds"}``, kept beside
@@ -177,7 +182,7 @@ def committed_timing(rows_dir: str, setting: str) -> list[dict]:
   """The chunk times of ``setting`` kept in ``rows_dir`` (``<setting>.timing.jsonl``,
   :func:`keep_records`; ``[]`` if none)."""
   path = os.path.join(rows_dir, setting + ".timing.jsonl")
-  return files.read_jsonl(path) if os.path.exists(path) else []
+  return _rows_if_any(path)
 
 
 def longest_chunk_seconds(out_dir: str) -> float | None:
@@ -214,7 +219,7 @@ def update_summary(out_dir: str, row: dict) -> dict:
   """Replaces the row of ``row["setting"]`` in ``out_dir/summary.jsonl``
   (:func:`replace_summaries`); returns the row as written."""
   path = os.path.join(out_dir, SUMMARY_FILE)
-  old = files.read_jsonl(path) if os.path.exists(path) else []
+  old = _rows_if_any(path)
   rows = replace_summaries(old, [row])
   files.write_jsonl(path, rows)
   return rows[-1]
@@ -243,10 +248,6 @@ def digest(*trees) -> str:
   return h.hexdigest()
 
 
-def _calibrations(path: str) -> list[dict]:
-  return files.read_jsonl(path) if os.path.exists(path) else []
-
-
 def cached_calibration(out_dir: str, key: dict, compute: Callable[[], dict],
                        kept_dir: str | None = None) -> dict:
   """The calibration (a JSON-ready dict) stored under ``key`` in
@@ -261,11 +262,11 @@ def cached_calibration(out_dir: str, key: dict, compute: Callable[[], dict],
   setting whose chunks all exist costs no calibration pass."""
   key = json.loads(json.dumps(key))
   path = os.path.join(out_dir, CALIBRATION_FILE)
-  entries = _calibrations(path)
+  entries = _rows_if_any(path)
   for entry in entries:
     if entry.get("key") == key:
       return entry["calibration"]
-  kept = _calibrations(os.path.join(kept_dir, CALIBRATION_FILE)) if kept_dir else []
+  kept = _rows_if_any(os.path.join(kept_dir, CALIBRATION_FILE)) if kept_dir else []
   value = next((e["calibration"] for e in kept if e.get("key") == key), None)
   if value is None:
     value = compute()
@@ -280,9 +281,9 @@ def merge_calibrations(src_dir: str, dst_dir: str) -> int:
   with the rows, they let another machine extend an evaluation with the
   thresholds its first chunks used (float rounding differs across CPUs)."""
   dst = os.path.join(dst_dir, CALIBRATION_FILE)
-  kept = _calibrations(dst)
+  kept = _rows_if_any(dst)
   keys = [e["key"] for e in kept]
-  new = [e for e in _calibrations(os.path.join(src_dir, CALIBRATION_FILE))
+  new = [e for e in _rows_if_any(os.path.join(src_dir, CALIBRATION_FILE))
          if e["key"] not in keys]
   if new:
     os.makedirs(dst_dir, exist_ok=True)
