@@ -7,6 +7,7 @@ evaluation (:mod:`dropjax.evaluation.store`)::
 
     out/<setting>/chunk_00000.jsonl   rows of chunk 0 (written atomically)
     out/<setting>/rows.jsonl          all rows, once every chunk exists
+    out/<setting>/timing.jsonl        each chunk's wall seconds (for ``--stop_at``)
     out/summary.jsonl                 one summary row per setting
     out/certified_accuracy.{png,svg}  certified accuracy vs radius (from the rows)
 
@@ -29,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dropjax import backend as backend_lib
-from dropjax import certify, contracts, files, inference
+from dropjax import certify, contracts, deadlines, files, inference
 from dropjax.data import augment
 from dropjax.evaluation.protocol import load_model
 from dropjax.evaluation.store import SettingStore, update_summary
@@ -53,6 +54,11 @@ class CertifyRunConfig(certify.CertifyConfig):
   seed: int = _f(0, "seed of the ablation samples")
   radii: tuple = _f((0, 1, 2, 5, 10), "radii (pixels) at which the summary reports "
                     "certified accuracy", type=int)
+  stop_at: str | None = _f(None, "wall-clock deadline (ISO 8601, e.g. 2026-12-04T12:05 "
+                           "local time, or with a UTC offset): no chunk starts that is "
+                           "expected to end after it (expected to take as long as the "
+                           "longest chunk of this setting timed in --out; the first one "
+                           "starts while the deadline is ahead); the same command resumes")
 
   def validate(self) -> "CertifyRunConfig":
     super().validate()
@@ -60,6 +66,8 @@ class CertifyRunConfig(certify.CertifyConfig):
       raise ValueError("num_examples must be >= 0 (0: all) and batch_size >= 1")
     if any(r < 0 for r in self.radii):
       raise ValueError(f"radii must be >= 0, got {self.radii}")
+    if self.stop_at is not None:
+      deadlines.parse(self.stop_at)
     return self
 
 
@@ -84,7 +92,7 @@ def run(workdir: str, cfg: CertifyRunConfig, out_dir: str | None = None, *,
         stop_after_chunks: int | None = None, progress: bool | None = None,
         backend: backend_lib.Backend | None = None) -> dict | None:
   """Certifies the run in ``workdir``; returns the summary row (``None`` when
-  stopped by ``stop_after_chunks`` before the last chunk)."""
+  stopped by ``stop_after_chunks`` or ``cfg.stop_at`` before the last chunk)."""
   cfg.validate()
   backend = backend or backend_lib.resolve()
   train_cfg, variables, logits_fn, data = load_model(workdir, data_dir, source, backend)
@@ -111,16 +119,20 @@ def run(workdir: str, cfg: CertifyRunConfig, out_dir: str | None = None, *,
     if store.has_chunk(c):
       bar.update(n_valid)
       continue
-    if stop_after_chunks is not None and done_here >= stop_after_chunks:
+    if (stop_after_chunks is not None and done_here >= stop_after_chunks) or (
+        cfg.stop_at is not None and not deadlines.fits(
+            cfg.stop_at, max(store.chunk_seconds(), default=None), f"chunk {c} of {sid}")):
       bar.close()
       return None
     index = batch["index"] + 0  # positions in the test split (padded rows repeat the last)
     t0 = time.perf_counter()
     result = run_certify(key, variables, augment.to_float(batch["image"]), index=index)
-    seconds += time.perf_counter() - t0
+    chunk_seconds = time.perf_counter() - t0
+    seconds += chunk_seconds
     certified_here += n_valid
     store.write_chunk(c, certify_rows({k: v[:n_valid] for k, v in result.items()},
                                       batch["label"][:n_valid], index[:n_valid]))
+    store.record_seconds(c, chunk_seconds)
     done_here += 1
     bar.update(n_valid)
   bar.close()

@@ -173,6 +173,12 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--stop_after_steps", type=int, default=None,
                  help="stop after N steps of this invocation (resume later with the "
                  "same command)")
+  p.add_argument("--stop_at", default=None,
+                 help="wall-clock deadline (ISO 8601, e.g. 2026-12-04T12:05 local time, "
+                 "or with a UTC offset): the first step that ends after it is checkpointed "
+                 "and the run stops there (exit status 0, printed finished=False); the same "
+                 "command resumes it exactly.  SIGTERM or SIGINT (Ctrl-C) does the same at "
+                 "any time (exit status 128 + signal; a second signal stops at once)")
   p.add_argument("--no_progress", action="store_true", help="disable the progress bar")
 
 
@@ -188,15 +194,22 @@ def init_distributed(cfg) -> None:
 def _run_train(cfg, args) -> int:
   if cfg.distributed:
     init_distributed(cfg)
+  from dropjax import deadlines  # pylint: disable=g-import-not-at-top
   from dropjax.training import loop  # pylint: disable=g-import-not-at-top
+  stop = deadlines.StopRequest(args.stop_at)
   workdir = args.workdir or default_workdir(cfg, args.preset)
   if not args.workdir:
     print(f"workdir: {workdir}", file=sys.stderr)
-  result = loop.train(cfg, workdir, stop_after_steps=args.stop_after_steps,
+  stop.catch_signals()
+  result = loop.train(cfg, workdir, stop_after_steps=args.stop_after_steps, should_stop=stop,
                       progress=False if args.no_progress else None)
   result.pop("state")
   print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in result.items()))
+  if result.get("stopped"):
+    print(f"{stop.reason()}: stopped at step {result['step']} of {result['total_steps']}; "
+          "the same command resumes it", file=sys.stderr)
+    return stop.exit_status()
   return 0
 
 
@@ -297,6 +310,9 @@ def _run_certify(cfg, args) -> int:
   summary = certification.run(workdir, cfg, args.out, data_dir=args.data_dir,
                               source=args.source,
                               progress=False if args.no_progress else None)
+  if summary is None:  # --stop_at: the finished chunks are kept
+    print("stopped before the last chunk; the same command resumes", file=sys.stderr)
+    return 0
   out_dir = args.out or os.path.join(workdir, "certify")
   curves = plots.certification_curves([out_dir])
   for path in plots.plot_certified_accuracy(curves, out_dir, certification.PLOT_NAME):

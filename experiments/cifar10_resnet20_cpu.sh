@@ -20,7 +20,7 @@ for mode in $MODES; do
   RES=experiments/results/cifar10_resnet20_${mode//-/_}_${EPOCHS}ep
   cmd="python train.py --preset $name --epochs $EPOCHS --workdir $WD --keep_checkpoints 1 --no_progress"
   mkdir -p "$WD"; [ -f "$WD/started_at" ] || date +%s > "$WD/started_at"
-  $cmd
+  train_run "$WD" $cmd || exit 0
   if [ ! -f "pretrained/$name/MANIFEST.json" ]; then
     python -m dropjax.pretrained --workdir "$WD" --out "pretrained/$name" --command "$cmd" \
       --hardware "$HARDWARE" --wall_time "$(( ($(stat -c %Y "$WD/final_eval.json") - $(cat "$WD/started_at")) / 60 )) min from first start to finish"

@@ -16,7 +16,7 @@ RES=experiments/results/cifar10_resnet20_normal_180ep
 HARDWARE=${HARDWARE:-"$(hardware_line)"}
 cmd="python train.py --preset cifar10-resnet20-normal --workdir $WD --keep_checkpoints 1 --no_progress"
 if [ ! -f "pretrained/$name/MANIFEST.json" ]; then  # packaged: trained, nothing to redo
-  $cmd
+  train_run "$WD" $cmd || exit 0
   # Training time from the logged throughput (the run spans sessions; their gaps are not time).
   minutes=$(training_minutes "$WD")
   python -m dropjax.pretrained --workdir "$WD" --out "pretrained/$name" --command "$cmd" \

@@ -19,7 +19,7 @@ RES=experiments/results/gtsrb_resnet20_pgd_at_${EPOCHS}ep
 HARDWARE=${HARDWARE:-"$(hardware_line)"}
 cmd="python train.py --preset gtsrb-resnet20-pgd-at --epochs $EPOCHS --workdir $WD --keep_checkpoints 1 --no_progress"
 if [ ! -f "pretrained/$name/MANIFEST.json" ]; then  # packaged: trained, nothing to redo
-  $cmd
+  train_run "$WD" $cmd || exit 0
   python -m dropjax.pretrained --workdir "$WD" --out "pretrained/$name" --command "$cmd" \
     --hardware "$HARDWARE" --wall_time "$(training_minutes "$WD") min of training steps (logged throughput)"
   save_run "$WD" "$RES"

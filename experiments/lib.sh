@@ -2,10 +2,27 @@
 : "${DROPJAX_DATA_DIR:=$PWD/.data}"; export DROPJAX_DATA_DIR
 
 # STOP_AT (an ISO 8601 time, e.g. `date -d '+150 min' -Iseconds`): the evaluations of the
-# scripts start no chunk they expect to end after it (evaluate.py --stop_at), so a session
-# that must end by then loses no half-computed chunk.  stop_at_args holds the flag.
+# scripts start no chunk they expect to end after it (evaluate.py --stop_at) and their
+# training runs stop at the first step that ends after it, checkpointed there (train.py
+# --stop_at, through train_run), so a session that must end by then loses no
+# half-computed chunk and no part of an epoch.  stop_at_args holds the flag.
 stop_at_args=()
 if [ -n "${STOP_AT:-}" ]; then stop_at_args=(--stop_at "$STOP_AT"); fi
+
+# train_run WD CMD...: runs the training command CMD (whose --workdir is WD) with
+# stop_at_args; succeeds when the run has finished (CMD printed finished=True), fails
+# when STOP_AT stopped it first (the same call resumes it exactly), and ends the script
+# with CMD's status when CMD fails.  `train_run "$WD" $cmd || exit 0` leaves what needs
+# the finished model (packaging, evaluation) to the call that finishes it.
+train_run() {
+  local wd=$1 out rc; shift
+  out=$("$@" "${stop_at_args[@]}") || {
+    rc=$?; echo "$out"; echo "training in $wd failed (exit status $rc)" >&2; exit "$rc"; }
+  echo "$out"
+  if [[ " $out " == *" finished=True "* ]]; then return 0; fi
+  echo "$wd: stopped before its last step (STOP_AT ${STOP_AT:-}); the same call resumes it" >&2
+  return 1
+}
 
 # save_rows OUT RES: every setting's per-example rows under OUT, gzipped into RES/rows/,
 # with the setting.json they were computed under (evaluate.py --rows_from RES/rows then

@@ -1,4 +1,5 @@
 """Randomized-ablation training (--drop ablate) and the certify command."""
+import datetime
 import os
 
 import jax
@@ -11,6 +12,7 @@ from dropjax import certification, certify, cli, files, plots
 from dropjax.config import from_preset
 from dropjax.data.datasets import DATASETS
 from dropjax.evaluation import protocol
+from dropjax.evaluation.store import TIMING_FILE, SettingStore
 from dropjax.training import checkpoint as ckpt_lib
 from dropjax.training import loop, state as state_lib, step as step_lib
 
@@ -133,12 +135,36 @@ def test_rows_record_a_workdir_below_the_working_directory_relative(tmp_path, mo
   assert files.recorded_path(str(tmp_path) + "-other/run") == str(tmp_path) + "-other/run"
 
 
-def test_resume_by_chunk_and_chunk_size_give_identical_rows(ablation_workdir, tmp_path):
+def test_resume_by_chunk_and_chunk_size_give_identical_rows(ablation_workdir, tmp_path, capsys):
   full = certification.run(ablation_workdir, small(), str(tmp_path / "a"), progress=False)
   assert certification.run(ablation_workdir, small(), str(tmp_path / "b"), progress=False,
                            stop_after_chunks=1) is None
-  assert len(os.listdir(tmp_path / "b" / full["setting"])) == 1  # one chunk, no rows yet
-  resumed = certification.run(ablation_workdir, small(), str(tmp_path / "b"), progress=False)
+  def chunks():
+    return sorted(f for f in os.listdir(tmp_path / "b" / full["setting"])
+                  if f.startswith("chunk_"))
+  assert chunks() == ["chunk_00000.jsonl"]  # one chunk, no rows yet
+  assert not os.path.exists(tmp_path / "b" / full["setting"] / "rows.jsonl")
+  # --stop_at: a deadline already passed starts nothing; one sooner than the longest
+  # chunk timed here starts nothing either (and says so); one far enough finishes.
+  now = datetime.datetime.now()
+  past = (now - datetime.timedelta(minutes=1)).isoformat(timespec="seconds")
+  assert certification.run(ablation_workdir, small(stop_at=past), str(tmp_path / "b"),
+                           progress=False) is None
+  store = SettingStore(str(tmp_path / "b"), full["setting"])
+  [first] = store.chunk_seconds()
+  assert first > 0
+  files.write_jsonl(os.path.join(store.directory, TIMING_FILE), [{"chunk": 0, "seconds": 7200.0}])
+  soon = (now + datetime.timedelta(hours=1)).isoformat(timespec="seconds")
+  assert certification.run(ablation_workdir, small(stop_at=soon), str(tmp_path / "b"),
+                           progress=False) is None
+  assert "chunk 1 of " + full["setting"] + " not started" in capsys.readouterr().err
+  assert chunks() == ["chunk_00000.jsonl"]
+  later = (now + datetime.timedelta(hours=3)).isoformat(timespec="seconds")
+  resumed = certification.run(ablation_workdir, small(stop_at=later), str(tmp_path / "b"),
+                              progress=False)
+  assert len(store.chunk_seconds()) == 3  # the edited one, and chunks 1 and 2
+  with pytest.raises(ValueError, match="ISO 8601"):
+    small(stop_at="noon")
   other = certification.run(ablation_workdir, small(batch_size=5), str(tmp_path / "c"),
                             progress=False)
   rows = [files.read_jsonl(str(tmp_path / d / full["setting"] / "rows.jsonl"))

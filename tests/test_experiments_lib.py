@@ -94,3 +94,30 @@ def test_cpu_queue_starts_no_step_after_stop_at(tmp_path):
                         cwd=str(tmp_path), capture_output=True, text=True,
                         env={**os.environ, "STOP_AT": "2020-01-01T00:00", "STEPS": "1 2 3 4 5"})
   assert done.returncode == 0 and "steps from 1 on not started" in done.stderr
+
+
+def test_train_run_passes_the_deadline_and_tells_finished_from_stopped(tmp_path):
+  """train_run: the command gets --stop_at STOP_AT; finished=True succeeds,
+  finished=False (stopped by the deadline) fails softly, a failing command ends the
+  script with its status."""
+  fake = tmp_path / "fake_train"
+  fake.write_text('#!/usr/bin/env bash\necho "args: $*" >&2\necho "step=3 finished=$FINISHED"\n'
+                  'exit "${STATUS:-0}"\n')
+  fake.chmod(0o755)
+  env = {**os.environ, "STOP_AT": "2026-12-04T12:05"}
+
+  def run(**kw):
+    return subprocess.run(
+        ["bash", "-c", f'set -euo pipefail; source "{LIB}"; '
+         f'if train_run WD "{fake}" --workdir WD; then echo done; else echo stopped; fi'],
+        cwd=str(tmp_path), capture_output=True, text=True, env={**env, **kw})
+
+  ok = run(FINISHED="True")
+  assert ok.returncode == 0 and ok.stdout.split() == ["step=3", "finished=True", "done"]
+  assert "args: --workdir WD --stop_at 2026-12-04T12:05" in ok.stderr
+  stopped = run(FINISHED="False")
+  assert stopped.returncode == 0 and stopped.stdout.split()[-1] == "stopped"
+  assert "WD: stopped before its last step (STOP_AT 2026-12-04T12:05)" in stopped.stderr
+  failed = run(FINISHED="False", STATUS="3")
+  assert failed.returncode == 3 and "done" not in failed.stdout and "stopped" not in failed.stdout
+  assert "training in WD failed (exit status 3)" in failed.stderr

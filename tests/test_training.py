@@ -1,8 +1,11 @@
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from dropjax import deadlines
 from dropjax.config import from_preset, PRESETS, TrainConfig
 from dropjax.training import checkpoint as ckpt_lib
 from dropjax.training import loop, parallel, state as state_lib, step as step_lib
@@ -175,6 +179,76 @@ def test_exact_resume_mid_epoch_and_after_epoch(tiny_data_dir, tmp_path):
   loop.train(cfg_e, str(tmp_path / "e"), stop_after_steps=5, progress=False)
   resumed_e = loop.train(cfg_e, str(tmp_path / "e"), progress=False)
   assert tree_equal(straight["state"], resumed_e["state"])
+
+
+def test_stop_request_checkpoints_that_step_and_resumes_exactly(tiny_data_dir, tmp_path):
+  """A deadline or a signal (``should_stop``) stops a run mid-epoch with a checkpoint
+  of the step just done; resumed, it equals the straight run bit for bit."""
+  cfg = tiny_config(tiny_data_dir, drop="random", eval_every_epochs=0)  # checkpoints per epoch
+  straight = loop.train(cfg, str(tmp_path / "a"), progress=False)
+  asked = []
+
+  def third_time():
+    asked.append(None)
+    return len(asked) == 3
+
+  part = loop.train(cfg, str(tmp_path / "b"), should_stop=third_time, progress=False)
+  assert part["stopped"] and not part["finished"] and part["step"] == 3
+  assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["3"]  # mid-epoch (5 per epoch)
+  resumed = loop.train(cfg, str(tmp_path / "b"), should_stop=third_time, progress=False)
+  assert resumed["finished"] and not resumed["stopped"] and resumed["step"] == 10
+  assert tree_equal(straight["state"], resumed["state"])
+  rows = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+  steps = [r["step"] for r in rows if r["kind"] == "train"]
+  assert steps == sorted(set(steps)) and 3 in steps  # logged where it stopped, once
+  # A deadline already passed: one step, checkpointed; the last step is never stopped.
+  past = deadlines.StopRequest("2000-01-01T00:00")
+  assert past.reason().startswith("--stop_at 2000-01-01T00:00:00") and past.exit_status() == 0
+  first = loop.train(cfg, str(tmp_path / "c"), should_stop=past, progress=False)
+  assert first["stopped"] and first["step"] == 1
+  assert os.listdir(tmp_path / "c" / "checkpoints") == ["1"]
+  assert not deadlines.StopRequest("2999-01-01T00:00")() and not deadlines.StopRequest()()
+
+
+def test_stop_signals_ask_once_then_act_as_before():
+  stop = deadlines.StopRequest()
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    stop.catch_signals()
+    assert not stop()
+    os.kill(os.getpid(), signal.SIGINT)  # the first one only asks
+    assert stop() and stop.reason() == "SIGINT received" and stop.exit_status() == 130
+    with pytest.raises(KeyboardInterrupt):  # the second one interrupts as Ctrl-C does
+      os.kill(os.getpid(), signal.SIGINT)
+  finally:
+    for s, h in before.items():
+      signal.signal(s, h)
+
+
+def test_train_cli_sigterm_and_stop_at_stop_resumably(tiny_data_dir, tmp_path):
+  """SIGTERM mid-run: checkpoint of the step reached, exit status 143; --stop_at in the
+  past: one more step, checkpointed, exit status 0."""
+  wd = tmp_path / "w"
+  args = ["--workdir", str(wd), "--dataset", "gtsrb", "--source", "local", "--data_dir",
+          tiny_data_dir, "--val_size", "16", "--depth", "8", "--width", "4", "--epochs",
+          "100000", "--batch_size", "16", "--log_every", "1", "--eval_every_epochs", "0",
+          "--keep_checkpoints", "1", "--no_progress"]
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args],
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (wd / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+  assert "stopped=True" in out and "finished=False" in out and "SIGTERM received" in err
+  step = int(re.search(r"\bstep=(\d+)", out).group(1))
+  assert step >= 1 and os.listdir(wd / "checkpoints") == [str(step)]
+  again = run_train(*args, "--stop_at", "2000-01-01T00:00")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"step={step + 1} " in again.stdout and "--stop_at 2000-01-01T00:00:00" in again.stderr
+  assert os.listdir(wd / "checkpoints") == [str(step + 1)]
 
 
 def test_seed_changes_data_order_and_init():

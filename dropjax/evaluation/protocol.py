@@ -25,7 +25,6 @@ directory, so a resumed or completed setting reuses them
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dropjax import backend as backend_lib
-from dropjax import contracts, defense, files, inference, pretrained, units
+from dropjax import contracts, deadlines, defense, files, inference, pretrained, units
 from dropjax.attacks import (APGDConfig, AttackConfig, SparseRSConfig, make_apgd, make_pgd,
                              make_sparse_rs, paper_attack)
 from dropjax.attacks import norms as norms_lib
@@ -201,18 +200,8 @@ class EvalConfig:
       if e < 0:
         raise ValueError(f"eps must be >= 0, got {e}")
     if self.stop_at is not None:
-      deadline(self.stop_at)
+      deadlines.parse(self.stop_at)
     return self
-
-
-def deadline(stop_at: str) -> float:
-  """``--stop_at`` (ISO 8601; without a UTC offset: local time) as seconds
-  since the epoch."""
-  try:
-    return datetime.datetime.fromisoformat(stop_at).timestamp()
-  except (TypeError, ValueError):
-    raise ValueError(f"stop_at must be an ISO 8601 time such as 2026-12-04T12:05 or "
-                     f"2026-12-04T12:05+00:00, got {stop_at!r}") from None
 
 
 def default_drop_rate(train_cfg: TrainConfig, num_pixels: int) -> float:
@@ -634,15 +623,10 @@ def _fits_before(stop_at: str, store: SettingStore, out_dir: str, sid: str,
                  chunk: int) -> bool:
   """Whether chunk ``chunk`` of ``sid`` is expected to end before ``stop_at``
   (:attr:`EvalConfig.stop_at`); says why not on stderr."""
-  left = deadline(stop_at) - time.time()
   expected = max(store.chunk_seconds(), default=None)
   if expected is None:
     expected = longest_chunk_seconds(out_dir)
-  if left > (expected or 0.0):
-    return True
-  print(f"--stop_at {stop_at}: chunk {chunk} of {sid} not started ({left / 60:.1f} min left, "
-        f"a chunk here has taken up to {(expected or 0.0) / 60:.1f} min)", file=sys.stderr)
-  return False
+  return deadlines.fits(stop_at, expected, f"chunk {chunk} of {sid}")
 
 
 def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,

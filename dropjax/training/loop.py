@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -59,6 +60,14 @@ def local_batch(images, labels, config: TrainConfig, step: int, spe: int) -> dic
           "index": np.arange(lo, lo + lb, dtype=np.int32)}
 
 
+def _agreed(flag: bool) -> bool:
+  """``flag`` as process 0 sees it, on every process (one decision for all hosts)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
 def make_evaluator(config: TrainConfig, logits_fn):
   """``evaluate(variables, split, key) -> dict``: clean accuracy and accuracy at
   the run's drop rate (single mask).  Compiled once per run."""
@@ -93,7 +102,8 @@ def recorded_final_eval(workdir: str, total_steps: int) -> dict | None:
 
 
 def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = None,
-          progress: bool | None = None, backend: backend_lib.Backend | None = None) -> dict:
+          should_stop: Callable[[], bool] | None = None, progress: bool | None = None,
+          backend: backend_lib.Backend | None = None) -> dict:
   """Trains (or resumes) the run in ``workdir``; returns the final metrics.
 
   Args:
@@ -101,6 +111,10 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
     workdir: holds config.json, checkpoints/, metrics.jsonl, final_eval.json.
     stop_after_steps: stop after this many steps of *this call* (as if
       killed right after the last checkpoint); used by tests and time-boxed runs.
+    should_stop: asked after every step (e.g. a :class:`dropjax.deadlines.StopRequest`);
+      when it says True the run checkpoints that step, so that it resumes from there
+      exactly, and returns unfinished (``"stopped": True``).  With several processes
+      process 0's answer is every process's.
     progress: show a progress bar (default: when stderr is a terminal).
     backend: the model's layers (default :func:`dropjax.backend.resolve`).
   """
@@ -148,14 +162,15 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
   end = total_steps if stop_after_steps is None else min(total_steps, start + stop_after_steps)
   bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True,
              disable=(None if progress is None else not progress) or jax.process_index() != 0)
-  pending, t_last, n_last = [], time.perf_counter(), start
+  pending, t_last, n_last, stopped = [], time.perf_counter(), start, False
   for step in range(start, end):
     batch = local_batch(train_split.x, train_split.y, config, step, spe)
     dstate, metrics = runner.step(dstate, runner.put_batch(batch), train_key)
     pending.append(metrics)
     done = step + 1
     epoch_end = done % spe == 0
-    if done % config.log_every == 0 or epoch_end or done == end:
+    stopped = done < total_steps and should_stop is not None and _agreed(should_stop())
+    if done % config.log_every == 0 or epoch_end or done == end or stopped:
       vals = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
       now = time.perf_counter()
       vals["images_per_s"] = (done - n_last) * config.batch_size / max(now - t_last, 1e-9)
@@ -164,8 +179,13 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
       bar.set_postfix(loss=f"{vals['loss']:.3f}", acc=f"{vals['accuracy']:.3f}",
                       img_s=f"{vals['images_per_s']:.0f}")
     if ((config.checkpoint_every and done % config.checkpoint_every == 0)
-        or (not config.checkpoint_every and epoch_end) or done == total_steps):
+        or (not config.checkpoint_every and epoch_end) or done == total_steps or stopped):
       ckpt.save(done, runner.checkpoint_state(dstate))
+    if stopped:
+      bar.update(1)
+      log.warning("stopped after step %d of %d: the checkpoint of that step resumes it "
+                  "exactly (run the same command again)", done, total_steps)
+      break
     if (epoch_end and len(data.val) and config.eval_every_epochs
         and (done // spe) % config.eval_every_epochs == 0):
       val = evaluate(runner.host_state(dstate).variables, data.val, eval_key)
@@ -176,7 +196,7 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
   ckpt.wait()
   final_state = runner.host_state(dstate)
   result = {"step": int(final_state.step), "total_steps": total_steps,
-            "finished": int(final_state.step) == total_steps}
+            "finished": int(final_state.step) == total_steps, "stopped": stopped}
   # A finished run invoked again: its test numbers stand (one process only, so that no
   # host skips an evaluation whose collectives the others enter).
   recorded = (recorded_final_eval(workdir, total_steps)

@@ -40,8 +40,11 @@ for preset in $PRESETS; do
     echo "$preset: finished earlier" | tee -a "$OUT/train.log"
   else
     echo "== $preset ($left s left) $(date -u +%H:%M:%S)" | tee -a "$OUT/train.log"
-    # SIGINT at the deadline: the run stops; its last per-epoch checkpoint is what resumes.
-    timeout -s INT -k 30 "$left" python train.py --preset "$preset" --workdir "$RUNS/$preset" \
+    # At the deadline the run checkpoints the step it reached and stops (--stop_at); the
+    # same call resumes it from there.  SIGINT a little later (also checkpointed) and a
+    # kill 30 s after that are backstops for a step or a save that runs long.
+    timeout -s INT -k 30 "$((left + 20))" python train.py --preset "$preset" \
+      --workdir "$RUNS/$preset" --stop_at "$(date -d "+$left sec" -Iseconds)" \
       --keep_checkpoints 1 --no_progress $EXTRA >> "$OUT/train.log" 2>&1
     echo "$preset: exit $? at $(date -u +%H:%M:%S)" | tee -a "$OUT/train.log"
   fi
