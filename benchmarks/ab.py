@@ -1,4 +1,5 @@
-"""Interleaved A/B runs (A B A B ...) of the JAX benchmark under settings given as environment variables.
+"""Interleaved A/B runs (A B A B ...) of the JAX benchmark under settings given as
+environment variables.
 
     python benchmarks/ab.py --preset native_conv --rounds 4
     python benchmarks/ab.py --variant base= --variant no_barrier=DROPJAX_CONV_BARRIER=0

@@ -48,7 +48,8 @@ def build(depth: int, encoding: str):
 def main(argv=None):
   p = parser(__doc__, repeats=5)
   p.add_argument("--images", type=int, default=10, help="images per pass")
-  p.add_argument("--samples_per_pass", type=int, default=100, help="ablated samples per image per pass")
+  p.add_argument("--samples_per_pass", type=int, default=100,
+                 help="ablated samples per image per pass")
   p.add_argument("--keep", type=int, default=75, help="k, pixels kept of 1024")
   p.add_argument("--n", type=int, default=10_000, help="certify_n: samples bounding p_A")
   p.add_argument("--n0", type=int, default=1000, help="certify_n: selection samples")

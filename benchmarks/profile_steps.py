@@ -136,7 +136,8 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
   p.add_argument("--only_conv_shapes", action="store_true",
                  help="print view 3 (per-shape convolution speed) as JSON and stop")
-  p.add_argument("--out", default=None, help="output JSON (default results/<date>-NAME-profile.json)")
+  p.add_argument("--out", default=None,
+                 help="output JSON (default results/<date>-NAME-profile.json)")
   args = p.parse_args(argv)
   repeats = args.repeats
   if args.only_conv_shapes:

@@ -122,7 +122,8 @@ def _unroll_override(env: Mapping[str, str]) -> int | bool | None:
 
 def _cpu_layers(env: Mapping[str, str], num_devices: int) -> tuple[ModelLayers, ModelLayers, dict]:
   """The XLA:CPU training and inference layers, and the choices made."""
-  from dropjax.xla_cpu import batch_norm, conv, fusion, native  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from dropjax.xla_cpu import batch_norm, conv, fusion, native
 
   cpu_conv = _switch(env, "DROPJAX_CPU_CONV", True)
   conv_barrier = _switch(env, "DROPJAX_CONV_BARRIER", True)

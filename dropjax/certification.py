@@ -154,7 +154,8 @@ def run(workdir: str, cfg: CertifyRunConfig, out_dir: str | None = None, *,
   return summary
 
 
-def certified_curve(rows: list[dict], max_radius: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def certified_curve(rows: list[dict],
+                    max_radius: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """``(radii, certified accuracy at each)`` for ``radii = 0 .. max_radius``
   (default: the largest radius in the rows): the fraction of examples that are
   correct and certified at ``>= rho``."""

@@ -194,7 +194,8 @@ def make_certify(logits_fn: Callable, config: CertifyConfig) -> Callable:
   ``logits_fn(variables, x_ablated, keep) -> (N, C) logits`` is the base
   classifier (``keep``: (N, H, W, 1) 0/1; see the module docstring).
   ``x`` float (B, H, W, C) in [-1, 1]; ``index`` (B,) ints, the examples'
-  positions in the dataset (each one's randomness is ``fold_in(key, index)``).  Returns ``prediction`` (B,) int
+  positions in the dataset (each one's randomness is ``fold_in(key, index)``).
+  Returns ``prediction`` (B,) int
   (``c_A``, or -1 when abstaining), ``p_lower`` (B,) float64, ``radius`` (B,)
   int (-1: abstain), ``votes_top`` and ``votes_n`` (B,) int.  ``n0`` and ``n``
   are rounded up to whole passes of ``samples_per_pass`` samples.

@@ -120,9 +120,11 @@ class TrainConfig:
     """Raises ValueError with a clear message for inconsistent settings."""
     from dropjax.data.datasets import DATASETS  # pylint: disable=g-import-not-at-top
     checks = [
-        (self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}"),
+        (self.dataset in DATASETS,
+         f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}"),
         (self.source in ("auto", "local", "tfds"), f"unknown source {self.source!r}"),
-        (self.depth >= 8 and (self.depth - 2) % 6 == 0, f"depth must be 6n+2 (20, 56, 110), got {self.depth}"),
+        (self.depth >= 8 and (self.depth - 2) % 6 == 0,
+         f"depth must be 6n+2 (20, 56, 110), got {self.depth}"),
         (self.width > 0, "width must be positive"),
         (self.drop in DROP_MODES, f"drop must be one of {DROP_MODES}, got {self.drop!r}"),
         (0.0 <= self.drop_rate <= 1.0, f"drop_rate must be in [0, 1], got {self.drop_rate}"),
@@ -135,7 +137,8 @@ class TrainConfig:
          f"--input_encoding {self.input_encoding} encodes ablated pixels: it needs --drop ablate"),
         (self.objective == "standard" or self.drop != "ablate",
          "the auxiliary objectives are defined for pixel dropping, not ablation"),
-        (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
+        (self.objective in OBJECTIVES,
+         f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
         (self.objective == "standard" or self.drop != "none",
          "the auxiliary objectives need pixel dropping (--drop fixed or random)"),
         (self.adv_training in ADV_TRAINING,

@@ -110,7 +110,8 @@ def load(name_or_path: str, backend=None) -> Pretrained:
   """Loads a packaged model (a path, or a name under ``pretrained/``) in one call."""
   from dropjax import backend as backend_lib  # pylint: disable=g-import-not-at-top
   from dropjax.data.datasets import DATASETS  # pylint: disable=g-import-not-at-top
-  from dropjax.training import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from dropjax.training import state as state_lib, step as step_lib
   workdir = resolve(name_or_path)
   cfg = ckpt_lib.load_config(workdir)
   backend = backend or backend_lib.resolve()

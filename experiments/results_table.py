@@ -85,7 +85,8 @@ def families_table(rows: list[dict]) -> str:
          "|---|---|---|---|---|---|---|"]
   for r in rows:
     head = f"| {r['norm']} | {budget(r)} | {r['drop_rate']:g} "
-    plain, rej = r["robust_accuracy_avg_by_attack"], r["robust_accuracy_avg_with_rejection_by_attack"]
+    plain = r["robust_accuracy_avg_by_attack"]
+    rej = r["robust_accuracy_avg_with_rejection_by_attack"]
     for name in sorted(plain, key=lambda n: (n != "pgd (paper)", n)):  # the paper's first
       out.append(f"{head}| {name} | {plain[name]:.3f} | {rej[name]:.3f} | {r['num_examples']} |")
     out.append(f"{head}| **worst case per example** | **{fmt(r, 'robust_accuracy_avg')}** "

@@ -87,7 +87,8 @@ def tiny_workdir(tiny_data_dir, tmp_path_factory):
 def train_gradients_per_setting(monkeypatch, env_var: str, width: int):
   """Loss, gradients and batch statistics of a depth-8 ResNet in training mode,
   and its lowered program, with ``env_var`` set to "0" and to "1" (the model's
-  layers from ``dropjax.backend.resolve`` under each setting).  Returns ``(results, programs)`` keyed by "0"/"1"."""
+  layers from ``dropjax.backend.resolve`` under each setting).  Returns
+  ``(results, programs)`` keyed by "0"/"1"."""
   import jax.numpy as jnp
   from dropjax import models
 

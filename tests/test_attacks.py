@@ -48,7 +48,8 @@ def test_outputs_satisfy_constraints(norm, batch, eps, seed, eot, loss, unit):
   x, y = data(batch, seed)
   l0_eps = float(int(eps * 40))
   cfg = AttackConfig(norm=norm, eps=l0_eps if norm == "l0" else eps, step_size=0.1,
-                     num_steps=3, loss=loss, eot_samples=eot, drop=DropSpec.fixed(0.5), l0_unit=unit)
+                     num_steps=3, loss=loss, eot_samples=eot, drop=DropSpec.fixed(0.5),
+                     l0_unit=unit)
   x_adv = run(cfg, x, y, key=jax.random.PRNGKey(seed))
   assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
   assert float(x_adv.min()) >= -1 and float(x_adv.max()) <= 1

@@ -49,7 +49,8 @@ def test_abstains_when_votes_split_evenly():
   assert certify.certified_radius(p, 1024, 75) == -1
 
 
-@pytest.mark.parametrize("shape,keep", [((4, 8, 8, 3), 10), ((2, 5, 7, 1), 30), ((2, 5, 7, 1), 35), ((3, 4, 4, 2), 0)])
+@pytest.mark.parametrize("shape,keep", [((4, 8, 8, 3), 10), ((2, 5, 7, 1), 30),
+                                        ((2, 5, 7, 1), 35), ((3, 4, 4, 2), 0)])
 def test_exact_k_ablation_keeps_exactly_k_pixels(shape, keep):
   m = np.asarray(masks.ablation_mask(KEY, shape, keep))
   np.testing.assert_array_equal(m, np.broadcast_to(m[..., :1], m.shape))  # whole pixels

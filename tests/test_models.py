@@ -211,7 +211,8 @@ def torch_name_to_flax(name: str) -> tuple[str, tuple[str, ...]]:
     coll = "batch_stats" if parts[1].startswith("running") else "params"
     return coll, ("stem_bn", leaf[parts[1]])
   block = f"stage{parts[0][-1]}_block{int(parts[1]) + 1}"
-  layer = {"conv1": "Conv_0", "conv2": "Conv_1", "bn1": "BatchNorm_0", "bn2": "BatchNorm_1"}[parts[2]]
+  layer = {"conv1": "Conv_0", "conv2": "Conv_1",
+           "bn1": "BatchNorm_0", "bn2": "BatchNorm_1"}[parts[2]]
   if parts[2].startswith("conv"):
     return "params", (block, layer, "kernel")
   coll = "batch_stats" if parts[3].startswith("running") else "params"

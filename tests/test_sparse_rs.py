@@ -20,7 +20,8 @@ def test_alpha_schedule_is_the_published_one():
   assert float(alpha_schedule(100, 1000, 0.3)) == pytest.approx(0.05)
 
 
-@pytest.mark.parametrize("pixels,drop", [(3, DropSpec()), (10, DropSpec.fixed(0.5)), (0, DropSpec())])
+@pytest.mark.parametrize("pixels,drop",
+                         [(3, DropSpec()), (10, DropSpec.fixed(0.5)), (0, DropSpec())])
 def test_never_more_than_k_pixels_and_in_the_box(pixels, drop):
   x, y = data(12)
   cfg = SparseRSConfig(pixels=pixels, num_queries=30, num_masks=3, drop=drop)

@@ -1,4 +1,5 @@
-"""Worst case per example over attacks (dropjax.evaluation.worst_case), on rows with known answers."""
+"""Worst case per example over attacks (dropjax.evaluation.worst_case), on rows with
+known answers."""
 import numpy as np
 import pytest
 

@@ -34,7 +34,8 @@ def broken(decision: dict, labels: np.ndarray) -> dict[str, np.ndarray]:
   wrong = {k: np.asarray(decision[f"pred_{k}"]) != labels for k in ("plain", "single", "avg")}
   return {"plain": wrong["plain"], "single": wrong["single"],
           "single_with_rejection": wrong["single"] & ~np.asarray(decision["rejected_single"]),
-          "avg": wrong["avg"], "avg_with_rejection": wrong["avg"] & ~np.asarray(decision["rejected_avg"])}
+          "avg": wrong["avg"],
+          "avg_with_rejection": wrong["avg"] & ~np.asarray(decision["rejected_avg"])}
 
 
 def select(broken_jrb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,8 +9,8 @@ cache-hostile order: on the 2-core development machine those transposes took
 ~40% of a ResNet-20 train step (``benchmarks/README.md``, profile section).
 Routing the convolution input through a ``lax.cond`` whose predicate XLA
 cannot evaluate at compile time makes the transpose read the one tensor that
-is already in memory (those transposes fell from 389 to 76 ms per step).  ``lax.optimization_barrier``
-in the same place made no difference in our measurements.
+is already in memory (those transposes fell from 389 to 76 ms per step).
+``lax.optimization_barrier`` in the same place made no difference in our measurements.
 
 :func:`dropjax.backend.resolve` also hands the model :func:`fusion_barrier` as
 its ``block_input`` (applied to each residual block's input): otherwise XLA:CPU

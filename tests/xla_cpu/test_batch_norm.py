@@ -81,7 +81,8 @@ def test_same_variables_outputs_statistics_and_gradients_as_flax():
 def test_pmap_axis_averages_statistics_like_flax():
   n = jax.local_device_count()
   assert n >= 2, "conftest provides 2 CPU devices"
-  x = jax.random.normal(jax.random.PRNGKey(5), (n, 3, 4, 4, 8)) * jnp.arange(1, n + 1)[:, None, None, None, None]
+  scale = jnp.arange(1, n + 1)[:, None, None, None, None]
+  x = jax.random.normal(jax.random.PRNGKey(5), (n, 3, 4, 4, 8)) * scale
   flax_bn, ours = _pair(use_running_average=False, axis_name="d")
   v = ours.init(jax.random.PRNGKey(0), x[0])
   run = lambda bn: jax.pmap(lambda x: bn.apply(v, x, mutable=["batch_stats"]), axis_name="d")(x)
