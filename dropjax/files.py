@@ -16,8 +16,9 @@ import tempfile
 from typing import Iterable
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Replaces ``path`` with ``text`` atomically (creating its directory)."""
+def write_atomic(path: str, text: str | bytes) -> None:
+  """Replaces ``path`` with ``text`` (str, or bytes written as they are)
+  atomically (creating its directory)."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
@@ -25,7 +26,7 @@ def write_atomic(path: str, text: str) -> None:
   os.umask(umask)
   os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private)
   try:
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())

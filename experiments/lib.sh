@@ -29,25 +29,15 @@ train_run() {
 # takes them up instead of recomputing them, e.g. to extend a run to more examples).
 # A setting still running (no rows.jsonl yet) keeps its finished chunks, in order, so a
 # session that ends mid-setting loses at most one chunk: --rows_from resumes from them.
+# Kept rows are never replaced by fewer rows or by rows of another configuration, and
+# rows equal to the kept ones are not rewritten (dropjax.evaluation.store.keep_rows).
 # OUT's entropy thresholds join RES/rows/calibration.jsonl (kept entries win), so
 # another CPU extends the rows with the thresholds they were decided with, and each
 # setting's chunk times RES/rows/<setting>.timing.jsonl (for --stop_at's estimate there).
 save_rows() {
-  mkdir -p "$2/rows"
   python -c 'import sys; from dropjax.evaluation import store
+for s in store.keep_rows(sys.argv[1], sys.argv[2]): print("kept rows of", s, file=sys.stderr)
 store.keep_records(sys.argv[1], sys.argv[2])' "$1" "$2/rows"
-  local d name
-  for d in "$1"/*/; do
-    name=$(basename "$d")
-    if [ -f "$d/rows.jsonl" ]; then
-      gzip -9 -n -c "$d/rows.jsonl" > "$2/rows/$name.rows.jsonl.gz"
-    elif compgen -G "$d/chunk_[0-9]*.jsonl" > /dev/null; then
-      cat "$d"/chunk_[0-9]*.jsonl | gzip -9 -n -c > "$2/rows/$name.rows.jsonl.gz"
-    else
-      continue
-    fi
-    if [ -f "$d/setting.json" ]; then cp "$d/setting.json" "$2/rows/$name.setting.json"; fi
-  done
 }
 
 # save_summary OUT RES_FILE: OUT's summary rows into RES_FILE, replacing the rows of the

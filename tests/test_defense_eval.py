@@ -398,6 +398,43 @@ def test_lib_sh_save_rows_keeps_a_running_settings_chunks(tiny_workdir, tmp_path
   assert [t["chunk"] for t in timed] == [0, 1, 2] and timed[0]["seconds"] == kept_time
 
 
+def test_keep_rows_never_loses_kept_rows(tmp_path, capsys):
+  """store.keep_rows (experiments/lib.sh save_rows): a running setting keeps its chunks
+  up to the first missing one; kept rows are not replaced by fewer rows nor by rows of
+  another configuration, and equal rows are not rewritten."""
+  import gzip
+  from dropjax import files
+  from dropjax.evaluation import store
+  out, kept = str(tmp_path / "out"), str(tmp_path / "kept")
+  rows = [{"index": i, "correct": i % 2 == 0} for i in range(6)]
+  s = store.SettingStore(out, "s", {"seed": 0})
+  s.write_chunk(0, rows[:2])
+  s.write_chunk(2, rows[4:])  # chunk 1 missing: chunk 2 is not kept yet
+  assert store.keep_rows(out, kept) == ["s"]
+  assert files.read_jsonl(os.path.join(kept, "s.rows.jsonl.gz")) == rows[:2]
+  assert json.load(open(os.path.join(kept, "s.setting.json"))) == {"seed": 0}
+  assert store.committed_rows(kept, "s") == (rows[:2], {"seed": 0})
+  s.write_chunk(1, rows[2:4])
+  assert store.keep_rows(out, kept) == ["s"]
+  assert files.read_jsonl(os.path.join(kept, "s.rows.jsonl.gz")) == rows
+  stamp = os.stat(os.path.join(kept, "s.rows.jsonl.gz")).st_mtime_ns
+  assert store.keep_rows(out, kept) == []  # equal rows: not rewritten
+  assert os.stat(os.path.join(kept, "s.rows.jsonl.gz")).st_mtime_ns == stamp
+  # A shorter run of the same setting does not shorten the kept rows ...
+  short = str(tmp_path / "short")
+  store.SettingStore(short, "s", {"seed": 0}).write_chunk(0, rows[:2])
+  assert store.keep_rows(short, kept) == []
+  assert "holds 2 rows" in capsys.readouterr().err
+  # ... nor does another configuration replace them.
+  other = str(tmp_path / "other")
+  store.SettingStore(other, "s", {"seed": 1}).write_chunk(0, rows + rows)
+  assert store.keep_rows(other, kept) == []
+  assert "seed: 0 kept, 1 here" in capsys.readouterr().err
+  with gzip.open(os.path.join(kept, "s.rows.jsonl.gz"), "rt") as f:
+    assert [json.loads(l) for l in f] == rows
+  assert store.keep_rows(str(tmp_path / "missing"), kept) == []
+
+
 # A defense and attacks that read their answer off the image, for the cascade: pixel (1, 1)
 # holds the undefended model's class, pixel (2, 2) the masked models' class, pixel (0, 0)
 # which attack breaks the example (code 3: attack 0 breaks only the undefended model).

@@ -31,9 +31,11 @@ robust accuracy 0.324 against 0.336 on 100 images).
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
+import sys
 from typing import Callable
 
 import jax
@@ -289,6 +291,78 @@ def merge_calibrations(src_dir: str, dst_dir: str) -> int:
     os.makedirs(dst_dir, exist_ok=True)
     files.write_jsonl(dst, kept + new)
   return len(new)
+
+
+def _finished_rows_text(directory: str) -> str | None:
+  """The rows of a setting directory as JSON-lines text: ``rows.jsonl``, else its
+  chunks from chunk 0 up to the first one missing (a setting still running), else None."""
+  path = os.path.join(directory, ROWS_FILE)
+  if os.path.isfile(path):
+    with open(path) as f:
+      return f.read()
+  parts, c = [], 0
+  while os.path.isfile(chunk := os.path.join(directory, f"chunk_{c:05d}.jsonl")):
+    with open(chunk) as f:
+      parts.append(f.read())
+    c += 1
+  return "".join(parts) if parts else None
+
+
+def _kept_text(base: str) -> str | None:
+  """The text of the kept rows ``<base>.rows.jsonl.gz`` (or ``.rows.jsonl``)."""
+  for path, opener in ((base + ".rows.jsonl.gz", gzip.open), (base + ".rows.jsonl", open)):
+    if os.path.exists(path):
+      with opener(path, "rt") as f:
+        return f.read()
+  return None
+
+
+def keep_rows(out_dir: str, rows_dir: str) -> list[str]:
+  """Keeps every setting's rows of ``out_dir`` in ``rows_dir`` as
+  ``<setting>.rows.jsonl.gz`` beside its ``<setting>.setting.json`` (what
+  :func:`committed_rows` reads); returns the settings written.
+
+  A setting still running keeps its finished chunks in order.  Work is never
+  lost: rows equal to the kept ones are not rewritten, and kept rows are not
+  replaced by fewer rows (a run of fewer examples, or without ``--rows_from``)
+  nor by rows of another configuration; either refusal is said on stderr.
+  """
+  written = []
+  if not os.path.isdir(out_dir):
+    return written
+  for setting in sorted(os.listdir(out_dir)):
+    directory = os.path.join(out_dir, setting)
+    text = _finished_rows_text(directory) if os.path.isdir(directory) else None
+    if text is None:
+      continue
+    config = SettingStore.saved_config(out_dir, setting)
+    kept_rows, kept_config = committed_rows(rows_dir, setting) or (None, None)
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if kept_rows is not None:
+      diff = (_differences(kept_config, config, "kept", "here")
+              if kept_config is not None and config is not None else "")
+      if diff:
+        print(f"{setting}: rows of another configuration ({diff}); the kept rows in "
+              f"{rows_dir} stay", file=sys.stderr)
+        continue
+      if len(rows) < len(kept_rows):
+        print(f"{setting}: {out_dir} holds {len(rows)} rows, {rows_dir} keeps "
+              f"{len(kept_rows)}: the kept rows stay (extend them with --rows_from)",
+              file=sys.stderr)
+        continue
+    base = os.path.join(rows_dir, setting)
+    changed = False
+    if kept_rows is None or (text != _kept_text(base) and rows != kept_rows):
+      files.write_atomic(base + ".rows.jsonl.gz",
+                         gzip.compress(text.encode(), compresslevel=9, mtime=0))
+      changed = True
+    if config is not None and config != kept_config:
+      with open(os.path.join(directory, CONFIG_FILE)) as f:
+        files.write_atomic(base + ".setting.json", f.read())
+      changed = True
+    if changed:
+      written.append(setting)
+  return written
 
 
 def keep_records(out_dir: str, rows_dir: str) -> None:
