@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dropjax import defense, evaluation
+from dropjax import defense, evaluation, files
 from dropjax.masks import DropSpec
 from dropjax.training.checkpoint import CheckpointError
 
@@ -283,6 +283,15 @@ def test_stop_at_starts_no_chunk_it_does_not_expect_to_finish(tiny_workdir, tmp_
   assert open(os.path.join(out, sid, "rows.jsonl")).read() == \
       open(os.path.join(tmp_path / "whole", sid, "rows.jsonl")).read()
   assert len(setting.chunk_seconds()) == 3  # the edited one, and chunks 1 and 2
+  # A fresh --out with nothing timed takes the longest chunk kept in --rows_from.
+  kept = str(tmp_path / "kept")
+  os.makedirs(kept)
+  files.write_jsonl(os.path.join(kept, "another.timing.jsonl"), [{"chunk": 0, "seconds": 7200.0}])
+  assert store.longest_kept_chunk_seconds(kept) == 7200.0
+  assert evaluation.evaluate(tiny_workdir, dataclasses.replace(cfg, stop_at=soon, rows_from=kept),
+                             str(tmp_path / "fresh_kept"), progress=False) == []
+  assert "chunk 0 of " + sid + " not started" in capsys.readouterr().err
+  assert not os.path.exists(os.path.join(tmp_path / "fresh_kept", sid, "chunk_00000.jsonl"))
   # A deadline already passed starts nothing, timed or not.
   past = (now - datetime.timedelta(minutes=1)).isoformat(timespec="seconds")
   assert evaluation.evaluate(tiny_workdir, ev_config(norm="l2", eps=[0.5], stop_at=past),
@@ -403,7 +412,6 @@ def test_keep_rows_never_loses_kept_rows(tmp_path, capsys):
   up to the first missing one; kept rows are not replaced by fewer rows nor by rows of
   another configuration, and equal rows are not rewritten."""
   import gzip
-  from dropjax import files
   from dropjax.evaluation import store
   out, kept = str(tmp_path / "out"), str(tmp_path / "kept")
   rows = [{"index": i, "correct": i % 2 == 0} for i in range(6)]

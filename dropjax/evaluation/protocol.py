@@ -44,7 +44,7 @@ from dropjax.config import TrainConfig
 from dropjax.data import augment, load_dataset
 from dropjax.evaluation import worst_case
 from dropjax.evaluation.store import (SettingStore, cached_calibration, committed_rows,
-                                      committed_timing, digest,
+                                      committed_timing, digest, longest_kept_chunk_seconds,
                                       longest_chunk_seconds, update_summary)
 from dropjax.masks import DropSpec
 from dropjax.units import BUDGET_READINGS
@@ -141,8 +141,8 @@ class EvalConfig:
                            "local time, or with a UTC offset): no chunk starts that is "
                            "expected to end after it -- expected to take as long as the "
                            "longest chunk this --out has timed for the setting, else for "
-                           "any setting (none timed yet: it starts while the deadline is "
-                           "ahead); the run then moves on to its next setting, and exits "
+                           "any setting, else kept in --rows_from for any setting (none "
+                           "timed yet: it starts while the deadline is ahead); the run then moves on to its next setting, and exits "
                            "0 with what it finished. So a job that must end by a time "
                            "loses no half-computed chunk")
   sanity: bool = _f(False, "run the gradient-masking sanity checks instead (large budget, "
@@ -620,12 +620,16 @@ def budget_columns(norm: str, eps: float, reading: str) -> dict:
 
 
 def _fits_before(stop_at: str, store: SettingStore, out_dir: str, sid: str,
-                 chunk: int) -> bool:
+                 chunk: int, rows_dir: str | None) -> bool:
   """Whether chunk ``chunk`` of ``sid`` is expected to end before ``stop_at``
-  (:attr:`EvalConfig.stop_at`); says why not on stderr."""
+  (:attr:`EvalConfig.stop_at`); says why not on stderr.  Expected: as long as the
+  setting's longest timed chunk, else the longest of any setting timed in
+  ``out_dir``, else the longest kept in ``rows_dir`` (``--rows_from``)."""
   expected = max(store.chunk_seconds(), default=None)
   if expected is None:
     expected = longest_chunk_seconds(out_dir)
+  if expected is None and rows_dir:
+    expected = longest_kept_chunk_seconds(rows_dir)
   return deadlines.fits(stop_at, expected, f"chunk {chunk} of {sid}")
 
 
@@ -710,7 +714,8 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
         if stop_after_chunks is not None and chunks_done_here >= stop_after_chunks:
           bar.close()
           return summaries
-        if ev.stop_at is not None and not _fits_before(ev.stop_at, store, out_dir, sid, c):
+        if ev.stop_at is not None and not _fits_before(ev.stop_at, store, out_dir, sid, c,
+                                                        ev.rows_from):
           stopped_early = True
           break
         t0 = time.perf_counter()

@@ -195,6 +195,15 @@ def longest_chunk_seconds(out_dir: str) -> float | None:
   return max((t for ts in times for t in ts), default=None)
 
 
+def longest_kept_chunk_seconds(rows_dir: str) -> float | None:
+  """The longest chunk time kept beside the rows of any setting in ``rows_dir``
+  (``<setting>.timing.jsonl``; wall seconds; ``None``: none kept)."""
+  times = [r["seconds"] for name in sorted(os.listdir(rows_dir))
+           if name.endswith(".timing.jsonl")
+           for r in files.read_jsonl(os.path.join(rows_dir, name))]
+  return max(times, default=None)
+
+
 # How fast a setting's attacks ran, known only to the run that computed its chunks.
 TIME_FIELDS = ("attack_seconds_this_run", "attack_images_per_s")
 
