@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dropjax import files, masks
-from dropjax.plots import save_figure
+from dropjax.plots import new_figure, save_figure
 
 Array = jax.Array
 
@@ -77,13 +77,10 @@ def _heat(e: np.ndarray) -> np.ndarray:
 
 def plot_gradients(models: list[tuple[str, dict]], out_dir: str, name: str = "gradients"):
   """One block of rows per model; columns X, X', E(X), E(X'), E(X')∘M, E(X')∘(1-M)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   cols = ["X", "X'", "E(X)", "E(X')", "E(X')*M", "E(X')*(1-M)"]
   n_img = models[0][1]["x"].shape[0]
-  fig, axes = plt.subplots(len(models) * n_img, len(cols),
-                           figsize=(1.6 * len(cols), 1.6 * len(models) * n_img), squeeze=False)
+  fig, axes = new_figure(len(models) * n_img, len(cols),
+                         figsize=(1.6 * len(cols), 1.6 * len(models) * n_img), squeeze=False)
   for mi, (label, m) in enumerate(models):
     for i in range(n_img):
       row = axes[mi * n_img + i]
@@ -104,13 +101,10 @@ def plot_gradients(models: list[tuple[str, dict]], out_dir: str, name: str = "gr
 
 def plot_filters(models: list[tuple[str, np.ndarray]], out_dir: str, name: str = "filters"):
   """Per model a grid (8 per row) of the first-layer 3x3 RGB filters (16 in ResNets)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   n = max(t.shape[0] for _, t in models)
   cols, rows = min(8, n), -(-n // 8)
-  fig, axes = plt.subplots(rows, cols * len(models),
-                           figsize=(1.0 * cols * len(models), 1.2 * rows + 0.4), squeeze=False)
+  fig, axes = new_figure(rows, cols * len(models),
+                         figsize=(1.0 * cols * len(models), 1.2 * rows + 0.4), squeeze=False)
   for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])

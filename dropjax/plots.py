@@ -22,12 +22,10 @@ import dataclasses
 import os
 
 import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dropjax import files  # noqa: E402
-from dropjax.evaluation.store import read_summaries  # noqa: E402
+from dropjax import files
+from dropjax.evaluation.store import read_summaries
 
 def model_name(row: dict) -> str:
   drop = {"none": "normal", "fixed": f"fixed r={row.get('train_drop_rate')}",
@@ -42,9 +40,18 @@ _REPRODUCIBLE = {"png": {}, "svg": {"Date": None}}
 _SVG_SALT = "dropjax"
 
 
+def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
+               squeeze: bool = True):
+  """``(figure, axes)`` as ``pyplot.subplots`` makes them, without pyplot: no
+  backend is chosen and no figure registered, so drawing (and importing this
+  module) changes nothing in the process.  Sizes in inches."""
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+
 def save_figure(fig, out_dir: str, name: str) -> list[str]:
   """Saves ``fig`` as ``out_dir/name.png`` and ``.svg`` (the same bytes for the
-  same figure), closes it, returns the paths."""
+  same figure), returns the paths."""
   os.makedirs(out_dir, exist_ok=True)
   paths = []
   with matplotlib.rc_context({"svg.hashsalt": _SVG_SALT}):
@@ -52,7 +59,6 @@ def save_figure(fig, out_dir: str, name: str) -> list[str]:
       path = os.path.join(out_dir, f"{name}.{ext}")
       fig.savefig(path, dpi=120, bbox_inches="tight", metadata=metadata)
       paths.append(path)
-  plt.close(fig)
   return paths
 
 
@@ -62,7 +68,7 @@ def plot_clean_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
     by_model[model_name(r)][r["drop_rate"]] = r  # later rows win
   if not by_model:
     return []
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, ax = new_figure(figsize=(5, 3.5))
   for name, pts in sorted(by_model.items()):
     rates = sorted(pts)
     ax.plot(rates, [pts[x]["clean_accuracy_avg"] for x in rates], "o-", label=f"{name}, avg")
@@ -103,7 +109,7 @@ def plot_robust_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
     several_eps = len({r["eps"] for r in these}) > 1
     for r in these:
       lines[line_label(r, several_eps)][r["drop_rate"]] = r
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = new_figure(figsize=(5, 3.5))
     for i, (name, pts) in enumerate(sorted(lines.items())):
       rates = sorted(pts)
       color = f"C{i % 10}"  # one colour per line: solid without, dashed with rejection
@@ -150,7 +156,7 @@ def plot_certified_accuracy(curves: dict[str, list[dict]], out_dir: str,
   from dropjax.certification import certified_curve  # pylint: disable=g-import-not-at-top
   if not curves:
     return []
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, ax = new_figure(figsize=(5, 3.5))
   for label, rows in sorted(curves.items()):
     radii, acc = certified_curve(rows)
     ax.step(radii, acc, where="post", label=label)

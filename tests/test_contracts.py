@@ -2,6 +2,8 @@
 code imports nothing backend-specific."""
 import ast
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -106,3 +108,26 @@ def test_only_the_backend_reads_performance_switches():
                                    '"DROPJAX_EOT_IMPL', '"DROPJAX_NO_XLA_DEFAULTS')):
           readers.append(os.path.relpath(os.path.join(base, f), ROOT))
   assert readers == ["dropjax/backend.py"]
+
+
+def test_importing_and_plotting_change_nothing_in_the_process(tmp_path):
+  """Importing the library (its plotting included) and drawing a figure neither
+  imports pyplot nor chooses a matplotlib backend, nor sets process flags."""
+  code = f"""
+import os, sys
+import matplotlib
+flags = os.environ.get("XLA_FLAGS")
+import dropjax, dropjax.plots, dropjax.explain, dropjax.evaluation, dropjax.certification
+fig, ax = dropjax.plots.new_figure(figsize=(2, 2))
+ax.plot([0, 1], [0, 1])
+paths = dropjax.plots.save_figure(fig, {str(tmp_path)!r}, "f")
+assert all(os.path.getsize(p) > 0 for p in paths), paths
+assert "matplotlib.pyplot" not in sys.modules
+assert matplotlib.rcParams._get_backend_or_none() is None
+assert os.environ.get("XLA_FLAGS") == flags
+print("ok")
+"""
+  env = {k: v for k, v in os.environ.items() if k not in ("MPLBACKEND", "XLA_FLAGS")}
+  out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
