@@ -4,14 +4,19 @@
 # literally: L-inf 16/255, L2 1.0, L0 3% of the pixels; EOT-PGD 20 steps x 10 masks; CE and
 # CW x untargeted and targeted, worst case per example; 5 draws; paper calibration rule)
 # at the test-time drop rates RATES, first N test images; then the rows and the figures.
-# Re-running resumes by chunk; each setting's summary and rows are saved as it ends; a larger N extends the same settings, taking the committed
-# rows of RES/rows up instead of recomputing them (evaluate.py --rows_from).
+# Re-running resumes by chunk; each setting's summary and rows are saved as it ends; a
+# larger N extends the same settings, taking the committed rows of RES/rows up instead of
+# recomputing them (evaluate.py --rows_from).
+# READING=doubled NORMS="linf l2" reads the L-inf/L2 budgets on the [0, 1] scale instead
+# (twice as large in X units: L-inf 16/255 and L2 1.0 on the pixel scale; L0 has one
+# reading), so the figures show both readings where they differ.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
 N=${N:-500}
 RATES=${RATES:-"0 0.5 0.9"}
 NORMS=${NORMS:-"linf l2 l0"}
+READING=${READING:-literal}
 WD=${WD:-pretrained/cifar10-resnet20-random}
 OUT=${OUT:-runs/cifar10-resnet20-random-30ep-figs56}
 RES=experiments/results/cifar10_resnet20_random_30ep
@@ -19,7 +24,8 @@ mkdir -p "$RES/rows"
 for r in $RATES; do
   for norm in $NORMS; do
     python evaluate.py --workdir "$WD" --out "$OUT" --norm "$norm" --num_examples "$N" \
-      --drop_rates "$r" --rows_from "$RES/rows" --no_progress "${stop_at_args[@]}"
+      --drop_rates "$r" --budget_reading "$READING" --rows_from "$RES/rows" --no_progress \
+      "${stop_at_args[@]}"
     # saved after every setting: a run stopped part-way keeps what it finished
     save_summary "$OUT" "$RES/eval_summary_figs56.jsonl"
     save_rows "$OUT" "$RES"
