@@ -367,6 +367,9 @@ def test_multi_host_two_processes_match_single_process(tiny_data_dir, tmp_path):
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (o, e) in zip(procs, outs):
     assert p.returncode == 0, e[-3000:]
+  # stdout holds the result line, progress and epoch lines go to stderr
+  assert "epoch 1:" not in outs[0][0] and "epoch 1:" in outs[0][1], outs[0][0]
+  assert "finished=True" in outs[0][0].strip().splitlines()[-1]
   single_cfg = tiny_config(tiny_data_dir, epochs=1, eval_every_epochs=1)
   loop.train(single_cfg, str(tmp_path / "sh"), progress=False)  # 2 devices, 1 process
   a = json.load(open(tmp_path / "mh" / "final_eval.json"))

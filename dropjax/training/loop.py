@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
 from typing import Callable
 
@@ -190,7 +191,8 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
         and (done // spe) % config.eval_every_epochs == 0):
       val = evaluate(runner.host_state(dstate).variables, data.val, eval_key)
       writer.write({"kind": "val", "step": done, "epoch": done // spe, **val})
-      bar.write(f"epoch {done // spe}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+      bar.write(f"epoch {done // spe}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()),
+                file=sys.stderr)  # progress; stdout holds the result line only
     bar.update(1)
   bar.close()
   ckpt.wait()
