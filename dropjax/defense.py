@@ -1,7 +1,7 @@
 """The paper's test-time defense: mask averaging and entropy-based rejection.
 
 * :func:`mask_average_probs`: softmax probabilities averaged over ``K`` masks at
-  drop rate ``r`` (``vmap`` over ``K`` split keys, then a mean).
+  drop rate ``r`` (``vmap`` over ``K`` split keys, then a mean; one pass at r = 0).
 * :func:`entropy`: predictive entropy (nats) of a probability vector.
 * :func:`calibrate_threshold`: the entropy threshold on clean validation data at
   which accuracy -- **counting rejected inputs as errors**, as the paper does --
@@ -47,11 +47,14 @@ def mask_average_probs(key: Array, logits_fn: Callable, variables, x: Array,
     num_masks: K >= 1.
 
   Returns:
-    Probabilities (B, C) float32; rows sum to 1.
+    Probabilities (B, C) float32; rows sum to 1.  When ``drop`` drops nothing
+    (r = 0) every mask is the identity and the average is one pass of the model.
   """
   if num_masks < 1:
     raise ValueError(f"num_masks must be >= 1, got {num_masks}")
   contracts.check_images(x, min_ndim=4)
+  if not drop.drops:
+    return masked_probs(key, logits_fn, variables, x, drop)
   keys = jax.random.split(key, num_masks)
   probs = jax.vmap(lambda k: masked_probs(k, logits_fn, variables, x, drop))(keys)
   return jnp.mean(probs, axis=0)

@@ -28,6 +28,12 @@ def test_one_mask_at_rate_zero_is_the_plain_model():
   np.testing.assert_allclose(p, jax.nn.softmax(linear_logits(v, x)), rtol=1e-6)
   p10 = defense.mask_average_probs(KEY, linear_logits, v, x, DropSpec(), 10)
   np.testing.assert_allclose(p10, p, rtol=1e-6)
+  # Nothing dropped: every mask is the identity, and the average costs one pass.
+  def flops(drop, k):
+    f = jax.jit(lambda x: defense.mask_average_probs(KEY, linear_logits, v, x, drop, k))
+    return f.lower(x).compile().cost_analysis()["flops"]
+  assert flops(DropSpec.fixed(0.0), 10) == flops(DropSpec.fixed(0.0), 1) == flops(DropSpec(), 10)
+  assert flops(DropSpec.fixed(0.5), 10) > 5 * flops(DropSpec.fixed(0.5), 1)
 
 
 def test_mask_average_equals_loop_over_keys():
