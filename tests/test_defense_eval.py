@@ -820,3 +820,18 @@ def test_sweep_gets_one_setting_per_value_and_mixed_rows_are_refused(tiny_workdi
   # More examples resume the same rows (the config does not include num_examples).
   evaluation.evaluate(tiny_workdir, ev_config(eot_samples=1, num_examples=48), out,
                       stop_after_chunks=0, progress=False)
+
+
+def test_clean_points_take_the_row_of_most_examples():
+  """Fig. 2's point per model and rate comes from the row measured on the most images
+  (a 500-image attack family does not replace the 1,000-image clean accuracy)."""
+  from dropjax import plots
+  base = {"dataset": "gtsrb", "depth": 20, "train_drop": "random", "drop_rate": 0.0}
+  rows = [{**base, "num_examples": 1000, "clean_accuracy_avg": 0.978, "setting": "a"},
+          {**base, "num_examples": 500, "clean_accuracy_avg": 0.970, "setting": "b"},
+          {**base, "num_examples": 1000, "clean_accuracy_avg": 0.978, "setting": "c"},
+          {**base, "drop_rate": 0.5, "num_examples": 100, "clean_accuracy_avg": 0.9,
+           "setting": "d"}]
+  [(name, pts)] = plots.clean_points(rows).items()
+  assert name == "gtsrb ResNet-20 (random r)"
+  assert pts[0.0]["setting"] == "c" and pts[0.5]["setting"] == "d"
