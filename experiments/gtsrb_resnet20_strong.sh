@@ -51,7 +51,10 @@ done
 # The per-example worst case over every attack family of a setting (the paper's EOT-PGD
 # of gtsrb_resnet20_figs56.sh included), each family beside it on the same examples; and,
 # as Sparse-RS may cover fewer images than the rest, the worst case without it too.
-python -m dropjax.evaluation.combine "$RES"/eval_summary*.jsonl --out "$RES/eval_summary_worst.jsonl"
-python -m dropjax.evaluation.combine "$RES"/eval_summary*.jsonl --exclude sparse_rs \
+# (--allow_empty: a model evaluated by one family only, e.g. WD=pretrained/...-normal with
+# PARTS=sparse_rs, has nothing to combine without Sparse-RS.)
+python -m dropjax.evaluation.combine "$RES"/eval_summary*.jsonl --allow_empty \
   --out "$RES/eval_summary_worst.jsonl"
+python -m dropjax.evaluation.combine "$RES"/eval_summary*.jsonl --exclude sparse_rs \
+  --allow_empty --out "$RES/eval_summary_worst.jsonl"
 python -m dropjax.plots "$RES"/eval_summary*.jsonl --out "$RES"

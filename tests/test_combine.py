@@ -124,6 +124,13 @@ def test_cli_combines_two_evaluated_attacks(tiny_workdir, tmp_path, capsys):
   assert len(open(dest).readlines()) == 1
   assert combine.main([str(tmp_path / "nope.jsonl")]) == 2
   assert "nope.jsonl" in capsys.readouterr().err
+  # Nothing left to combine: an error, unless --allow_empty (then no file is touched).
+  assert combine.main([os.path.join(out, "summary.jsonl"), "--exclude", "cw"]) == 2
+  assert "two attack families" in capsys.readouterr().err
+  before = open(dest).read()
+  assert combine.main([os.path.join(out, "summary.jsonl"), "--exclude", "cw", "--out", dest,
+                       "--allow_empty"]) == 0
+  assert "nothing to combine" in capsys.readouterr().out and open(dest).read() == before
 
 
 def test_exclude_keeps_a_family_run_on_fewer_images_out_of_the_full_combination(tmp_path):

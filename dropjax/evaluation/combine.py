@@ -238,6 +238,9 @@ class CombineConfig:
       "help": "leave out the settings whose id contains one of these strings (e.g. "
               "sparse_rs, run on fewer images); the combined id then ends "
               "'_worst-without-<string>', beside the full combination"})
+  allow_empty: bool = dataclasses.field(default=False, metadata={
+      "help": "when no setting has two attack families or more, say so and exit 0 "
+              "instead of failing (for scripts run on any model)"})
 
 
 def run(cfg: CombineConfig) -> int:
@@ -249,6 +252,10 @@ def run(cfg: CombineConfig) -> int:
       os.path.join(os.path.dirname(p) if os.path.isfile(p) else p, "rows"),
       os.path.dirname(p) if os.path.isfile(p) else p)]
   combined = combine_summaries(summaries, dirs, cfg.exclude)
+  if not combined and cfg.allow_empty:
+    print("nothing to combine: no setting was evaluated by two attack families or more"
+          + (f" (excluding {', '.join(cfg.exclude)})" if cfg.exclude else ""))
+    return 0
   if not combined:
     raise ValueError("no setting was evaluated by two attack families or more in "
                      f"{', '.join(paths)}" + (f" (excluding {', '.join(cfg.exclude)})"
