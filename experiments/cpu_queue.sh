@@ -44,12 +44,16 @@ for step in $STEPS; do
       else
         RATES="0.3 0.7" bash experiments/gtsrb_resnet20_figs56.sh
       fi ;;
-    3)  # CIFAR-10 Figs. 5/6 of the random-r model at every drop rate, 1,000 images; the
-        # issue's first rates (0, 0.5, 0.9) before the others; then the doubled budget
-        # reading at r = 0.9 (500 images), as GTSRB has it.
+    3)  # CIFAR-10: Sparse-RS at r = 0 (500 images, ~10 min: one pass per query; the
+        # strong script takes any model through WD/OUT/RES); Figs. 5/6 of the random-r
+        # model at every drop rate, 1,000 images, the first rates (0, 0.5, 0.9)
+        # before the others; then the doubled budget reading at r = 0.9 (500 images).
       if [ "$SAVE" = 1 ]; then
+        save_rows runs/cifar10-resnet20-random-30ep-strong "$CIFAR_RES"
         save_rows runs/cifar10-resnet20-random-30ep-figs56 "$CIFAR_RES"
       else
+        WD=pretrained/cifar10-resnet20-random OUT=runs/cifar10-resnet20-random-30ep-strong \
+          RES="$CIFAR_RES" RATES=0 N=500 PARTS=sparse_rs bash experiments/gtsrb_resnet20_strong.sh
         N=1000 RATES="0 0.5 0.9 0.3 0.7" bash experiments/cifar10_resnet20_figs56.sh
         N=500 RATES=0.9 NORMS="linf l2" READING=doubled bash experiments/cifar10_resnet20_figs56.sh
       fi ;;
