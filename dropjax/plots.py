@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from dropjax import files
 from dropjax.evaluation.store import read_summaries
 
+
 def model_name(row: dict) -> str:
   drop = {"none": "normal", "fixed": f"fixed r={row.get('train_drop_rate')}",
           "random": "random r"}.get(row.get("train_drop"), row.get("train_drop"))
