@@ -44,8 +44,9 @@ for step in $STEPS; do
       else
         RATES="0.3 0.7" bash experiments/gtsrb_resnet20_figs56.sh
       fi ;;
-    3)  # CIFAR-10: Sparse-RS at r = 0 (500 images, ~10 min: one pass per query; the
-        # strong script takes any model through WD/OUT/RES); Figs. 5/6 of the random-r
+    3)  # CIFAR-10: Sparse-RS at r = 0 (500 images, ~7 min: one pass per query; the
+        # strong script takes any model through WD/OUT/RES; done 2026-12-04, a re-run
+        # only re-checks it); Figs. 5/6 of the random-r
         # model at every drop rate, 1,000 images, the first rates (0, 0.5, 0.9)
         # before the others; then the doubled budget reading at r = 0.9 (500 images).
       if [ "$SAVE" = 1 ]; then
