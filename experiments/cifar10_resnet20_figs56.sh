@@ -31,4 +31,6 @@ for r in $RATES; do
     save_rows "$OUT" "$RES"
   done
 done
-python -m dropjax.plots "$RES/eval_summary_figs56.jsonl" --figures robust table --out "$RES"
+# Figures and table from every committed summary (the strong column's rows too), as for
+# GTSRB.
+python -m dropjax.plots "$RES"/eval_summary*.jsonl --out "$RES"
