@@ -115,7 +115,8 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
     should_stop: asked after every step (e.g. a :class:`dropjax.deadlines.StopRequest`);
       when it says True the run checkpoints that step, so that it resumes from there
       exactly, and returns unfinished (``"stopped": True``).  With several processes
-      process 0's answer is every process's.
+      process 0's answer is every process's, asked every ``log_every`` steps and at
+      epoch ends (a collective, kept off the other steps).
     progress: show a progress bar (default: when stderr is a terminal).
     backend: the model's layers (default :func:`dropjax.backend.resolve`).
   """
@@ -170,7 +171,9 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
     pending.append(metrics)
     done = step + 1
     epoch_end = done % spe == 0
-    stopped = done < total_steps and should_stop is not None and _agreed(should_stop())
+    # With several processes the answer is a collective: asked where the loop logs anyway.
+    ask = jax.process_count() == 1 or done % config.log_every == 0 or epoch_end
+    stopped = done < total_steps and should_stop is not None and ask and _agreed(should_stop())
     if done % config.log_every == 0 or epoch_end or done == end or stopped:
       vals = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
       now = time.perf_counter()
