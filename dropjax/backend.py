@@ -52,7 +52,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 

@@ -11,6 +11,7 @@ from conftest import tiny_config
 from dropjax import certification, certify, cli, files, plots
 from dropjax.config import from_preset
 from dropjax.data.datasets import DATASETS
+from dropjax import evaluation
 from dropjax.evaluation import protocol
 from dropjax.evaluation.store import TIMING_FILE, SettingStore
 from dropjax.training import checkpoint as ckpt_lib
@@ -89,7 +90,7 @@ def test_mean_encoding_trains_and_certifies(tiny_data_dir, tmp_path):
   summary = certification.run(wd, small(num_examples=4), str(tmp_path / "cert"), progress=False)
   assert summary["input_encoding"] == "mean" and summary["keep"] == 300
   with pytest.raises(ValueError, match="mean input encoding"):
-    protocol.evaluate(wd, protocol.EvalConfig(norm="linf", num_examples=4), str(tmp_path / "ev"))
+    protocol.evaluate(wd, evaluation.EvalConfig(norm="linf", num_examples=4), str(tmp_path / "ev"))
 
 
 def test_encoding_is_part_of_the_architecture(ablation_workdir, tiny_data_dir):

@@ -494,7 +494,7 @@ def _fake_batch(code):
 
 def _run_chunk(code, cascade_batch):
   seen, scored = {k: [] for k in range(3)}, []
-  attacks = [evaluation.protocol.Attack(f"a{k}", _fake_attack(k, seen[k])) for k in range(3)]
+  attacks = [evaluation.chunk.Attack(f"a{k}", _fake_attack(k, seen[k])) for k in range(3)]
   defend = lambda key, v, x: scored.append(len(x)) or _fake_defend(key, v, x)
   cols = evaluation.evaluate_chunk(KEY, defend, attacks, None, _fake_batch(code),
                                    {"single": 0.5, "avg": 0.5}, score_draws=2,
@@ -540,7 +540,7 @@ def test_cascade_on_a_trained_model_attacks_what_is_left_in_padded_calls(tiny_wo
   cfg = ev_config(losses=("ce", "cw"), modes=("untargeted", "targeted"), eps=[0.5])
   _, variables, logits_fn, data = evaluation.load_model(tiny_workdir)
   drop = DropSpec.fixed(0.5)
-  attacks = [evaluation.protocol.Attack(n, evaluation.protocol.compile_attack(
+  attacks = [evaluation.chunk.Attack(n, evaluation.chunk.compile_attack(
       logits_fn, c, backend_lib.resolve()), rank)
              for n, c, rank in evaluation.attack_configs(cfg, "gtsrb", 0.5, drop)]
   defend = evaluation.make_defense_fn(logits_fn, drop, 3)
@@ -792,7 +792,7 @@ def test_plots_draw_only_the_figures_asked_for(tmp_path):
 
 
 def test_setting_id_names_a_non_default_attack():
-  from dropjax.evaluation.protocol import attack_variant
+  from dropjax.evaluation.settings import attack_variant
   E = evaluation.EvalConfig
   assert attack_variant(E()) == "" and attack_variant(E(norm="none", steps=3)) == ""
   assert attack_variant(E(attack="apgd", steps=100)) == "apgd_steps100"

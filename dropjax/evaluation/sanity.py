@@ -106,10 +106,11 @@ def run(workdir: str, ev, out_dir: str, **kw) -> list[dict]:
 def loss_curve(workdir: str, ev, eps: float, train_cfg, sanity_dir: str, kw: dict) -> None:
   """APGD-CE with EOT on the first images: per-iteration rows (mean loss, best
   loss, step size in units of X) to ``loss_curve.jsonl``."""
-  from dropjax.evaluation import protocol  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from dropjax.evaluation import protocol, settings
   _, variables, logits_fn, data = protocol.load_model(workdir, kw.get("data_dir"),
                                                       kw.get("source"))
-  rate = ev.drop_rates[0] if ev.drop_rates else protocol.default_drop_rate(
+  rate = ev.drop_rates[0] if ev.drop_rates else settings.default_drop_rate(
       train_cfg, data.image_shape[0] * data.image_shape[1])
   n = min(ev.batch_size, ev.num_examples or len(data.test), len(data.test))
   cfg = APGDConfig(norm=ev.norm, eps=eps, num_steps=ev.steps * 4, eot_samples=ev.eot_samples,
