@@ -8,6 +8,7 @@ evaluation (:mod:`dropjax.evaluation.store`)::
     out/<setting>/chunk_00000.jsonl   rows of chunk 0 (written atomically)
     out/<setting>/rows.jsonl          all rows, once every chunk exists
     out/<setting>/timing.jsonl        each chunk's wall seconds (for ``--stop_at``)
+    out/<setting>/setting.json        what else decides the rows (``samples_per_pass``)
     out/summary.jsonl                 one summary row per setting
     out/certified_accuracy.{png,svg}  certified accuracy vs radius (from the rows)
 
@@ -17,7 +18,9 @@ Clopper-Pearson bound on ``p_A``), ``radius`` (certified L0 radius in pixels,
 -1: abstain), ``correct`` (prediction == label), ``abstained``,
 ``votes_top`` / ``votes_n``.  Example ``i``'s samples come from
 ``fold_in(PRNGKey(seed), i)``, so rows do not depend on the chunk size and a
-killed run resumes with exactly the rows of an uninterrupted one.
+killed run resumes with exactly the rows of an uninterrupted one, and
+``--rows_from`` takes the rows kept elsewhere (``experiments/lib.sh save_rows``)
+up instead of recomputing them.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ from dropjax import backend as backend_lib
 from dropjax import certify, contracts, deadlines, files, inference
 from dropjax.data import augment
 from dropjax.evaluation.protocol import load_model
-from dropjax.evaluation.store import SettingStore, update_summary
+from dropjax.evaluation.store import (SettingStore, committed_rows, committed_timing,
+                                      update_summary)
 
 DEFAULT_KEEP = certify.CertifyConfig.keep  # for models not trained by ablation
 PLOT_NAME = "certified_accuracy"
@@ -59,6 +63,11 @@ class CertifyRunConfig(certify.CertifyConfig):
                            "expected to end after it (expected to take as long as the "
                            "longest chunk of this setting timed in --out; the first one "
                            "starts while the deadline is ahead); the same command resumes")
+  rows_from: str | None = _f(None, "directory of kept per-example rows (<setting>.rows.jsonl.gz, "
+                             "<setting>.setting.json and <setting>.timing.jsonl, as "
+                             "experiments/lib.sh save_rows keeps them): the chunks they hold "
+                             "in full are taken from there instead of recomputed, e.g. to "
+                             "extend a committed certificate to more images")
 
   def validate(self) -> "CertifyRunConfig":
     super().validate()
@@ -107,7 +116,14 @@ def run(workdir: str, cfg: CertifyRunConfig, out_dir: str | None = None, *,
   contracts.check_labels(test.y, data.num_classes, name="test labels")
   out_dir = out_dir or os.path.join(workdir, "certify")
   sid = setting_id(core, cfg.seed)
-  store = SettingStore(out_dir, sid)
+  if cfg.rows_from and not os.path.isdir(cfg.rows_from):
+    raise FileNotFoundError(f"--rows_from {cfg.rows_from}: no such directory")
+  # What decides the rows besides the setting id: the samples of a pass.
+  store = SettingStore(out_dir, sid, {"samples_per_pass": core.samples_per_pass})
+  kept = committed_rows(cfg.rows_from, sid) if cfg.rows_from else None
+  if kept:
+    store.import_rows(kept[0][:len(test)], cfg.batch_size, kept[1])
+    store.import_timing(committed_timing(cfg.rows_from, sid))
   run_certify = certify.make_certify(logits_fn, core)
   key = jax.random.PRNGKey(cfg.seed)
   n_chunks = -(-len(test) // cfg.batch_size)

@@ -15,7 +15,9 @@ WD=${WD:-runs/${DATASET}-resnet20-ablate75-${EPOCHS}ep}
 RES=experiments/results/${DATASET}_resnet20_ablate75_${EPOCHS}ep
 python train.py --preset "${DATASET}-resnet20-ablate75" --epochs "$EPOCHS" --workdir "$WD" \
   --keep_checkpoints 1 --no_progress
-python certify.py --workdir "$WD" --out "$WD/certify" --num_examples "$N" --no_progress
+mkdir -p "$RES/rows"  # certificate rows kept there are taken up, not recomputed
+python certify.py --workdir "$WD" --out "$WD/certify" --num_examples "$N" --no_progress \
+  --rows_from "$RES/rows"
 save_run "$WD" "$RES"
 cp "$WD/certify/summary.jsonl" "$RES/certify_summary.jsonl"
 save_rows "$WD/certify" "$RES"

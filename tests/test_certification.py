@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from dropjax import certification, certify, cli, files, plots
+from dropjax import certification, certify, cli, evaluation, files, plots
 from dropjax.config import from_preset
 from dropjax.data.datasets import DATASETS
-from dropjax import evaluation
 from dropjax.evaluation import protocol
+from dropjax.evaluation import store as store_lib
 from dropjax.evaluation.store import TIMING_FILE, SettingStore
 from dropjax.training import checkpoint as ckpt_lib
 from dropjax.training import loop, state as state_lib, step as step_lib
@@ -173,6 +173,36 @@ def test_resume_by_chunk_and_chunk_size_give_identical_rows(ablation_workdir, tm
   assert rows[0] == rows[1] == rows[2]
   assert resumed["median_radius"] == full["median_radius"] == other["median_radius"]
   assert certification.setting_id(small(keep=300, seed=1), 1) != full["setting"]
+
+
+def test_rows_from_takes_kept_rows_up_and_extends_them(ablation_workdir, tmp_path):
+  """Rows kept as save_rows keeps them (rows, setting.json, timing) are taken up by
+  --rows_from: nothing recomputed for the examples they hold, a larger
+  --num_examples computes only the rest, with the rows of a run from scratch;
+  rows of another samples_per_pass are refused, a missing directory is an error."""
+  full = certification.run(ablation_workdir, small(num_examples=16), str(tmp_path / "full"),
+                           progress=False)
+  sid = full["setting"]
+  certification.run(ablation_workdir, small(), str(tmp_path / "a"), progress=False)
+  kept = str(tmp_path / "kept")
+  assert store_lib.keep_rows(str(tmp_path / "a"), kept) == [sid]
+  store_lib.keep_records(str(tmp_path / "a"), kept)
+  # all 12 kept: nothing to compute (stop_after_chunks=0 would stop at the first chunk run)
+  same = certification.run(ablation_workdir, small(rows_from=kept), str(tmp_path / "b"),
+                           progress=False, stop_after_chunks=0)
+  assert same is not None and "seconds_this_run" not in same
+  more = certification.run(ablation_workdir, small(num_examples=16, rows_from=kept),
+                           str(tmp_path / "c"), progress=False)
+  assert more["seconds_this_run"] > 0 and more["images_per_s"] * more["seconds_this_run"] == \
+      pytest.approx(4)  # only the 13th to 16th image were certified here
+  rows = lambda d: files.read_jsonl(str(tmp_path / d / sid / "rows.jsonl"))
+  assert rows("c") == rows("full") and rows("b") == rows("full")[:12]
+  with pytest.raises(ValueError, match="another configuration"):
+    certification.run(ablation_workdir, small(samples_per_pass=10, rows_from=kept),
+                      str(tmp_path / "d"), progress=False)
+  with pytest.raises(FileNotFoundError, match="rows_from"):
+    certification.run(ablation_workdir, small(rows_from=str(tmp_path / "none")),
+                      str(tmp_path / "e"), progress=False)
 
 
 def test_paper_model_certified_with_zero_fill(tiny_workdir, tmp_path):

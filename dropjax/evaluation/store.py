@@ -205,13 +205,15 @@ def longest_kept_chunk_seconds(rows_dir: str) -> float | None:
 
 
 # How fast a setting's attacks ran, known only to the run that computed its chunks.
-TIME_FIELDS = ("attack_seconds_this_run", "attack_images_per_s")
+# How long a run took to compute a summary's rows: evaluate.py's, certify.py's.
+TIME_FIELDS = ("attack_seconds_this_run", "attack_images_per_s",
+               "seconds_this_run", "images_per_s", "forward_passes_per_s")
 
 
 def replace_summaries(old: list[dict], new: list[dict]) -> list[dict]:
   """``old`` summary rows with those of ``new``'s settings replaced by ``new``'s.
 
-  A new row that lacks the attack time (:data:`TIME_FIELDS`: a re-run that
+  A new row that lacks the time (:data:`TIME_FIELDS`: a re-run that
   computed no chunk, every one kept or imported) keeps the replaced row's, when
   both cover the same examples -- the time of the run that computed them."""
   before = {r["setting"]: r for r in old}
