@@ -65,6 +65,25 @@ def test_save_summary_keeps_the_kept_rows_when_no_setting_finished(tmp_path):
   assert [json.loads(l)["setting"] for l in kept.read_text().splitlines()] == ["a", "b"]
 
 
+def test_save_summary_replaces_a_row_in_place(tmp_path):
+  """A re-run leaves the kept file as it was (no reordering); new settings follow."""
+  root = os.path.dirname(os.path.dirname(LIB))
+  kept = tmp_path / "kept.jsonl"
+  kept.write_text(json.dumps({"setting": "a", "x": 1}) + "\n" + json.dumps({"setting": "b", "x": 2})
+                  + "\n")
+  (tmp_path / "out").mkdir()
+  before = kept.read_text()
+  (tmp_path / "out" / "summary.jsonl").write_text(
+      json.dumps({"setting": "c", "x": 3}) + "\n" + json.dumps({"setting": "a", "x": 1}) + "\n")
+  _lib_env(f'save_summary "{tmp_path / "out"}" "{kept}"', root, PYTHONPATH=root)
+  assert kept.read_text() == before + json.dumps({"setting": "c", "x": 3}) + "\n"
+  from dropjax.evaluation import store  # update_summary: the same, returning the row written
+  assert store.update_summary(str(tmp_path), {"setting": "p", "x": 0}) == {"setting": "p", "x": 0}
+  store.update_summary(str(tmp_path), {"setting": "q", "x": 0})
+  assert store.update_summary(str(tmp_path), {"setting": "p", "x": 5}) == {"setting": "p", "x": 5}
+  assert [r["setting"] for r in store.read_summaries([str(tmp_path)])] == ["p", "q"]
+
+
 @pytest.mark.parametrize("timed", [
     {"attack_seconds_this_run": 400.0, "attack_images_per_s": 2.5},  # evaluate.py
     {"seconds_this_run": 990.0, "images_per_s": 0.1, "forward_passes_per_s": 1100.0}])

@@ -211,21 +211,23 @@ TIME_FIELDS = ("attack_seconds_this_run", "attack_images_per_s",
 
 
 def replace_summaries(old: list[dict], new: list[dict]) -> list[dict]:
-  """``old`` summary rows with those of ``new``'s settings replaced by ``new``'s.
+  """``old`` summary rows with those of ``new``'s settings replaced by ``new``'s,
+  each in the place of the row it replaces (a re-run leaves the file as it
+  was); rows of settings not in ``old`` follow, in ``new``'s order.
 
   A new row that lacks the time (:data:`TIME_FIELDS`: a re-run that
   computed no chunk, every one kept or imported) keeps the replaced row's, when
   both cover the same examples -- the time of the run that computed them."""
   before = {r["setting"]: r for r in old}
-  kept = []
+  replaced = {}
   for row in new:
     prev = before.get(row["setting"], {})
     if (not any(k in row for k in TIME_FIELDS)
         and prev.get("num_examples") == row.get("num_examples")):
       row = {**row, **{k: prev[k] for k in TIME_FIELDS if k in prev}}
-    kept.append(row)
-  done = {r["setting"] for r in new}
-  return [r for r in old if r["setting"] not in done] + kept
+    replaced[row["setting"]] = row
+  out = [replaced.pop(r["setting"], r) for r in old]
+  return out + list(replaced.values())
 
 
 def update_summary(out_dir: str, row: dict) -> dict:
@@ -235,7 +237,7 @@ def update_summary(out_dir: str, row: dict) -> dict:
   old = _rows_if_any(path)
   rows = replace_summaries(old, [row])
   files.write_jsonl(path, rows)
-  return rows[-1]
+  return next(r for r in rows if r["setting"] == row["setting"])
 
 
 def read_summaries(paths: list[str]) -> list[dict]:
