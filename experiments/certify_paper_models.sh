@@ -21,9 +21,8 @@ for ds in $DATASETS; do
   python certify.py --workdir "$WD" --out "$OUT" --keep 75 --num_examples "$N" \
     --rows_from "$RES/rows" --no_progress "${stop_at_args[@]}"
   save_rows "$OUT" "$RES"
-  if [ -f "$OUT/summary.jsonl" ]; then
+  if [ -f "$OUT/summary.jsonl" ]; then  # finished (certify.py drew the figure in OUT)
     save_summary "$OUT" "$RES/certify_k75_summary.jsonl"
-    python -m dropjax.plots "$OUT" --figures certified --out "$OUT"
     for ext in png svg; do cp "$OUT/certified_accuracy.$ext" "$RES/certified_accuracy_k75.$ext"; done
   fi
 done

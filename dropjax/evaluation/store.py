@@ -204,8 +204,8 @@ def longest_kept_chunk_seconds(rows_dir: str) -> float | None:
   return max(times, default=None)
 
 
-# How fast a setting's attacks ran, known only to the run that computed its chunks.
-# How long a run took to compute a summary's rows: evaluate.py's, certify.py's.
+# How long the run that computed a summary's rows took (evaluate.py's attack time,
+# certify.py's time), known only to that run.
 TIME_FIELDS = ("attack_seconds_this_run", "attack_images_per_s",
                "seconds_this_run", "images_per_s", "forward_passes_per_s")
 
