@@ -48,7 +48,8 @@ class Attack:
 
 
 def compile_attack(logits_fn, config, backend: backend_lib.Backend) -> Callable:
-  """The jitted attack of one configuration (PGD or APGD)."""
+  """The jitted attack of one configuration (PGD, APGD or Sparse-RS), its loop
+  unrolled as ``backend`` chooses."""
   unroll = backend.loop_unroll(config.num_steps)
   if isinstance(config, APGDConfig):
     return jax.jit(make_apgd(logits_fn, config, unroll=unroll))
