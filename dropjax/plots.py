@@ -8,6 +8,8 @@ writes (PNG and SVG):
   the test-time drop rate, one line per model (the paper's Fig. 2);
 * ``robust_vs_drop_rate_<norm>``: robust accuracy with and without rejection vs
   the drop rate, per norm (Figs. 5/6);
+  in both, each line lies over a light band, the 95% Wilson interval of each
+  point over its test images (:mod:`dropjax.intervals`);
 * ``table.md``: a Table-1-style markdown table (per model and norm: clean
   accuracy, robust accuracy without / with rejection);
 * ``certified_accuracy``: certified accuracy vs L0 radius, one line per
@@ -26,6 +28,7 @@ from matplotlib.figure import Figure
 
 from dropjax import files
 from dropjax.evaluation.store import read_summaries
+from dropjax.intervals import wilson
 
 
 def model_name(row: dict) -> str:
@@ -76,6 +79,30 @@ def clean_points(rows: list[dict]) -> dict[str, dict[float, dict]]:
   return by_model
 
 
+def interval_band(points: list[dict], key: str) -> tuple[list[float], list[float]]:
+  """``(lows, highs)``: the 95% Wilson interval of ``point[key]`` over each
+  point's ``num_examples`` test images (:func:`dropjax.intervals.wilson`)."""
+  bands = [wilson(p[key], p.get("num_examples", 0)) for p in points]
+  return [lo for lo, _ in bands], [hi for _, hi in bands]
+
+
+def plot_line(ax, rates: list[float], points: list[dict], key: str, style: str, **kw):
+  """``points[i][key]`` at ``rates[i]``, over a light band of its 95% interval
+  (a lone point, which spans no band: an error bar)."""
+  ys = [p[key] for p in points]
+  line, = ax.plot(rates, ys, style, **kw)
+  lows, highs = interval_band(points, key)
+  if len(rates) > 1:
+    ax.fill_between(rates, lows, highs, color=line.get_color(), alpha=0.12, linewidth=0)
+  else:
+    ax.errorbar(rates, ys, yerr=[[ys[0] - lows[0]], [highs[0] - ys[0]]], fmt="none",
+                ecolor=line.get_color(), alpha=0.5, capsize=3)
+  return line
+
+
+_BAND_NOTE = "shaded bands, bars: 95% Wilson intervals over the n test images"
+
+
 def plot_clean_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
   by_model = clean_points(rows)
   if not by_model:
@@ -83,10 +110,11 @@ def plot_clean_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
   fig, ax = new_figure(figsize=(5, 3.5))
   for name, pts in sorted(by_model.items()):
     rates = sorted(pts)
-    ax.plot(rates, [pts[x]["clean_accuracy_avg"] for x in rates], "o-", label=f"{name}, avg")
-    ax.plot(rates, [pts[x]["clean_accuracy_single"] for x in rates], "x--",
-            label=f"{name}, 1 mask")
+    points = [pts[x] for x in rates]
+    plot_line(ax, rates, points, "clean_accuracy_avg", "o-", label=f"{name}, avg")
+    plot_line(ax, rates, points, "clean_accuracy_single", "x--", label=f"{name}, 1 mask")
   ax.set(xlabel="test-time drop rate r", ylabel="clean accuracy", ylim=(0, 1))
+  ax.set_title(_BAND_NOTE, fontsize=7)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   return save_figure(fig, out_dir, "clean_vs_drop_rate")
@@ -125,12 +153,13 @@ def plot_robust_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
     for i, (name, pts) in enumerate(sorted(lines.items())):
       rates = sorted(pts)
       color = f"C{i % 10}"  # one colour per line: solid without, dashed with rejection
-      name += f" (n={sample_sizes([pts[x] for x in rates])})"
-      ax.plot(rates, [pts[x]["robust_accuracy_avg"] for x in rates], "o-", color=color,
-              label=f"{name}")
-      ax.plot(rates, [pts[x]["robust_accuracy_avg_with_rejection"] for x in rates], "s--",
-              color=color, label=f"{name}, with rejection")
+      points = [pts[x] for x in rates]
+      name += f" (n={sample_sizes(points)})"
+      plot_line(ax, rates, points, "robust_accuracy_avg", "o-", color=color, label=name)
+      plot_line(ax, rates, points, "robust_accuracy_avg_with_rejection", "s--", color=color,
+                label=f"{name}, with rejection")
     ax.set(xlabel="test-time drop rate r", ylabel=f"robust accuracy ({norm})", ylim=(0, 1))
+    ax.set_title(_BAND_NOTE, fontsize=7)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside, not over
     paths += save_figure(fig, out_dir, f"robust_vs_drop_rate_{norm}")

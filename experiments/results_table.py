@@ -13,25 +13,16 @@ extended run appends).  Reads rows only; computes nothing about the model.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dropjax import units  # noqa: E402
+from dropjax.intervals import wilson  # noqa: E402
 from dropjax.evaluation.store import read_summaries  # noqa: E402
 
 NORM_ORDER = {"linf": 0, "l2": 1, "l0": 2}
-
-
-def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-  """95% Wilson score interval of a binomial proportion ``p`` observed on ``n`` trials."""
-  if n <= 0:
-    return (0.0, 1.0)
-  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-  return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def variant(row: dict) -> str:

