@@ -13,7 +13,8 @@ writes (PNG and SVG):
 * ``table.md``: a Table-1-style markdown table (per model and norm: clean
   accuracy, robust accuracy without / with rejection);
 * ``certified_accuracy``: certified accuracy vs L0 radius, one line per
-  certification setting (``certify.py`` output directories, from their rows).
+  certification setting (``certify.py`` output directories, from their rows),
+  over its 95% interval band likewise.
 
 ``--figures`` draws a subset (``clean robust certified table``; default all).
 """
@@ -200,8 +201,13 @@ def plot_certified_accuracy(curves: dict[str, list[dict]], out_dir: str,
   fig, ax = new_figure(figsize=(5, 3.5))
   for label, rows in sorted(curves.items()):
     radii, acc = certified_curve(rows)
-    ax.step(radii, acc, where="post", label=label)
+    line, = ax.step(radii, acc, where="post", label=f"{label}, {len(rows)} images")
+    band = [wilson(float(a), len(rows)) for a in acc]
+    ax.fill_between(radii, [lo for lo, _ in band], [hi for _, hi in band], step="post",
+                    color=line.get_color(), alpha=0.12, linewidth=0)
   ax.set(xlabel="L0 radius ρ (pixels)", ylabel="certified accuracy", ylim=(0, 1))
+  ax.set_title("shaded bands: 95% Wilson intervals over the certified test images",
+               fontsize=7)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   return save_figure(fig, out_dir, name)

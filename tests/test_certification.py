@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from dropjax import certification, certify, cli, evaluation, files, plots
+from dropjax import certification, certify, cli, evaluation, files, intervals, plots
 from dropjax.config import from_preset
 from dropjax.data.datasets import DATASETS
 from dropjax.evaluation import protocol
@@ -219,22 +219,28 @@ def test_certified_curve_and_plot(tmp_path):
   radii, acc = certification.certified_curve(rows)
   np.testing.assert_array_equal(radii, [0, 1, 2, 3])
   np.testing.assert_allclose(acc, [0.5, 0.25, 0.25, 0.25])
-  import matplotlib.pyplot as plt
-  drawn = {}
-  orig = plt.Axes.step
+  from matplotlib.axes import Axes
+  drawn, bands = {}, []
+  orig_step, orig_fill = Axes.step, Axes.fill_between
 
   def spy(self, x, y, *a, **kw):
     drawn[kw.get("label")] = (np.asarray(x), np.asarray(y))
-    return orig(self, x, y, *a, **kw)
+    return orig_step(self, x, y, *a, **kw)
 
-  plt.Axes.step = spy
+  def spy_fill(self, x, lo, hi, *a, **kw):
+    bands.append((np.asarray(lo), np.asarray(hi)))
+    return orig_fill(self, x, lo, hi, *a, **kw)
+
+  Axes.step, Axes.fill_between = spy, spy_fill
   try:
     paths = plots.plot_certified_accuracy({"m": rows}, str(tmp_path))
   finally:
-    plt.Axes.step = orig
+    Axes.step, Axes.fill_between = orig_step, orig_fill
   assert sorted(os.path.basename(p) for p in paths) == ["certified_accuracy.png",
                                                         "certified_accuracy.svg"]
-  np.testing.assert_allclose(drawn["m"][1], acc)
+  np.testing.assert_allclose(drawn["m, 4 images"][1], acc)
+  [(lo, hi)] = bands  # the 95% interval of each point over the 4 examples
+  np.testing.assert_allclose(np.stack([lo, hi], 1), [intervals.wilson(a, 4) for a in acc])
 
 
 def test_certify_cli_end_to_end_and_errors(ablation_workdir, tmp_path, capsys):
