@@ -2,8 +2,8 @@
 
 Examples::
 
-    python train.py --preset quick                                  # minutes on a CPU
-    python train.py --dataset cifar10                               # -> runs/cifar10-resnet20-normal
+    python train.py --preset quick                            # minutes on a CPU
+    python train.py --dataset cifar10                         # -> runs/cifar10-resnet20-normal
     python train.py --preset cifar10-resnet20-fixed --workdir runs/c10-r20-fixed
     python train.py --dataset gtsrb --drop random --epochs 30 --workdir runs/gtsrb-random
 

@@ -60,7 +60,8 @@ def analyse(batch: int, masks: int, steps: int, depth: int, unroll: str = "1",
             "alias_size_in_bytes", "generated_code_size_in_bytes")
   row = {f: int(getattr(mem, f)) for f in fields if hasattr(mem, f)}
   row["peak_estimate_gib"] = (row["argument_size_in_bytes"] + row["output_size_in_bytes"]
-                              + row["temp_size_in_bytes"] - row.get("alias_size_in_bytes", 0)) / 2**30
+                              + row["temp_size_in_bytes"]
+                              - row.get("alias_size_in_bytes", 0)) / 2**30
   row.update(batch=batch, masks=masks, steps=steps, depth=depth, unroll=unroll,
              backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind)
   if run:

@@ -47,7 +47,8 @@ def compiled_text(workload: str, batch: int, half_precision: bool) -> str:
     runner = parallel.JitRunner(step_lib.make_train_step(cfg, model, tx), batch)
     b = runner.put_batch(bench.synthetic_batch(batch))
     s = runner.put_state(state)
-    return runner._step.lower(s, b, jax.random.PRNGKey(0)).compile().as_text()  # pylint: disable=protected-access
+    step = runner._step  # pylint: disable=protected-access
+    return step.lower(s, b, jax.random.PRNGKey(0)).compile().as_text()
   raise ValueError(f"unknown workload {workload!r}: infer or train")
 
 

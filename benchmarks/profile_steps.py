@@ -88,7 +88,8 @@ def trace_ops(fn, args, steps: int = 3) -> dict:
   kinds["unattributed (convolutions, threads idle, dispatch)"] = wall_ms - sum(kinds.values())
   return {"wall_ms_under_profiler": wall_ms,
           "by_kind_ms": {k: round(v, 2) for k, v in kinds.most_common()},
-          "top_ops_ms": {k: round(v, 2) for k, v in per_op.most_common(int(os.environ.get("TOP_OPS", 12)))}}
+          "top_ops_ms": {k: round(v, 2)
+                         for k, v in per_op.most_common(int(os.environ.get("TOP_OPS", 12)))}}
 
 
 def conv_shapes(batch: int, repeats: int) -> list[dict]:
