@@ -6,6 +6,9 @@
 # images).  Every step resumes exactly when re-run; a finished step is skipped.
 # MODES picks the models: also "fixed-uniform_original fixed-uniform_noisy", the paper's
 # objectives (b) and (c) at r = 0.9 (two passes per step: ~1.7x the epoch time).
+# EPOCHS other than 30 (e.g. EPOCHS=180 MODES="fixed random", the presets' schedule,
+# ~5 h per model here) package as pretrained/<name>-<EPOCHS>ep (the 30-epoch models keep
+# their names), as experiments/cifar10_resnet20_normal_180ep.sh did for the normal model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
@@ -14,6 +17,7 @@ MODES=${MODES:-"normal fixed random"}
 vec=AVX2; grep -q avx512f /proc/cpuinfo && vec=AVX-512
 HARDWARE=${HARDWARE:-"$(lscpu | sed -n 's/^Model name: *//p' | head -n 1) ($vec), $(nproc) cores"}
 RATES="0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9"
+SUFFIX=""; [ "$EPOCHS" = 30 ] || SUFFIX="-${EPOCHS}ep"  # of the packaged models' names
 for mode in $MODES; do
   name=cifar10-resnet20-$mode
   WD=runs/$name-${EPOCHS}ep
@@ -21,12 +25,13 @@ for mode in $MODES; do
   cmd="python train.py --preset $name --epochs $EPOCHS --workdir $WD --keep_checkpoints 1 --no_progress"
   mkdir -p "$WD"; [ -f "$WD/started_at" ] || date +%s > "$WD/started_at"
   train_run "$WD" $cmd || exit 0
-  if [ ! -f "pretrained/$name/MANIFEST.json" ]; then
-    python -m dropjax.pretrained --workdir "$WD" --out "pretrained/$name" --command "$cmd" \
+  PKG=pretrained/$name$SUFFIX
+  if [ ! -f "$PKG/MANIFEST.json" ]; then
+    python -m dropjax.pretrained --workdir "$WD" --out "$PKG" --command "$cmd" \
       --hardware "$HARDWARE" --wall_time "$(( ($(stat -c %Y "$WD/final_eval.json") - $(cat "$WD/started_at")) / 60 )) min from first start to finish"
   fi
   save_run "$WD" "$RES"
-  python evaluate.py --workdir "pretrained/$name" --out "runs/$name-${EPOCHS}ep-eval" --norm none \
+  python evaluate.py --workdir "$PKG" --out "runs/$name-${EPOCHS}ep-eval" --norm none \
     --num_examples 1000 --drop_rates $RATES --no_progress
   cp "runs/$name-${EPOCHS}ep-eval/summary.jsonl" "$RES/clean_summary.jsonl"
 done
@@ -34,11 +39,13 @@ done
 # Fig. 2 of the three models together, and the interpretability figures (Figs. 3/4) with
 # the gradient mass over the whole test set (2 min here).
 MODELS=experiments/results/cifar10_resnet20_${EPOCHS}ep_models
-if [[ " $MODES " =~ \ (normal|fixed|random)\  ]] && [ -f pretrained/cifar10-resnet20-normal/MANIFEST.json ] && \
-   [ -f pretrained/cifar10-resnet20-fixed/MANIFEST.json ] && \
-   [ -f pretrained/cifar10-resnet20-random/MANIFEST.json ]; then
-  python -m dropjax.plots experiments/results/cifar10_resnet20_{normal,fixed,random}_${EPOCHS}ep/clean_summary.jsonl \
+if [[ " $MODES " =~ \ (normal|fixed|random)\  ]] && \
+   [ -f "pretrained/cifar10-resnet20-normal$SUFFIX/MANIFEST.json" ] && \
+   [ -f "pretrained/cifar10-resnet20-fixed$SUFFIX/MANIFEST.json" ] && \
+   [ -f "pretrained/cifar10-resnet20-random$SUFFIX/MANIFEST.json" ]; then
+  python -m dropjax.plots \
+    experiments/results/cifar10_resnet20_{normal,fixed,random}_${EPOCHS}ep/clean_summary.jsonl \
     --figures clean --out "$MODELS"
-  python -m dropjax.explain --workdirs pretrained/cifar10-resnet20-{normal,fixed,random} \
+  python -m dropjax.explain --workdirs pretrained/cifar10-resnet20-{normal,fixed,random}$SUFFIX \
     --drop_rate 0.9 --num_examples 10000 --out "$MODELS"
 fi
