@@ -42,6 +42,6 @@ if [ "$NORMAL_TOO" = 1 ] && [ -d "$NORMAL_WD" ]; then
     save_summary "$OUT_NORMAL" "$RES_NORMAL/eval_summary.jsonl"
     save_rows "$OUT_NORMAL" "$RES_NORMAL"
   done
-  python -m dropjax.plots "$RES_NORMAL/eval_summary.jsonl" --out "$RES_NORMAL"
+  python -m dropjax.plots "$RES_NORMAL"/eval_summary*.jsonl --out "$RES_NORMAL"
 fi
 python -m dropjax.plots "$RES"/eval_summary*.jsonl --out "$RES"
