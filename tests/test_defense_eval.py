@@ -800,6 +800,25 @@ def test_setting_id_names_a_non_default_attack():
   assert attack_variant(E(losses=("rejection",))) == "rejection"
   assert attack_variant(E(losses=("ce",), modes=("untargeted",))) == "ce_untargeted"
   assert attack_variant(E(norm="l0", attack="sparse_rs", steps=5)) == "sparse_rs_q1000"
+  paired = E(norm="l0", attack="sparse_rs", queries=500, comparison="paired")
+  assert attack_variant(paired) == "sparse_rs_q500_paired"
+
+
+def test_comparison_is_recorded_only_when_not_the_authors_rule():
+  """Rows computed before --comparison existed keep resuming: the authors' rule is
+  not written into the setting's configuration, the paired one is."""
+  from dropjax.evaluation.settings import attack_configs, row_config
+  E = evaluation.EvalConfig
+  fresh = E(norm="l0", attack="sparse_rs")
+  assert "comparison" not in row_config(fresh)
+  assert row_config(dataclasses.replace(fresh, comparison="paired"))["comparison"] == "paired"
+  configs = attack_configs(E(norm="l0", attack="sparse_rs", comparison="paired"), "gtsrb",
+                           0.03, DropSpec.fixed(0.5))
+  assert configs and all(c.comparison == "paired" for _, c, _ in configs)
+  with pytest.raises(ValueError, match="--attack sparse_rs"):
+    E(norm="l0", comparison="paired").validate()
+  with pytest.raises(ValueError, match="unknown comparison"):
+    E(norm="l0", attack="sparse_rs", comparison="best").validate()
   assert evaluation.setting_id("linf", 0.1, 0.5, "literal", "eot1") == \
       "linf_eps0.1_literal_r0.5_eot1"
 

@@ -51,7 +51,34 @@ def test_deterministic_and_finds_adversarial_examples_without_gradients():
   assert np.mean(np.asarray(jnp.argmax(linear_logits(v, t), -1)) == np.asarray(target)) > 0.3
 
 
+def test_paired_comparison_takes_the_fresh_decisions_without_masks():
+  """Query i draws the same proposal under either comparison, so on a deterministic
+  defense (r = 0: the current set's loss is the best loss) both end in the same set."""
+  x, y = data(16)
+  v = {"w": linear_model()["w"] * 5, "b": linear_model()["b"]}
+  cfg = SparseRSConfig(pixels=8, num_queries=60, num_masks=2)
+  fresh = jax.jit(make_sparse_rs(linear_logits, cfg))(KEY, v, x, y)
+  paired = jax.jit(make_sparse_rs(linear_logits, cfg.replace(comparison="paired")))(KEY, v, x, y)
+  np.testing.assert_array_equal(fresh, paired)
+  assert np.any(np.asarray(fresh) != np.asarray(x))  # the search moved
+
+
+def test_paired_comparison_under_masks_stays_in_budget_and_is_deterministic():
+  x, y = data(12)
+  cfg = SparseRSConfig(pixels=6, num_queries=40, num_masks=3, drop=DropSpec.fixed(0.7),
+                       comparison="paired")
+  attack = jax.jit(make_sparse_rs(linear_logits, cfg))
+  a, b = attack(KEY, linear_model(), x, y), attack(KEY, linear_model(), x, y)
+  np.testing.assert_array_equal(a, b)
+  assert np.asarray(norms.l0_count(a - x, "pixel")).max() <= 6
+  fresh = jax.jit(make_sparse_rs(linear_logits, cfg.replace(comparison="fresh")))(
+      KEY, linear_model(), x, y)
+  assert np.any(np.asarray(fresh) != np.asarray(a))  # under masks the rules decide apart
+
+
 def test_bad_configs():
+  with pytest.raises(ValueError, match="comparison"):
+    SparseRSConfig(comparison="best").validate()
   with pytest.raises(ValueError, match="alpha_init"):
     SparseRSConfig(alpha_init=0).validate()
   with pytest.raises(ValueError, match="num_queries"):

@@ -12,7 +12,20 @@ at fixed fractions of the query budget.
 It sees only the defense's output: the probabilities averaged over
 ``num_masks`` masks (:func:`dropjax.defense.mask_average_probs`), fresh masks
 at every query, as a user of the randomized defense would.  No gradients, so
-it exposes gradient masking.  The loss (maximized) is the rejection-aware loss
+it exposes gradient masking.
+
+Against a randomized defense the loss of a pixel set is a random variable, and
+how a proposal is judged matters (``comparison``):
+
+* ``"fresh"`` (the authors' rule, written for deterministic models): the
+  proposal's loss under new masks against the best loss seen so far.  The kept
+  value is the luckiest draw of the sets accepted, so true improvements smaller
+  than the masks' noise are rarely accepted (a winner's curse).
+* ``"paired"``: at every query the current set and the proposal are scored under
+  the *same* masks (common random numbers) and the proposal is kept when it
+  scores higher there; the masks' noise largely cancels in the difference.  Each
+  query then costs two evaluations of the defense: ``num_queries`` / 2 paired
+  queries cost what ``num_queries`` fresh ones do.  The loss (maximized) is the rejection-aware loss
 of the averaged probabilities (:func:`dropjax.attacks.losses.rejection_aware`;
 ``entropy_weight = 0`` is the plain log-probability margin).
 """
@@ -34,6 +47,7 @@ Array = jax.Array
 # that budget) the fraction α_init is divided by the factor of its interval.
 _SCHEDULE_BOUNDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _SCHEDULE_DIVISORS = (1, 2, 4, 5, 6, 8, 10, 12, 15, 20)
+COMPARISONS = ("fresh", "paired")
 
 
 def alpha_schedule(query: int | Array, num_queries: int, alpha_init: float) -> Array:
@@ -56,6 +70,9 @@ class SparseRSConfig:
     targeted: maximize toward a target class instead of away from the label.
     num_masks / drop: the defense queried (mask average of ``num_masks`` masks).
     entropy_weight: weight of the entropy term of the loss (0: margin only).
+    comparison: how a proposal is judged, one of :data:`COMPARISONS` (module
+      docstring): "fresh" (the authors' rule) or "paired" (current set and
+      proposal under the same masks; two defense evaluations per query).
   """
   l0_fraction: float = 0.03
   pixels: int | None = None
@@ -65,6 +82,7 @@ class SparseRSConfig:
   num_masks: int = 10
   drop: masks.DropSpec = masks.DropSpec()
   entropy_weight: float = 0.0
+  comparison: str = "fresh"
 
   def validate(self) -> "SparseRSConfig":
     if self.pixels is None and not 0 <= self.l0_fraction <= 1:
@@ -75,6 +93,8 @@ class SparseRSConfig:
       raise ValueError("num_queries and num_masks must be >= 1")
     if not 0 < self.alpha_init <= 1:
       raise ValueError(f"alpha_init must be in (0, 1], got {self.alpha_init}")
+    if self.comparison not in COMPARISONS:
+      raise ValueError(f"unknown comparison {self.comparison!r}; choose one of {COMPARISONS}")
     return self
 
   def budget(self, h: int, w: int) -> int:
@@ -93,7 +113,9 @@ def make_sparse_rs(logits_fn: Callable, config: SparseRSConfig, *,
   """Builds ``attack(key, variables, x, y, target=None) -> x_adv``.
 
   ``x`` (B, H, W, C) in [-1, 1]; the output differs from ``x`` in at most
-  ``k`` pixels and lies in [-1, 1].  Query ``i`` uses ``fold_in(key, i)``.
+  ``k`` pixels and lies in [-1, 1].  Query ``i`` uses ``fold_in(key, i)``: the
+  proposal it draws is the same for either ``comparison``, and without masks
+  (a deterministic defense) both comparisons take the same decisions.
   """
   config.validate()
   del unroll  # a query is one forward pass of the defense: nothing to gain
@@ -147,6 +169,8 @@ def make_sparse_rs(logits_fn: Callable, config: SparseRSConfig, *,
       new_idx = jnp.where(moving, jnp.take_along_axis(cand, rank, axis=1), idx)
       new_vals = jnp.where(moving[..., None], vertices(k_v, (b, k, c)), vals)
       f = loss(k_eval, apply(new_idx, new_vals))
+      if config.comparison == "paired":  # the current set under the proposal's masks
+        best = loss(k_eval, apply(idx, vals))
       better = f > best
       return (jnp.where(better[:, None], new_idx, idx),
               jnp.where(better[:, None, None], new_vals, vals), jnp.where(better, f, best))

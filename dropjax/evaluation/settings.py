@@ -12,6 +12,7 @@ from typing import Any
 
 from dropjax import deadlines, defense, units
 from dropjax.attacks import APGDConfig, SparseRSConfig, paper_attack
+from dropjax.attacks.sparse_rs import COMPARISONS
 from dropjax.config import TrainConfig
 from dropjax.masks import DropSpec
 from dropjax.units import BUDGET_READINGS
@@ -53,6 +54,12 @@ class EvalConfig:
                     "sparse_rs (black-box L0 random search on the defended decision)",
                     choices=ATTACKS)
   queries: int = _f(1000, "sparse_rs: queries of the defended decision per image")
+  comparison: str = _f("fresh", "sparse_rs: how a proposed pixel set is judged: fresh (the "
+                       "authors' rule: its loss under new masks against the best loss seen) "
+                       "or paired (current set and proposal scored under the same masks at "
+                       "every query, so the masks' noise cancels; two evaluations of the "
+                       "defense per query: --queries 500 paired costs what 1000 fresh do)",
+                       choices=COMPARISONS)
   step_size: float | None = _f(None, "PGD step (read like --eps; L0: multiple of the "
                                "mean |gradient|); default: the paper's. APGD sets its own")
   steps: int = _f(20, "attack iterations")
@@ -144,6 +151,11 @@ class EvalConfig:
       raise ValueError("Sparse-RS is an L0 attack: use --norm l0")
     if self.queries < 1:
       raise ValueError(f"queries must be >= 1, got {self.queries}")
+    if self.comparison not in COMPARISONS:
+      raise ValueError(f"unknown comparison {self.comparison!r}; choose one of {COMPARISONS}")
+    if self.comparison != "fresh" and self.attack != "sparse_rs":
+      raise ValueError("--comparison judges Sparse-RS's proposals: use it with "
+                       "--attack sparse_rs")
     if not self.attack_losses or not self.modes:
       raise ValueError("need at least one loss and one mode")
     for mode in self.modes:
@@ -195,14 +207,15 @@ def setting_id(norm: str, eps: float, rate: float, reading: str = "literal",
 _OUTSIDE_ROWS = ("norm", "eps", "drop_rates", "num_examples", "sanity", "sanity_examples",
                  "sanity_tolerance", "rows_from", "cascade", "cascade_batch", "stop_at")
 # The attack's fields (irrelevant to a clean-accuracy setting, norm "none").
-_ATTACK_FIELDS = ("budget_reading", "attack", "queries", "step_size", "steps", "eot_samples",
-                  "losses", "entropy_weight", "modes", "num_targets", "restarts",
-                  "random_start", "score_draws")
+_ATTACK_FIELDS = ("budget_reading", "attack", "queries", "comparison", "step_size", "steps",
+                  "eot_samples", "losses", "entropy_weight", "modes", "num_targets",
+                  "restarts", "random_start", "score_draws")
 
 
 def attack_variant(ev: EvalConfig) -> str:
   """The attack of ``ev`` as it differs from the defaults, for :func:`setting_id`
-  ("" for the paper's protocol): the algorithm (Sparse-RS with its queries),
+  ("" for the paper's protocol): the algorithm (Sparse-RS with its queries and
+  a comparison other than the authors'),
   losses, modes, steps and EOT samples, e.g. ``apgd_steps100`` or ``eot1``.
   A sweep over them (one command per value, into one ``--out``) gets one
   setting each; the remaining fields are guarded by :func:`row_config`."""
@@ -212,6 +225,8 @@ def attack_variant(ev: EvalConfig) -> str:
   tokens = []
   if ev.attack != default.attack:
     tokens.append(f"{ev.attack}_q{ev.queries}" if ev.attack == "sparse_rs" else ev.attack)
+  if ev.attack == "sparse_rs" and ev.comparison != default.comparison:
+    tokens.append(ev.comparison)
   if ev.attack_losses != DEFAULT_LOSSES[ev.attack]:
     tokens.append("-".join(ev.attack_losses))
   if tuple(ev.modes) != tuple(default.modes):
@@ -230,8 +245,11 @@ def row_config(ev: EvalConfig, cascade: bool = False) -> dict:
   resume chunks written under another.  ``cascade``: whether the setting's
   attacks cascade (:func:`cascade_for`); recorded only when they do, so the
   configurations of rows computed before the cascade existed read as
-  without it."""
+  without it.  Likewise Sparse-RS's ``comparison`` only when it is not the
+  authors' rule."""
   skip = _OUTSIDE_ROWS + (_ATTACK_FIELDS if ev.norm == "none" else ())
+  if ev.comparison == EvalConfig.comparison:
+    skip += ("comparison",)
   out = {f.name: getattr(ev, f.name) for f in dataclasses.fields(ev) if f.name not in skip}
   if ev.norm != "none":
     out.update(losses=list(ev.attack_losses), modes=list(ev.modes))
@@ -293,7 +311,8 @@ def attack_configs(ev: EvalConfig, dataset: str, eps: float, drop: DropSpec,
             cfg = SparseRSConfig(l0_fraction=eps, num_queries=ev.queries,
                                  targeted=mode == "targeted", num_masks=ev.num_masks,
                                  drop=drop, entropy_weight=ev.entropy_weight
-                                 if loss == "rejection" else 0.0).validate()
+                                 if loss == "rejection" else 0.0,
+                                 comparison=ev.comparison).validate()
           else:
             cfg = base.replace(loss=loss, targeted=mode == "targeted", **kw).validate()
           out.append((name, cfg, rank))

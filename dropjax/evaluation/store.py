@@ -321,6 +321,17 @@ def _finished_rows_text(directory: str) -> str | None:
   return "".join(parts) if parts else None
 
 
+def rows_so_far(directory: str, setting: str) -> list[dict] | None:
+  """The rows of ``setting`` in ``directory``: kept (:func:`committed_rows`), else an
+  evaluation's ``<setting>/rows.jsonl`` or the chunks it finished so far; ``None``
+  if none."""
+  kept = committed_rows(directory, setting)
+  if kept is not None:
+    return kept[0]
+  text = _finished_rows_text(os.path.join(directory, setting))
+  return [json.loads(line) for line in text.splitlines() if line.strip()] if text else None
+
+
 def _kept_text(base: str) -> str | None:
   """The text of the kept rows ``<base>.rows.jsonl.gz`` (or ``.rows.jsonl``)."""
   for path, opener in ((base + ".rows.jsonl.gz", gzip.open), (base + ".rows.jsonl", open)):
