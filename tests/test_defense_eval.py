@@ -791,6 +791,17 @@ def test_plots_draw_only_the_figures_asked_for(tmp_path):
     plots.render([str(tmp_path / "ev")], str(tmp_path / "c"), ("clean", "fig9"))
 
 
+def test_sanity_report_l0_runs_the_paired_search(tiny_workdir, tmp_path, capsys):
+  """L0's black-box check is Sparse-RS with the paired comparison (the stronger search
+  against the randomized defense), and says so."""
+  test_sanity_report(tiny_workdir, tmp_path, capsys, norm="l0")
+  checks = [json.loads(l) for l in open(tmp_path / "sanity" / "checks.jsonl")]
+  [bb] = [c for c in checks if c["check"] == "black_box"]
+  assert bb["comparison"] == "paired" and "robust_accuracy_sparse_rs" in bb
+  assert [d for d in os.listdir(tmp_path / "sanity" / "black_box")
+          if "_sparse_rs_q5_paired" in d]
+
+
 def test_setting_id_names_a_non_default_attack():
   from dropjax.evaluation.settings import attack_variant
   E = evaluation.EvalConfig

@@ -14,7 +14,9 @@ without rejection: what the gradients attack):
    ``steps`` (beyond the tolerance);
 3. ``more_eot``: EOT over 10 masks must not be weaker than over 1 mask;
 4. ``black_box``: a gradient-free attack must not be much stronger than the
-   white-box one: Sparse-RS for L0, a uniformly random point of the budget for
+   white-box one: Sparse-RS for L0 (its proposals judged against the current
+   set under the same masks, ``--comparison paired``: the stronger search
+   against a randomized defense), a uniformly random point of the budget for
    L-inf / L2 (then only a floor: white-box must beat noise).
 
 Each check is a row of ``<out>/sanity/checks.jsonl`` (name, pass, the numbers
@@ -83,10 +85,12 @@ def run(workdir: str, ev, out_dir: str, **kw) -> list[dict]:
                  "robust_accuracy_eot1": _robust(eot1), "robust_accuracy_eot10": _robust(eot10),
                  "rule": "EOT 10 not weaker than EOT 1 (within the tolerance)"})
   if ev.norm == "l0":
-    bb = one("black_box", eps=(eps,), attack="sparse_rs", losses=("margin",))
+    bb = one("black_box", eps=(eps,), attack="sparse_rs", losses=("margin",),
+             comparison="paired")
     checks.append({"check": "black_box", "pass": _robust(bb) >= _robust(ref) - tol,
                    "robust_accuracy_white_box": _robust(ref),
                    "robust_accuracy_sparse_rs": _robust(bb), "queries": ev.queries,
+                   "comparison": "paired",
                    "rule": "Sparse-RS not stronger than PGD (within the tolerance)"})
   else:
     noise = one("random_noise", eps=(eps,), steps=1, step_size=0.0, random_start=True)
