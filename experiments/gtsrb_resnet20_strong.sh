@@ -7,13 +7,17 @@
 #     probabilities plus the entropy the detector thresholds), untargeted and targeted,
 #     for L-inf, L2 and L0;
 #   * Sparse-RS (black-box random search on the defended decision, margin and
-#     rejection-aware losses, 1,000 queries) for L0.
+#     rejection-aware losses, 1,000 queries) for L0; and Sparse-RS with the paired
+#     comparison (current set and proposal under the same masks, 500 queries: the same
+#     forward passes; untargeted), far stronger against the randomized defense
+#     (experiments/sparse_rs_paired.sh).
 # Paper budgets read literally, 20 iterations, EOT over 10 masks, 5 scoring draws,
 # paper calibration.  Every setting gets its own id (attack variant) in one --out; at the
 # end, eval_summary_worst.jsonl holds the worst case per example over all families.
 # PARTS picks what runs ("gradient": APGD, ~12 min per setting, and rejection-aware PGD, ~6, at
 # N = 500 on 2 cores; "sparse_rs": 4 configurations x 1,000 queries x 10 masks, ~40,000
-# forward passes per image, ~1 h per 100 images per rate), so the cheap part can go first;
+# forward passes per image, ~1 h per 100 images per rate; "sparse_rs_paired": 2
+# configurations x 500 paired queries, ~15-20 min per 100 images), so the cheap part can go first;
 # a smaller N first (N=100) and a larger one later continue the same chunks.
 # Re-running resumes by chunk; the results (summary, rows so far) are saved after every
 # setting, so a run stopped part-way keeps what it computed, and ROWS_FROM (default: the
@@ -44,7 +48,10 @@ for r in $RATES; do
         for norm in linf l2 l0; do run --norm "$norm" --losses rejection; done ;;
       sparse_rs)
         run --norm l0 --attack sparse_rs --losses margin rejection ;;
-      *) echo "unknown part $part (gradient, sparse_rs)" >&2; exit 2 ;;
+      sparse_rs_paired)
+        run --norm l0 --attack sparse_rs --comparison paired --queries 500 \
+          --losses margin rejection --modes untargeted ;;
+      *) echo "unknown part $part (gradient, sparse_rs, sparse_rs_paired)" >&2; exit 2 ;;
     esac
   done
 done
