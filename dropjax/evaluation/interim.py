@@ -2,8 +2,8 @@
 
 A long setting (Sparse-RS: about an hour per 100 images on 2 cores) has no
 summary row until its last chunk is done, yet its finished chunks already say
-something.  This prints what they say -- per setting, and with ``--worst`` the per-example
-worst case over attack families of one setting
+something.  This prints what they say -- per setting, and with ``--worst`` the
+per-example worst case over attack families of one setting
 (:func:`dropjax.evaluation.combine.combine`, the rule of every summary) on the
 examples they all hold -- marked as interim and never written into a summary
 file::
@@ -15,9 +15,8 @@ Rows are read from kept rows (``<setting>.rows.jsonl.gz``, as
 ``experiments/lib.sh save_rows`` keeps them) or an ``evaluate.py --out``
 directory (``<setting>/rows.jsonl``, else its chunks from the first up to the
 first missing one); of several directories holding a setting, the one with the
-most rows counts.  Accuracies are
-fractions of the examples; "± x" is the spread over the scoring draws, the
-interval the 95% Wilson interval over the examples.
+most rows counts.  Accuracies are fractions of the examples; "± x" is the spread
+over the scoring draws, the interval the 95% Wilson interval over the examples.
 """
 from __future__ import annotations
 
