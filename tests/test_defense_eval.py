@@ -293,7 +293,8 @@ def test_stop_at_starts_no_chunk_it_does_not_expect_to_finish(tiny_workdir, tmp_
   kept = str(tmp_path / "kept")
   os.makedirs(kept)
   files.write_jsonl(os.path.join(kept, "another.timing.jsonl"), [{"chunk": 0, "seconds": 7200.0}])
-  assert store.longest_kept_chunk_seconds(kept) == 7200.0
+  from dropjax.evaluation import chunk_time
+  assert chunk_time.expected_seconds(str(tmp_path / "fresh_kept"), sid, kept) == 7200.0
   assert evaluation.evaluate(tiny_workdir, dataclasses.replace(cfg, stop_at=soon, rows_from=kept),
                              str(tmp_path / "fresh_kept"), progress=False) == []
   assert "chunk 0 of " + sid + " not started" in capsys.readouterr().err
@@ -813,6 +814,8 @@ def test_setting_id_names_a_non_default_attack():
   assert attack_variant(E(norm="l0", attack="sparse_rs", steps=5)) == "sparse_rs_q1000"
   paired = E(norm="l0", attack="sparse_rs", queries=500, comparison="paired")
   assert attack_variant(paired) == "sparse_rs_q500_paired"
+  assert attack_variant(dataclasses.replace(paired, query_draws=4)) == \
+      "sparse_rs_q500_paired_draws4"
 
 
 def test_comparison_is_recorded_only_when_not_the_authors_rule():
@@ -830,6 +833,23 @@ def test_comparison_is_recorded_only_when_not_the_authors_rule():
     E(norm="l0", comparison="paired").validate()
   with pytest.raises(ValueError, match="unknown comparison"):
     E(norm="l0", attack="sparse_rs", comparison="best").validate()
+
+
+def test_query_draws_is_recorded_only_when_not_one_and_reaches_the_attack():
+  """Like --comparison: one draw (the authors') is not written into a setting's
+  configuration, so the rows computed before --query_draws keep resuming."""
+  from dropjax.evaluation.settings import attack_configs, row_config
+  E = evaluation.EvalConfig
+  one = E(norm="l0", attack="sparse_rs")
+  assert "query_draws" not in row_config(one)
+  assert row_config(dataclasses.replace(one, query_draws=3))["query_draws"] == 3
+  configs = attack_configs(E(norm="l0", attack="sparse_rs", query_draws=3), "gtsrb", 0.03,
+                           DropSpec.fixed(0.5))
+  assert configs and all(c.draws == 3 for _, c, _ in configs)
+  with pytest.raises(ValueError, match="--attack sparse_rs"):
+    E(norm="l0", query_draws=2).validate()
+  with pytest.raises(ValueError, match="query_draws must be >= 1"):
+    E(norm="l0", attack="sparse_rs", query_draws=0).validate()
   assert evaluation.setting_id("linf", 0.1, 0.5, "literal", "eot1") == \
       "linf_eps0.1_literal_r0.5_eot1"
 

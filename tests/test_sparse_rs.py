@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 from dropjax.attacks import norms
-from dropjax.attacks.sparse_rs import SparseRSConfig, alpha_schedule, make_sparse_rs
+from dropjax import defense
+from dropjax.attacks import losses
+from dropjax.attacks.sparse_rs import (SparseRSConfig, alpha_schedule, defended_loss,
+                                       make_sparse_rs)
 from dropjax.masks import DropSpec
 from test_attacks import KEY, NUM_CLASSES, data, linear_logits, linear_model
 
@@ -76,7 +79,48 @@ def test_paired_comparison_under_masks_stays_in_budget_and_is_deterministic():
   assert np.any(np.asarray(fresh) != np.asarray(a))  # under masks the rules decide apart
 
 
+def test_defended_loss_averages_independent_draws_of_the_defense():
+  """Against a reference written out: the mean over split(key, d) of the
+  rejection-aware loss of each draw's mask-averaged probabilities; one draw is
+  the defense evaluated with the key itself (the rows computed before draws)."""
+  x, y = data(6)
+  v = linear_model()
+  cfg = SparseRSConfig(num_masks=3, drop=DropSpec.fixed(0.6), entropy_weight=0.5)
+
+  def reference(key, draws):
+    keys = [key] if draws == 1 else list(jax.random.split(key, draws))
+    per_draw = [losses.rejection_aware(defense.mask_average_probs(k, linear_logits, v, x,
+                                                                  cfg.drop, cfg.num_masks),
+                                       y, False, cfg.entropy_weight) for k in keys]
+    return np.mean(np.stack([np.asarray(p) for p in per_draw]), axis=0)
+
+  for draws in (1, 4):
+    got = defended_loss(KEY, linear_logits, v, x, y, cfg.replace(draws=draws))
+    assert got.shape == (6,)
+    np.testing.assert_allclose(np.asarray(got), reference(KEY, draws), rtol=1e-5, atol=1e-6)
+  # Without masks every draw is the same evaluation: the average is that one.
+  det = cfg.replace(drop=DropSpec())
+  np.testing.assert_allclose(np.asarray(defended_loss(KEY, linear_logits, v, x, y,
+                                                      det.replace(draws=4))),
+                             np.asarray(defended_loss(KEY, linear_logits, v, x, y, det)),
+                             rtol=1e-6)
+
+
+def test_more_draws_stay_in_budget_and_are_deterministic():
+  x, y = data(8)
+  cfg = SparseRSConfig(pixels=5, num_queries=20, num_masks=2, drop=DropSpec.fixed(0.7),
+                       comparison="paired", draws=3)
+  attack = jax.jit(make_sparse_rs(linear_logits, cfg))
+  a, b = attack(KEY, linear_model(), x, y), attack(KEY, linear_model(), x, y)
+  np.testing.assert_array_equal(a, b)
+  assert np.asarray(norms.l0_count(a - x, "pixel")).max() <= 5
+  one = jax.jit(make_sparse_rs(linear_logits, cfg.replace(draws=1)))(KEY, linear_model(), x, y)
+  assert np.any(np.asarray(one) != np.asarray(a))  # the draws change the decisions
+
+
 def test_bad_configs():
+  with pytest.raises(ValueError, match="draws"):
+    SparseRSConfig(draws=0).validate()
   with pytest.raises(ValueError, match="comparison"):
     SparseRSConfig(comparison="best").validate()
   with pytest.raises(ValueError, match="alpha_init"):

@@ -30,6 +30,12 @@ how a proposal is judged matters (``comparison``):
   queries cost what ``num_queries`` fresh ones do.  At that equal cost it is
   far stronger against the pixel-dropping defense
   (``experiments/sparse_rs_paired.sh``, RESULTS.md).
+
+Either rule can also average ``draws`` independent evaluations of the defense
+into each loss it compares (:func:`defended_loss`): the estimate of the
+defense's expected loss then spreads ``sqrt(draws)`` times less, at ``draws``
+times the cost per query -- the other way, beside more queries, to spend more
+on the search (``experiments/sparse_rs_paired.sh`` with ``QUERIES`` / ``DRAWS``).
 """
 from __future__ import annotations
 
@@ -75,6 +81,8 @@ class SparseRSConfig:
     comparison: how a proposal is judged, one of :data:`COMPARISONS` (module
       docstring): "fresh" (the authors' rule) or "paired" (current set and
       proposal under the same masks; two defense evaluations per query).
+    draws: independent evaluations of the defense averaged into each loss
+      (:func:`defended_loss`; 1: the authors' single evaluation).
   """
   l0_fraction: float = 0.03
   pixels: int | None = None
@@ -85,14 +93,15 @@ class SparseRSConfig:
   drop: masks.DropSpec = masks.DropSpec()
   entropy_weight: float = 0.0
   comparison: str = "fresh"
+  draws: int = 1
 
   def validate(self) -> "SparseRSConfig":
     if self.pixels is None and not 0 <= self.l0_fraction <= 1:
       raise ValueError(f"l0_fraction must be in [0, 1], got {self.l0_fraction}")
     if self.pixels is not None and self.pixels < 0:
       raise ValueError(f"pixels must be >= 0, got {self.pixels}")
-    if self.num_queries < 1 or self.num_masks < 1:
-      raise ValueError("num_queries and num_masks must be >= 1")
+    if self.num_queries < 1 or self.num_masks < 1 or self.draws < 1:
+      raise ValueError("num_queries, num_masks and draws must be >= 1")
     if not 0 < self.alpha_init <= 1:
       raise ValueError(f"alpha_init must be in (0, 1], got {self.alpha_init}")
     if self.comparison not in COMPARISONS:
@@ -108,6 +117,31 @@ class SparseRSConfig:
   @property
   def num_steps(self) -> int:  # for loop-unroll choices, like the other attacks
     return self.num_queries
+
+
+def defended_loss(key: Array, logits_fn: Callable, variables, x: Array, labels: Array,
+                  config: SparseRSConfig) -> Array:
+  """The loss Sparse-RS maximizes, per example: the rejection-aware loss of the
+  defense's probabilities (the average over ``config.num_masks`` masks),
+  averaged over ``config.draws`` independent evaluations of the defense.
+
+  Args:
+    key: PRNG key; with one draw the defense's masks come from ``key`` itself,
+      with ``d > 1`` draw ``j`` uses ``split(key, d)[j]``.
+    x: images (B, H, W, C) in [-1, 1].
+    labels: (B,) int, the true classes (untargeted) or the targets (targeted).
+
+  Returns:
+    (B,) float32, in nats (log-probability margin, plus the weighted entropy).
+  """
+  def one(draw_key):
+    p = defense.mask_average_probs(draw_key, logits_fn, variables, x, config.drop,
+                                   config.num_masks)
+    return losses.rejection_aware(p, labels, config.targeted, config.entropy_weight)
+
+  if config.draws == 1:
+    return one(key)
+  return jnp.mean(jax.lax.map(one, jax.random.split(key, config.draws)), axis=0)
 
 
 def make_sparse_rs(logits_fn: Callable, config: SparseRSConfig, *,
@@ -142,9 +176,7 @@ def make_sparse_rs(logits_fn: Callable, config: SparseRSConfig, *,
       return jax.vmap(lambda f, i, v: f.at[i].set(v))(flat0, idx, vals).reshape(x0.shape)
 
     def loss(qkey, xx):
-      p = defense.mask_average_probs(qkey, logits_fn, variables, xx, config.drop,
-                                     config.num_masks)
-      return losses.rejection_aware(p, labels, config.targeted, config.entropy_weight)
+      return defended_loss(qkey, logits_fn, variables, xx, labels, config)
 
     def vertices(vkey, shape):
       return jax.random.rademacher(vkey, shape, dtype=jnp.float32)

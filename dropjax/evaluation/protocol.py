@@ -35,15 +35,14 @@ from dropjax import backend as backend_lib
 from dropjax import contracts, deadlines, defense, files, inference, pretrained
 from dropjax.attacks import paper_attack
 from dropjax.data import augment, load_dataset
-from dropjax.evaluation import worst_case
+from dropjax.evaluation import chunk_time, worst_case
 from dropjax.evaluation.chunk import (Attack, compile_attack, evaluate_chunk, make_defense_fn,
                                       to_rows)
 from dropjax.evaluation.settings import (EvalConfig, attack_configs, attack_variant,
                                          budget_columns, cascade_for, default_drop_rate,
                                          row_config, setting_id)
 from dropjax.evaluation.store import (SettingStore, cached_calibration, committed_rows,
-                                      committed_timing, digest, longest_kept_chunk_seconds,
-                                      longest_chunk_seconds, update_summary)
+                                      committed_timing, digest, update_summary)
 from dropjax.masks import DropSpec
 from dropjax.training import checkpoint as ckpt_lib
 from dropjax.training import state as state_lib, step as step_lib
@@ -135,19 +134,12 @@ def summarize(rows: list[dict], thresholds: dict) -> dict:
   return s
 
 
-def _fits_before(stop_at: str, store: SettingStore, out_dir: str, sid: str,
-                 chunk: int, rows_dir: str | None) -> bool:
+def _fits_before(stop_at: str, out_dir: str, sid: str, chunk: int,
+                 rows_dir: str | None) -> bool:
   """Whether chunk ``chunk`` of ``sid`` is expected to end before ``stop_at``
-  (:attr:`~dropjax.evaluation.settings.EvalConfig.stop_at`); says why not on
-  stderr.  Expected: as long as the setting's longest timed chunk, else the
-  longest of any setting timed in ``out_dir``, else the longest kept in
-  ``rows_dir`` (``--rows_from``)."""
-  expected = max(store.chunk_seconds(), default=None)
-  if expected is None:
-    expected = longest_chunk_seconds(out_dir)
-  if expected is None and rows_dir:
-    expected = longest_kept_chunk_seconds(rows_dir)
-  return deadlines.fits(stop_at, expected, f"chunk {chunk} of {sid}")
+  (:mod:`dropjax.evaluation.chunk_time`); says why not on stderr."""
+  return deadlines.fits(stop_at, chunk_time.expected_seconds(out_dir, sid, rows_dir),
+                        f"chunk {chunk} of {sid}")
 
 
 def _budgets(ev: EvalConfig, dataset: str) -> list[float]:
@@ -243,7 +235,7 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
         if stop_after_chunks is not None and chunks_done_here >= stop_after_chunks:
           bar.close()
           return summaries
-        if ev.stop_at is not None and not _fits_before(ev.stop_at, store, out_dir, sid, c,
+        if ev.stop_at is not None and not _fits_before(ev.stop_at, out_dir, sid, c,
                                                         ev.rows_from):
           stopped_early = True
           break

@@ -8,6 +8,7 @@ in both units (:func:`budget_columns`) and the attack configurations it runs
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from dropjax import deadlines, defense, units
@@ -60,6 +61,10 @@ class EvalConfig:
                        "every query, so the masks' noise cancels; two evaluations of the "
                        "defense per query: --queries 500 paired costs what 1000 fresh do)",
                        choices=COMPARISONS)
+  query_draws: int = _f(1, "sparse_rs: independent evaluations of the defense (each the "
+                        "average over --num_masks masks) averaged into every loss the "
+                        "search compares; the estimate spreads sqrt(n) times less, each "
+                        "query costs n times as much (1: the authors' single evaluation)")
   step_size: float | None = _f(None, "PGD step (read like --eps; L0: multiple of the "
                                "mean |gradient|); default: the paper's. APGD sets its own")
   steps: int = _f(20, "attack iterations")
@@ -112,9 +117,12 @@ class EvalConfig:
   stop_at: str | None = _f(None, "wall-clock deadline (ISO 8601, e.g. 2026-12-04T12:05 "
                            "local time, or with a UTC offset): no chunk starts that is "
                            "expected to end after it -- expected to take as long as the "
-                           "longest chunk this --out has timed for the setting, else for "
-                           "any setting, else kept in --rows_from for any setting (none "
-                           "timed yet: it starts while the deadline is ahead); the run "
+                           "longest chunk timed for the setting; a Sparse-RS setting not "
+                           "timed yet, its forward passes at the slowest rate of the "
+                           "Sparse-RS settings timed in --out (else kept in --rows_from); "
+                           "else as long as the longest chunk of any setting of --out, "
+                           "else kept in --rows_from (none timed yet: it starts while the "
+                           "deadline is ahead); the run "
                            "then moves on to its next setting, and exits 0 with what it "
                            "finished. So a job that must end by a time loses no "
                            "half-computed chunk")
@@ -156,6 +164,12 @@ class EvalConfig:
     if self.comparison != "fresh" and self.attack != "sparse_rs":
       raise ValueError("--comparison judges Sparse-RS's proposals: use it with "
                        "--attack sparse_rs")
+    if self.query_draws < 1:
+      raise ValueError(f"query_draws must be >= 1, got {self.query_draws}")
+    if self.query_draws != 1 and self.attack != "sparse_rs":
+      raise ValueError("--query_draws averages Sparse-RS's loss estimates: use it with "
+                       "--attack sparse_rs (the gradient attacks average --eot_samples "
+                       "masks)")
     if not self.attack_losses or not self.modes:
       raise ValueError("need at least one loss and one mode")
     for mode in self.modes:
@@ -201,21 +215,30 @@ def setting_id(norm: str, eps: float, rate: float, reading: str = "literal",
   return f"{base}_{variant}" if variant else base
 
 
+def drop_rate_of(setting: str) -> float:
+  """The test-time drop rate a setting id names (:func:`setting_id`)."""
+  match = re.search(r"_r([0-9][0-9.e+-]*)(?:_|$)", setting)
+  if match is None:
+    raise ValueError(f"{setting!r} is not a setting id: it names no drop rate (_r<rate>)")
+  return float(match.group(1))
+
+
 # Fields that do not change a setting's rows beyond its id: the id names norm,
 # eps and rate; a larger num_examples only adds chunks (chunk c is the same
 # examples and randomness for any N); the sanity fields select another command.
 _OUTSIDE_ROWS = ("norm", "eps", "drop_rates", "num_examples", "sanity", "sanity_examples",
                  "sanity_tolerance", "rows_from", "cascade", "cascade_batch", "stop_at")
 # The attack's fields (irrelevant to a clean-accuracy setting, norm "none").
-_ATTACK_FIELDS = ("budget_reading", "attack", "queries", "comparison", "step_size", "steps",
+_ATTACK_FIELDS = ("budget_reading", "attack", "queries", "comparison", "query_draws",
+                  "step_size", "steps",
                   "eot_samples", "losses", "entropy_weight", "modes", "num_targets",
                   "restarts", "random_start", "score_draws")
 
 
 def attack_variant(ev: EvalConfig) -> str:
   """The attack of ``ev`` as it differs from the defaults, for :func:`setting_id`
-  ("" for the paper's protocol): the algorithm (Sparse-RS with its queries and
-  a comparison other than the authors'),
+  ("" for the paper's protocol): the algorithm (Sparse-RS with its queries, a
+  comparison other than the authors' and more than one draw per loss),
   losses, modes, steps and EOT samples, e.g. ``apgd_steps100`` or ``eot1``.
   A sweep over them (one command per value, into one ``--out``) gets one
   setting each; the remaining fields are guarded by :func:`row_config`."""
@@ -227,6 +250,8 @@ def attack_variant(ev: EvalConfig) -> str:
     tokens.append(f"{ev.attack}_q{ev.queries}" if ev.attack == "sparse_rs" else ev.attack)
   if ev.attack == "sparse_rs" and ev.comparison != default.comparison:
     tokens.append(ev.comparison)
+  if ev.attack == "sparse_rs" and ev.query_draws != default.query_draws:
+    tokens.append(f"draws{ev.query_draws}")
   if ev.attack_losses != DEFAULT_LOSSES[ev.attack]:
     tokens.append("-".join(ev.attack_losses))
   if tuple(ev.modes) != tuple(default.modes):
@@ -245,11 +270,13 @@ def row_config(ev: EvalConfig, cascade: bool = False) -> dict:
   resume chunks written under another.  ``cascade``: whether the setting's
   attacks cascade (:func:`cascade_for`); recorded only when they do, so the
   configurations of rows computed before the cascade existed read as
-  without it.  Likewise Sparse-RS's ``comparison`` only when it is not the
-  authors' rule."""
+  without it.  Likewise Sparse-RS's ``comparison`` and ``query_draws`` only
+  when they are not the authors' (fresh, 1)."""
   skip = _OUTSIDE_ROWS + (_ATTACK_FIELDS if ev.norm == "none" else ())
   if ev.comparison == EvalConfig.comparison:
     skip += ("comparison",)
+  if ev.query_draws == EvalConfig.query_draws:
+    skip += ("query_draws",)
   out = {f.name: getattr(ev, f.name) for f in dataclasses.fields(ev) if f.name not in skip}
   if ev.norm != "none":
     out.update(losses=list(ev.attack_losses), modes=list(ev.modes))
@@ -312,7 +339,8 @@ def attack_configs(ev: EvalConfig, dataset: str, eps: float, drop: DropSpec,
                                  targeted=mode == "targeted", num_masks=ev.num_masks,
                                  drop=drop, entropy_weight=ev.entropy_weight
                                  if loss == "rejection" else 0.0,
-                                 comparison=ev.comparison).validate()
+                                 comparison=ev.comparison,
+                                 draws=ev.query_draws).validate()
           else:
             cfg = base.replace(loss=loss, targeted=mode == "targeted", **kw).validate()
           out.append((name, cfg, rank))

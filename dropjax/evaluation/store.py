@@ -173,11 +173,17 @@ def committed_rows(rows_dir: str, setting: str) -> tuple[list[dict], dict | None
       break
   else:
     return None
-  config = None
-  if os.path.exists(base + ".setting.json"):
-    with open(base + ".setting.json") as f:
-      config = json.load(f)
-  return rows, config
+  return rows, kept_config(rows_dir, setting)
+
+
+def kept_config(rows_dir: str, setting: str) -> dict | None:
+  """The configuration kept beside ``setting``'s rows in ``rows_dir``
+  (``<setting>.setting.json``; ``None`` if it was not kept)."""
+  path = os.path.join(rows_dir, setting + ".setting.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def committed_timing(rows_dir: str, setting: str) -> list[dict]:
@@ -185,23 +191,6 @@ def committed_timing(rows_dir: str, setting: str) -> list[dict]:
   :func:`keep_records`; ``[]`` if none)."""
   path = os.path.join(rows_dir, setting + ".timing.jsonl")
   return _rows_if_any(path)
-
-
-def longest_chunk_seconds(out_dir: str) -> float | None:
-  """The longest chunk time recorded for any setting under ``out_dir`` (wall
-  seconds; ``None``: none recorded)."""
-  times = [SettingStore(out_dir, d).chunk_seconds() for d in sorted(os.listdir(out_dir))
-           if os.path.isfile(os.path.join(out_dir, d, TIMING_FILE))]
-  return max((t for ts in times for t in ts), default=None)
-
-
-def longest_kept_chunk_seconds(rows_dir: str) -> float | None:
-  """The longest chunk time kept beside the rows of any setting in ``rows_dir``
-  (``<setting>.timing.jsonl``; wall seconds; ``None``: none kept)."""
-  times = [r["seconds"] for name in sorted(os.listdir(rows_dir))
-           if name.endswith(".timing.jsonl")
-           for r in files.read_jsonl(os.path.join(rows_dir, name))]
-  return max(times, default=None)
 
 
 # How long the run that computed a summary's rows took (evaluate.py's attack time,
