@@ -121,15 +121,30 @@ def plot_clean_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
   return save_figure(fig, out_dir, "clean_vs_drop_rate")
 
 
-def line_label(row: dict, with_eps: bool = False) -> str:
-  """The model, and the budget / attack variant where they tell lines apart."""
+def line_variant(row: dict) -> str:
+  """The attack one line of a figure stands for: the row's variant; for a
+  worst case over attack families (``dropjax.evaluation.combine``, a row with
+  ``combined_from``) "worst case per example", and the families its setting id
+  says were left out -- not which families it combines, which can differ from
+  one drop rate to the next (the table and the row name them), so the worst case
+  is one line across r."""
+  if "combined_from" not in row:
+    return row.get("variant") or ""
+  left_out = row["setting"].rsplit("_worst", 1)[-1].split("-without-")[1:]
+  return "worst case per example" + "".join(f", without {w}" for w in left_out)
+
+
+def line_label(row: dict, with_eps: bool = False, families: bool = True) -> str:
+  """The model, and the budget / attack variant where they tell lines apart;
+  ``families=False``: a worst case named as one line (:func:`line_variant`)."""
   label = model_name(row)
   if with_eps:
     label += f", eps {row['eps']:.4g}"
   if row.get("norm") != "l0" and row.get("budget_reading", "literal") != "literal":
     label += f", {row['budget_reading']} budget"  # another line, not the literal one's point
-  if row.get("variant"):
-    label += f" [{row['variant']}]"
+  variant = row.get("variant") if families else line_variant(row)
+  if variant:
+    label += f" [{variant}]"
   return label
 
 
@@ -149,7 +164,7 @@ def plot_robust_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
     these = [r for r in attacked if r["norm"] == norm]
     several_eps = len({r["eps"] for r in these}) > 1
     for r in these:
-      lines[line_label(r, several_eps)][r["drop_rate"]] = r
+      lines[line_label(r, several_eps, families=False)][r["drop_rate"]] = r
     fig, ax = new_figure(figsize=(5, 3.5))
     for i, (name, pts) in enumerate(sorted(lines.items())):
       rates = sorted(pts)

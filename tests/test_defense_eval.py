@@ -704,6 +704,16 @@ def test_plots_render_from_rows(tmp_path, monkeypatch):
   # So is the doubled budget reading at r = 0.9 (same stated eps, twice the budget).
   rows.append({**rows[-2], "setting": "linf_0.9_doubled", "budget_reading": "doubled",
                "robust_accuracy_avg": 0.05, "robust_accuracy_avg_with_rejection": 0.15})
+  # Worst cases over attack families (dropjax.evaluation.combine) are one line across r
+  # whichever families each combines; one that left a family out is another line.
+  for r, families, score in ((0.5, "worst of 2: pgd (paper), apgd", 0.2),
+                             (0.9, "worst of 3: pgd (paper), apgd, rejection", 0.3)):
+    [same_r] = [x for x in rows[:6] if x["norm"] == "linf" and x["drop_rate"] == r]
+    worst = {**same_r, "setting": f"linf_{r}_worst", "variant": families,
+             "combined_from": ["..."], "robust_accuracy_avg": score,
+             "robust_accuracy_avg_with_rejection": score + 0.1}
+    rows.append(worst)
+  rows.append({**worst, "setting": "linf_0.9_worst-without-sparse_rs", "robust_accuracy_avg": 0.4})
   (tmp_path / "ev").mkdir()
   with open(tmp_path / "ev" / "summary.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -722,12 +732,16 @@ def test_plots_render_from_rows(tmp_path, monkeypatch):
   assert robust[f"{name} (n=500-1000), with rejection"] == (rates, [r / 1.5 for r in rates])
   assert robust[f"{name} [eot1] (n=100)"] == ([0.5], [0.7])
   assert robust[f"{name}, doubled budget (n=500)"] == ([0.9], [0.05])
+  assert robust[f"{name} [worst case per example] (n=500)"] == ([0.5, 0.9], [0.2, 0.3])
+  assert robust[f"{name} [worst case per example, without sparse_rs] (n=500)"] == ([0.9], [0.4])
+  assert len([k for k in robust if not k.startswith("_")]) == 2 * 5  # and with rejection
   # Rendered again from the same rows: the same bytes (no date, no random ids).
   first = {n: (tmp_path / "fig" / n).read_bytes() for n in os.listdir(tmp_path / "fig")}
   assert plots.main([str(tmp_path / "ev"), "--out", str(tmp_path / "fig2")]) == 0
   assert {n: (tmp_path / "fig2" / n).read_bytes() for n in os.listdir(tmp_path / "fig2")} == first
   table = (tmp_path / "fig" / "table.md").read_text()
-  assert table.count("\n") == 2 + 5 and "| linf |" in table and f"| {name} [eot1] |" in table
+  assert table.count("\n") == 2 + 8 and "| linf |" in table and f"| {name} [eot1] |" in table
+  assert f"| {name} [worst of 3: pgd (paper), apgd, rejection] |" in table  # rows name them
   assert "| 0.5 | 0.650 | 0.250 | 0.333 | 0.100 |" in table  # r = 0.5, read from its row
   assert plots.main([str(tmp_path / "missing"), "--out", str(tmp_path / "fig")]) == 2
 
