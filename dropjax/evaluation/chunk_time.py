@@ -42,9 +42,8 @@ def sparse_rs_forward_passes(config: dict, drop_rate: float) -> int | None:
   get = lambda k: config.get(k, getattr(EvalConfig, k))
   if get("attack") != "sparse_rs":
     return None
-  modes = config.get("modes", EvalConfig.modes)
   configs = (len(config.get("losses") or ("margin",))
-             * sum(get("num_targets") if m == "targeted" else 1 for m in modes)
+             * sum(get("num_targets") if m == "targeted" else 1 for m in get("modes"))
              * get("restarts"))
   per_query = 2 if get("comparison") == "paired" else 1
   masks = get("num_masks") if drop_rate > 0 else 1
