@@ -1,11 +1,12 @@
 """The per-example worst case over attack families (dropjax.evaluation.combine)."""
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
 
-from dropjax import evaluation
+from dropjax import evaluation, files
 from dropjax.evaluation import combine, worst_case
 
 METRICS = worst_case.METRICS
@@ -105,7 +106,7 @@ def test_cli_combines_two_evaluated_attacks(tiny_workdir, tmp_path, capsys):
   assert ce["setting"] != cw["setting"]
   dest = str(tmp_path / "worst.jsonl")
   assert combine.main([os.path.join(out, "summary.jsonl"), "--out", dest]) == 0
-  [row] = [json.loads(l) for l in open(dest)]
+  [row] = files.read_jsonl(str(dest))
   assert row["combined_from"] == sorted([ce["setting"], cw["setting"]])
   assert row["num_examples"] == 16
   assert row["clean_accuracy_avg"] == ce["clean_accuracy_avg"] == cw["clean_accuracy_avg"]
@@ -121,16 +122,17 @@ def test_cli_combines_two_evaluated_attacks(tiny_workdir, tmp_path, capsys):
   assert "worst case per example" in capsys.readouterr().out
   # Run again: the combined row is replaced, not duplicated.
   assert combine.main([os.path.join(out, "summary.jsonl"), "--out", dest]) == 0
-  assert len(open(dest).readlines()) == 1
+  assert len(pathlib.Path(dest).read_text().splitlines()) == 1
   assert combine.main([str(tmp_path / "nope.jsonl")]) == 2
   assert "nope.jsonl" in capsys.readouterr().err
   # Nothing left to combine: an error, unless --allow_empty (then no file is touched).
   assert combine.main([os.path.join(out, "summary.jsonl"), "--exclude", "cw"]) == 2
   assert "two attack families" in capsys.readouterr().err
-  before = open(dest).read()
+  before = pathlib.Path(dest).read_text()
   assert combine.main([os.path.join(out, "summary.jsonl"), "--exclude", "cw", "--out", dest,
                        "--allow_empty"]) == 0
-  assert "nothing to combine" in capsys.readouterr().out and open(dest).read() == before
+  assert "nothing to combine" in capsys.readouterr().out
+  assert pathlib.Path(dest).read_text() == before
 
 
 def test_exclude_keeps_a_family_run_on_fewer_images_out_of_the_full_combination(tmp_path):

@@ -2,6 +2,7 @@
 code imports nothing backend-specific."""
 import ast
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -82,7 +83,7 @@ BACKEND_SPECIFIC = ("dropjax.xla_cpu", "dropjax.backend")
 
 @pytest.mark.parametrize("path", PAPER_MODULES)
 def test_paper_modules_import_nothing_backend_specific(path):
-  tree = ast.parse(open(os.path.join(ROOT, path)).read())
+  tree = ast.parse(pathlib.Path(ROOT, path).read_text())
   names = []
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
@@ -93,7 +94,8 @@ def test_paper_modules_import_nothing_backend_specific(path):
   for name in names:
     assert name.split(".")[0] in ALLOWED_ROOTS, (path, name)
     assert not name.startswith(BACKEND_SPECIFIC), (path, name)
-  assert "os.environ" not in open(os.path.join(ROOT, path)).read()
+  with open(os.path.join(ROOT, path)) as f:
+    assert "os.environ" not in f.read()
 
 
 def test_only_the_backend_reads_performance_switches():
@@ -101,7 +103,7 @@ def test_only_the_backend_reads_performance_switches():
   for base, _, files in os.walk(os.path.join(ROOT, "dropjax")):
     for f in files:
       if f.endswith(".py"):
-        text = open(os.path.join(base, f)).read()
+        text = pathlib.Path(base, f).read_text()
         if any(s in text for s in ('"DROPJAX_NATIVE', '"DROPJAX_CPU_CONV', '"DROPJAX_POLYPHASE',
                                    '"DROPJAX_LOOP_UNROLL', '"DROPJAX_HOST_MALLOC',
                                    '"DROPJAX_CONV_BARRIER', '"DROPJAX_BLOCK_BARRIER',

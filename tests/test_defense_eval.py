@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 import sys
 
@@ -124,7 +125,7 @@ def ev_config(**kw):
 def test_rows_complete_and_summary_is_their_aggregate(tiny_workdir, tmp_path):
   out = str(tmp_path / "ev")
   [summary] = evaluation.evaluate(tiny_workdir, ev_config(), out, progress=False)
-  rows = [json.loads(l) for l in open(os.path.join(out, summary["setting"], "rows.jsonl"))]
+  rows = files.read_jsonl(os.path.join(out, summary["setting"], "rows.jsonl"))
   assert [r["index"] for r in rows] == list(range(40))
   need = {"index", "label", "pred_plain", "pred_single", "pred_avg", "adv_pred_avg",
           "adv_pred_single", "entropy_avg", "adv_entropy_avg", "rejected_avg",
@@ -154,7 +155,7 @@ def test_rows_complete_and_summary_is_their_aggregate(tiny_workdir, tmp_path):
   assert summary["adv_rejection_rate_avg"] == pytest.approx(rej.mean())
   h = np.array([r["adv_entropy_avg"] for r in rows])
   np.testing.assert_array_equal(rej, h > summary["threshold_avg"])
-  [line] = [json.loads(l) for l in open(os.path.join(out, "summary.jsonl"))]
+  [line] = files.read_jsonl(os.path.join(out, "summary.jsonl"))
   assert line["setting"] == summary["setting"]
 
 
@@ -164,7 +165,7 @@ def test_all_configurations_run_and_the_worst_is_kept(tiny_workdir, tmp_path):
   [summary] = evaluation.evaluate(tiny_workdir, cfg, str(tmp_path), progress=False)
   assert summary["attacks"] == ["ce-untargeted", "ce-targeted-top1", "ce-targeted-top2",
                                 "cw-untargeted", "cw-targeted-top1", "cw-targeted-top2"]
-  rows = [json.loads(l) for l in open(tmp_path / summary["setting"] / "rows.jsonl")]
+  rows = files.read_jsonl(str(tmp_path / summary["setting"] / "rows.jsonl"))
   for r in rows:
     assert r["adv_attack_avg"] in summary["attacks"]
   # Each single attack alone is never stronger than the worst case over all of them.
@@ -184,8 +185,8 @@ def test_resume_by_chunk_gives_identical_rows(tiny_workdir, tmp_path):
   assert sorted(os.listdir(os.path.join(b, sid))) == ["chunk_00000.jsonl", "chunk_00001.jsonl",
                                                      "setting.json", "timing.jsonl"]
   evaluation.evaluate(tiny_workdir, cfg, b, progress=False)
-  ra = open(os.path.join(a, sid, "rows.jsonl")).read()
-  rb = open(os.path.join(b, sid, "rows.jsonl")).read()
+  ra = pathlib.Path(a, sid, "rows.jsonl").read_text()
+  rb = pathlib.Path(b, sid, "rows.jsonl").read_text()
   assert ra == rb and len(ra.splitlines()) == 40
 
 
@@ -215,13 +216,13 @@ def test_calibration_is_kept_and_reused_only_under_the_same_key(tiny_workdir, tm
     shutil.copy(path, other)
     evaluation.evaluate(tiny_workdir, dataclasses.replace(cfg, drop_rates=(0.9,), **change),
                         other, progress=False)
-    assert len(open(os.path.join(other, store.CALIBRATION_FILE)).readlines()) == 3
+    assert len(pathlib.Path(other, store.CALIBRATION_FILE).read_text().splitlines()) == 3
   assert calls == [0.01, 0.01, 0.05, 0.01]
   # The kept value is the one used: an edited entry shows up in the next summary.
-  entries = [json.loads(l) for l in open(path)]
+  entries = files.read_jsonl(str(path))
   assert [e["key"]["drop_rate"] for e in entries] == [0.5, 0.9]
   entries[0]["calibration"]["avg"] = 123.0
-  open(path, "w").write("".join(json.dumps(e) + "\n" for e in entries))
+  pathlib.Path(path).write_text("".join(json.dumps(e) + "\n" for e in entries))
   rerun = evaluation.evaluate(tiny_workdir, cfg, out, progress=False)
   assert rerun[0]["threshold_avg"] == 123.0 and rerun[1] == first[1] and len(calls) == 4
 
@@ -235,7 +236,7 @@ def test_kept_calibration_is_used_before_computing_and_copied_to_out(tmp_path):
   assert store.cached_calibration(out, {"r": 0.5}, compute, kept_dir=kept) == {
       "avg": 1.0, "single": 2.0}  # nothing kept (no file): computed
   os.makedirs(kept)
-  open(os.path.join(kept, store.CALIBRATION_FILE), "w").write(
+  pathlib.Path(kept, store.CALIBRATION_FILE).write_text(
       json.dumps({"key": {"r": 0.9}, "calibration": {"avg": 7.0, "single": 8.0}}) + "\n")
   assert store.cached_calibration(out, {"r": 0.9}, compute, kept_dir=kept) == {
       "avg": 7.0, "single": 8.0}
@@ -245,7 +246,7 @@ def test_kept_calibration_is_used_before_computing_and_copied_to_out(tmp_path):
   assert len(calls) == 1
   assert store.merge_calibrations(out, kept) == 1  # r = 0.5 joins; r = 0.9 was kept
   assert store.merge_calibrations(out, kept) == 0
-  assert [json.loads(l)["key"] for l in open(os.path.join(kept, store.CALIBRATION_FILE))] == [
+  assert [e["key"] for e in files.read_jsonl(os.path.join(kept, store.CALIBRATION_FILE))] == [
       {"r": 0.9}, {"r": 0.5}]
   assert store.merge_calibrations(str(tmp_path / "none"), str(tmp_path / "new")) == 0
   assert not os.path.exists(str(tmp_path / "new"))
@@ -266,7 +267,7 @@ def test_stop_at_starts_no_chunk_it_does_not_expect_to_finish(tiny_workdir, tmp_
   [first] = setting.chunk_seconds()
   assert first > 0
   # A chunk expected to outlast the deadline does not start; the rows are untouched.
-  open(os.path.join(out, sid, store.TIMING_FILE), "w").write(
+  pathlib.Path(out, sid, store.TIMING_FILE).write_text(
       json.dumps({"chunk": 0, "seconds": 7200.0}) + "\n")
   assert evaluation.evaluate(tiny_workdir, dataclasses.replace(cfg, stop_at=soon), out,
                              progress=False) == []
@@ -286,8 +287,8 @@ def test_stop_at_starts_no_chunk_it_does_not_expect_to_finish(tiny_workdir, tmp_
   [again] = evaluation.evaluate(tiny_workdir, cfg, out, progress=False)  # nothing to compute:
   assert again == done  # the time of the run that computed the chunks is kept
   [whole] = evaluation.evaluate(tiny_workdir, cfg, str(tmp_path / "whole"), progress=False)
-  assert open(os.path.join(out, sid, "rows.jsonl")).read() == \
-      open(os.path.join(tmp_path / "whole", sid, "rows.jsonl")).read()
+  assert pathlib.Path(out, sid, "rows.jsonl").read_text() == \
+      pathlib.Path(tmp_path / "whole", sid, "rows.jsonl").read_text()
   assert len(setting.chunk_seconds()) == 3  # the edited one, and chunks 1 and 2
   # A fresh --out with nothing timed takes the longest chunk kept in --rows_from.
   kept = str(tmp_path / "kept")
@@ -347,8 +348,8 @@ def test_kept_rows_extend_to_more_examples_as_one_run(tiny_workdir, tmp_path):
   assert sorted(os.listdir(os.path.join(b, sid))) == ["chunk_00000.jsonl", "chunk_00001.jsonl",
                                                      "setting.json"]
   [extended] = evaluation.evaluate(tiny_workdir, more, b, progress=False)
-  assert (open(os.path.join(a, sid, "rows.jsonl")).read()
-          == open(os.path.join(b, sid, "rows.jsonl")).read())
+  assert (pathlib.Path(a, sid, "rows.jsonl").read_text()
+          == pathlib.Path(b, sid, "rows.jsonl").read_text())
   assert extended["robust_accuracy_avg"] == whole["robust_accuracy_avg"]
   # Rows kept under another configuration are refused, not mixed in.
   with pytest.raises(ValueError, match="seed: 0 kept, 1 now"):
@@ -377,21 +378,21 @@ def test_lib_sh_save_rows_keeps_a_running_settings_chunks(tiny_workdir, tmp_path
   rows_dir = os.path.join(keep, "rows")
   assert sorted(os.listdir(rows_dir)) == sorted([sid + ".rows.jsonl.gz", sid + ".setting.json",
                                                  sid + ".timing.jsonl", store.CALIBRATION_FILE])
-  assert (open(os.path.join(rows_dir, sid + ".timing.jsonl")).read()
-          == open(os.path.join(part, sid, store.TIMING_FILE)).read())
-  kept_cal = open(os.path.join(rows_dir, store.CALIBRATION_FILE)).read()
-  assert kept_cal == open(os.path.join(part, store.CALIBRATION_FILE)).read()
+  assert (pathlib.Path(rows_dir, sid + ".timing.jsonl").read_text()
+          == pathlib.Path(part, sid, store.TIMING_FILE).read_text())
+  kept_cal = pathlib.Path(rows_dir, store.CALIBRATION_FILE).read_text()
+  assert kept_cal == pathlib.Path(part, store.CALIBRATION_FILE).read_text()
   # Saving again adds nothing; entries already kept are not replaced by another run's.
   other = str(tmp_path / "other")
   os.makedirs(other)
   entry = json.loads(kept_cal)
-  open(os.path.join(other, store.CALIBRATION_FILE), "w").write(
+  pathlib.Path(other, store.CALIBRATION_FILE).write_text(
       json.dumps({**entry, "calibration": {**entry["calibration"], "avg": -1.0}}) + "\n"
       + json.dumps({**entry, "key": {**entry["key"], "drop_rate": 0.25}}) + "\n")
   subprocess.run(save, check=True, cwd=ROOT)
   subprocess.run(["bash", "-c", f'source "{lib}" && save_rows "{other}" "{keep}"'], check=True,
                  cwd=ROOT)
-  kept = [json.loads(l) for l in open(os.path.join(rows_dir, store.CALIBRATION_FILE))]
+  kept = files.read_jsonl(os.path.join(rows_dir, store.CALIBRATION_FILE))
   assert kept[0] == entry and [e["key"]["drop_rate"] for e in kept] == [
       entry["key"]["drop_rate"], 0.25]
   # Another machine resumes with the kept thresholds: no calibration pass.
@@ -400,17 +401,17 @@ def test_lib_sh_save_rows_keeps_a_running_settings_chunks(tiny_workdir, tmp_path
   assert evaluation.evaluate(tiny_workdir, resumed, b, stop_after_chunks=0, progress=False) == []
   assert os.path.exists(os.path.join(b, sid, "chunk_00000.jsonl"))  # taken up, not recomputed
   # ... with its time, which --stop_at's estimate on this machine reads.
-  [kept_time] = [json.loads(l)["seconds"] for l in open(os.path.join(rows_dir,
-                                                                    sid + ".timing.jsonl"))]
+  [kept_time] = [e["seconds"] for e in files.read_jsonl(os.path.join(rows_dir,
+                                                                     sid + ".timing.jsonl"))]
   assert store.SettingStore(b, sid).chunk_seconds() == [kept_time]
   [extended] = evaluation.evaluate(tiny_workdir, resumed, b, progress=False)
-  assert (open(os.path.join(a, sid, "rows.jsonl")).read()
-          == open(os.path.join(b, sid, "rows.jsonl")).read())
+  assert (pathlib.Path(a, sid, "rows.jsonl").read_text()
+          == pathlib.Path(b, sid, "rows.jsonl").read_text())
   assert extended["threshold_avg"] == entry["calibration"]["avg"] == whole["threshold_avg"]
   # Saved again: the chunks timed in b join the kept time of chunk 0, in chunk order.
   subprocess.run(["bash", "-c", f'source "{lib}" && save_rows "{b}" "{keep}"'], check=True,
                  cwd=ROOT)
-  timed = [json.loads(l) for l in open(os.path.join(rows_dir, sid + ".timing.jsonl"))]
+  timed = files.read_jsonl(os.path.join(rows_dir, sid + ".timing.jsonl"))
   assert [t["chunk"] for t in timed] == [0, 1, 2] and timed[0]["seconds"] == kept_time
 
 
@@ -427,7 +428,7 @@ def test_keep_rows_never_loses_kept_rows(tmp_path, capsys):
   s.write_chunk(2, rows[4:])  # chunk 1 missing: chunk 2 is not kept yet
   assert store.keep_rows(out, kept) == ["s"]
   assert files.read_jsonl(os.path.join(kept, "s.rows.jsonl.gz")) == rows[:2]
-  assert json.load(open(os.path.join(kept, "s.setting.json"))) == {"seed": 0}
+  assert json.loads(pathlib.Path(kept, "s.setting.json").read_text()) == {"seed": 0}
   assert store.committed_rows(kept, "s") == (rows[:2], {"seed": 0})
   s.write_chunk(1, rows[2:4])
   assert store.keep_rows(out, kept) == ["s"]
@@ -567,8 +568,8 @@ def test_cascade_rows_resume_and_old_rows_continue_without_it(tiny_workdir, tmp_
   [summary] = evaluation.evaluate(tiny_workdir, cfg, a, progress=False)
   sid = summary["setting"]
   assert summary["cascade"] is True
-  assert json.load(open(os.path.join(a, sid, "setting.json")))["cascade"] is True
-  rows = [json.loads(l) for l in open(os.path.join(a, sid, "rows.jsonl"))]
+  assert json.loads(pathlib.Path(a, sid, "setting.json").read_text())["cascade"] is True
+  rows = files.read_jsonl(os.path.join(a, sid, "rows.jsonl"))
   run = np.array([r["adv_attacks_run"] for r in rows])
   assert summary["attacks_run_per_example"] == pytest.approx(run.mean())
   for r in rows:  # an example left out of an attack was broken everywhere before it
@@ -576,15 +577,15 @@ def test_cascade_rows_resume_and_old_rows_continue_without_it(tiny_workdir, tmp_
       assert all(all(r[f"adv_broken_{m}"]) for m in evaluation.worst_case.METRICS)
   assert evaluation.evaluate(tiny_workdir, cfg, b, stop_after_chunks=1, progress=False) == []
   evaluation.evaluate(tiny_workdir, cfg, b, progress=False)
-  assert (open(os.path.join(a, sid, "rows.jsonl")).read()
-          == open(os.path.join(b, sid, "rows.jsonl")).read())
+  assert (pathlib.Path(a, sid, "rows.jsonl").read_text()
+          == pathlib.Path(b, sid, "rows.jsonl").read_text())
   # Rows begun without the cascade (setting.json without the field, as before it
   # existed) continue without it under auto, and are refused under true.
   keep, c = str(tmp_path / "keep"), str(tmp_path / "c")
   off = dataclasses.replace(cfg, cascade="false", num_examples=32)
   [first] = evaluation.evaluate(tiny_workdir, off, str(tmp_path / "off"), progress=False)
-  assert first["cascade"] is False and "cascade" not in json.load(
-      open(os.path.join(tmp_path, "off", sid, "setting.json")))
+  assert first["cascade"] is False and "cascade" not in json.loads(
+      pathlib.Path(tmp_path, "off", sid, "setting.json").read_text())
   _keep_rows(str(tmp_path / "off"), sid, keep)
   more = dataclasses.replace(cfg, rows_from=keep)
   [extended] = evaluation.evaluate(tiny_workdir, more, c, progress=False)
@@ -621,7 +622,7 @@ def test_sweep_over_drop_rates_and_eps(tiny_workdir, tmp_path):
   assert "literal" in rows[0]["setting"]
   assert rows[0]["max_perturbation_linf"] == 0.0
   assert rows[1]["max_perturbation_linf"] <= 0.2 + 1e-6
-  assert len(open(os.path.join(out, "summary.jsonl")).readlines()) == 4
+  assert len(pathlib.Path(out, "summary.jsonl").read_text().splitlines()) == 4
 
 
 def run_eval(*args, capsys=None):
@@ -642,7 +643,7 @@ def test_evaluate_cli_end_to_end(tiny_workdir, tmp_path, norm, capsys):
                  "--modes", "untargeted", "--score_draws", "1", "--no_progress")
   out = capsys.readouterr()
   assert rc == 0, out.err[-2000:]
-  [row] = [json.loads(l) for l in open(tmp_path / "summary.jsonl")]
+  [row] = files.read_jsonl(str(tmp_path / "summary.jsonl"))
   assert row["norm"] == norm and row["num_examples"] == 16
   if norm == "l0":
     assert row["max_perturbation_l0"] <= 30  # 0.03 * 32 * 32 pixels
@@ -654,9 +655,9 @@ def test_missing_workdir_and_wrong_architecture(tiny_workdir, tmp_path, capsys):
   assert "does not exist" in capsys.readouterr().err
   bad = tmp_path / "bad"
   shutil.copytree(tiny_workdir, bad)
-  cfg = json.load(open(bad / "config.json"))
+  cfg = json.loads((bad / "config.json").read_text())
   cfg["depth"] = 14
-  json.dump(cfg, open(bad / "config.json", "w"))
+  (bad / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(CheckpointError, match="could not be restored"):
     evaluation.load_model(str(bad))
   # A 10-class head for the 43-class checkpoint: the restore names the step directory.
@@ -720,8 +721,8 @@ def test_plots_render_from_rows(tmp_path, monkeypatch):
   assert plots.main([str(tmp_path / "ev"), "--out", str(tmp_path / "fig")]) == 0
   from PIL import Image
   for name in ("clean_vs_drop_rate", "robust_vs_drop_rate_linf"):
-    img = Image.open(tmp_path / "fig" / f"{name}.png")
-    assert img.size[0] > 300 and img.size[1] > 200
+    with Image.open(tmp_path / "fig" / f"{name}.png") as img:
+      assert img.size[0] > 300 and img.size[1] > 200
     assert (tmp_path / "fig" / f"{name}.svg").stat().st_size > 1000
   name = "gtsrb ResNet-20 (random r)"
   rates = [0.0, 0.5, 0.9]
@@ -763,6 +764,12 @@ def test_sparse_rs_evaluation_rows(tiny_workdir, tmp_path):
   [summary] = evaluation.evaluate(tiny_workdir, cfg, str(tmp_path), progress=False)
   assert summary["attacks"] == ["sparse_rs-margin-untargeted"]
   assert summary["max_perturbation_l0"] <= 10  # 0.01 * 1024 pixels
+  assert (summary["comparison"], summary["query_draws"]) == ("fresh", 1)
+  [paired] = evaluation.evaluate(
+      tiny_workdir, dataclasses.replace(cfg, comparison="paired", query_draws=2,
+                                        num_examples=4), str(tmp_path), progress=False)
+  assert (paired["comparison"], paired["query_draws"]) == ("paired", 2)
+  assert paired["setting"] != summary["setting"]
   with pytest.raises(ValueError, match="use --norm l0"):
     ev_config(attack="sparse_rs", norm="linf", losses=None).validate()
 
@@ -773,17 +780,17 @@ def test_sanity_report(tiny_workdir, tmp_path, capsys, norm="linf"):
           "--num_masks", "2", "--queries", "5", "--no_progress"]
   rc = run_eval(*args)
   printed = capsys.readouterr().out
-  checks = [json.loads(l) for l in open(tmp_path / "sanity" / "checks.jsonl")]
+  checks = files.read_jsonl(str(tmp_path / "sanity" / "checks.jsonl"))
   assert [c["check"] for c in checks] == ["large_budget", "more_steps", "more_eot", "black_box"]
   assert rc == (0 if all(c["pass"] for c in checks) else 1)
   for c in checks:
     assert ("PASS " if c["pass"] else "FAIL ") + c["check"] in printed
   # The large-budget check's number is its evaluation's summary.
-  large = [json.loads(l) for l in open(tmp_path / "sanity" / "large_budget" / "summary.jsonl")]
+  large = files.read_jsonl(str(tmp_path / "sanity" / "large_budget" / "summary.jsonl"))
   assert checks[0]["robust_accuracy"] == large[0]["robust_accuracy_avg"]
   assert checks[0]["pass"] == (large[0]["robust_accuracy_avg"] <= 0.05)
   if norm == "linf":
-    curve = [json.loads(l) for l in open(tmp_path / "sanity" / "loss_curve.jsonl")]
+    curve = files.read_jsonl(str(tmp_path / "sanity" / "loss_curve.jsonl"))
     assert [r["iteration"] for r in curve] == list(range(1, 9))
     best = [r["loss_best_mean"] for r in curve]
     assert all(b2 >= b1 - 1e-6 for b1, b2 in zip(best, best[1:]))
@@ -810,7 +817,7 @@ def test_sanity_report_l0_runs_the_paired_search(tiny_workdir, tmp_path, capsys)
   """L0's black-box check is Sparse-RS with the paired comparison (the stronger search
   against the randomized defense), and says so."""
   test_sanity_report(tiny_workdir, tmp_path, capsys, norm="l0")
-  checks = [json.loads(l) for l in open(tmp_path / "sanity" / "checks.jsonl")]
+  checks = files.read_jsonl(str(tmp_path / "sanity" / "checks.jsonl"))
   [bb] = [c for c in checks if c["check"] == "black_box"]
   assert bb["comparison"] == "paired" and "robust_accuracy_sparse_rs" in bb
   assert [d for d in os.listdir(tmp_path / "sanity" / "black_box")

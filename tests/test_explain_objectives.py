@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dropjax import explain, models, objectives
+from dropjax import explain, files, models, objectives
 from dropjax.config import TrainConfig
 from dropjax.training import step as step_lib
 
@@ -120,20 +120,22 @@ def test_figures_written_with_expected_size(tiny_model, tmp_path):
   paths = explain.plot_gradients([("a", {"x": x, **maps}), ("b", {"x": x, **maps})],
                                  str(tmp_path))
   from PIL import Image
-  w, h = Image.open(paths[0]).size
+  with Image.open(paths[0]) as img:
+    w, h = img.size
   assert w > 6 * 100 and h > 4 * 100  # 6 columns x (2 models x 2 images)
   tiles = explain.first_layer_filters(v)
   assert tiles.shape == (4, 3, 3, 3) and tiles.min() == 0 and tiles.max() == 1
   full = explain.first_layer_filters(models.resnet(20, 10).init(KEY, jnp.zeros((1, 8, 8, 3))))
   assert full.shape == (16, 3, 3, 3)
   paths = explain.plot_filters([("n", full), ("f", full), ("r", full)], str(tmp_path))
-  w2, h2 = Image.open(paths[0]).size
+  with Image.open(paths[0]) as img:
+    w2, h2 = img.size
   assert w2 > 3 * h2 and os.path.exists(paths[1])
 
 
 def test_explain_cli_on_trained_checkpoint(tiny_workdir, tmp_path):
   assert explain.main(["--workdirs", tiny_workdir, tiny_workdir, "--out", str(tmp_path),
                        "--num_images", "2", "--num_examples", "16", "--batch_size", "8"]) == 0
-  rows = [json.loads(l) for l in open(tmp_path / "gradient_mass.jsonl")]
+  rows = files.read_jsonl(str(tmp_path / "gradient_mass.jsonl"))
   assert len(rows) == 2 and 0 <= rows[0]["kept_mass_fraction"] <= 1
   assert (tmp_path / "gradients.png").exists() and (tmp_path / "filters.svg").exists()

@@ -53,9 +53,11 @@ def test_damaged_or_replaced_variables_are_an_error(packaged, tmp_path, capsys):
   out = str(tmp_path / "copy")
   shutil.copytree(src, out)
   path = os.path.join(out, pretrained.VARIABLES_FILE)
-  data = bytearray(open(path, "rb").read())
+  with open(path, "rb") as f:
+    data = bytearray(f.read())
   data[len(data) // 2] ^= 1
-  open(path, "wb").write(bytes(data))
+  with open(path, "wb") as f:
+    f.write(bytes(data))
   with pytest.raises(ckpt_lib.CheckpointError, match="SHA-256"):
     pretrained.load(out)
   assert cli.evaluate_main(["--workdir", out, "--norm", "none", "--no_progress"]) == 2

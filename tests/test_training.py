@@ -1,5 +1,6 @@
 import json
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from dropjax import deadlines
+from dropjax import deadlines, files
 from dropjax.config import from_preset, PRESETS, TrainConfig
 from dropjax.training import checkpoint as ckpt_lib
 from dropjax.training import loop, parallel, state as state_lib, step as step_lib
@@ -159,10 +160,10 @@ def test_exact_resume_mid_epoch_and_after_epoch(tiny_data_dir, tmp_path):
   assert tree_equal(straight["state"], resumed["state"])  # bit-identical
   # Metric rows of the resumed run: no duplicates, same steps as straight.
   def steps(d):
-    rows = [json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")]
+    rows = files.read_jsonl(str(tmp_path / d / "metrics.jsonl"))
     return [r["step"] for r in rows if r["kind"] == "train"]
   assert steps("b") == steps("a")
-  final = json.load(open(tmp_path / "a" / "final_eval.json"))
+  final = json.loads((tmp_path / "a" / "final_eval.json").read_text())
   assert {"test_accuracy_clean", "test_accuracy_dropped"} <= set(final)
   # A finished run invoked again trains nothing, keeps its recorded test numbers and
   # appends no second test row.
@@ -170,9 +171,9 @@ def test_exact_resume_mid_epoch_and_after_epoch(tiny_data_dir, tmp_path):
   assert again["finished"] and again["step"] == 10
   assert {k: again[k] for k in final} == final
   assert tree_equal(straight["state"], again["state"])
-  rows = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+  rows = files.read_jsonl(str(tmp_path / "a" / "metrics.jsonl"))
   assert [r["kind"] for r in rows].count("test") == 1
-  assert json.load(open(tmp_path / "a" / "config.json"))["drop"] == "random"
+  assert json.loads((tmp_path / "a" / "config.json").read_text())["drop"] == "random"
   assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["10", "6", "9"]
   # 1 epoch (checkpoint at the epoch end) + resume 1 epoch.
   cfg_e = cfg.replace(checkpoint_every=0)
@@ -198,7 +199,7 @@ def test_stop_request_checkpoints_that_step_and_resumes_exactly(tiny_data_dir, t
   resumed = loop.train(cfg, str(tmp_path / "b"), should_stop=third_time, progress=False)
   assert resumed["finished"] and not resumed["stopped"] and resumed["step"] == 10
   assert tree_equal(straight["state"], resumed["state"])
-  rows = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+  rows = files.read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))
   steps = [r["step"] for r in rows if r["kind"] == "train"]
   assert steps == sorted(set(steps)) and 3 in steps  # logged where it stopped, once
   # A deadline already passed: one step, checkpointed; the last step is never stopped.
@@ -272,8 +273,8 @@ def test_corrupt_checkpoint_clear_error_and_untouched(tiny_data_dir, tmp_path):
   loop.train(cfg, str(wd), progress=False)
   step_dir = wd / "checkpoints" / "5"
   damaged = []
-  for root, _, files in os.walk(step_dir):
-    for f in files:
+  for root, _, names in os.walk(step_dir):
+    for f in names:
       p = os.path.join(root, f)
       if os.path.getsize(p) > 0:
         with open(p, "wb") as fh:
@@ -286,7 +287,7 @@ def test_corrupt_checkpoint_clear_error_and_untouched(tiny_data_dir, tmp_path):
   assert "\n" not in message and len(message) < 600, message  # one readable line
   assert "{" not in message  # no storage spec
   assert sorted(os.listdir(step_dir)) == before
-  assert open(damaged[0], "rb").read() == b"garbage"
+  assert pathlib.Path(damaged[0]).read_bytes() == b"garbage"
 
 
 def test_incompatible_workdir_and_missing_config(tiny_data_dir, tmp_path):
@@ -372,8 +373,8 @@ def test_multi_host_two_processes_match_single_process(tiny_data_dir, tmp_path):
   assert "finished=True" in outs[0][0].strip().splitlines()[-1]
   single_cfg = tiny_config(tiny_data_dir, epochs=1, eval_every_epochs=1)
   loop.train(single_cfg, str(tmp_path / "sh"), progress=False)  # 2 devices, 1 process
-  a = json.load(open(tmp_path / "mh" / "final_eval.json"))
-  b = json.load(open(tmp_path / "sh" / "final_eval.json"))
+  a = json.loads((tmp_path / "mh" / "final_eval.json").read_text())
+  b = json.loads((tmp_path / "sh" / "final_eval.json").read_text())
   assert a["step"] == b["step"] == 5
   assert abs(a["test_accuracy_clean"] - b["test_accuracy_clean"]) <= 0.05
   cfg = ckpt_lib.load_config(str(tmp_path / "mh"))
@@ -392,7 +393,7 @@ def test_metric_writer_jsonl_truncate_and_tensorboard(tmp_path):
   for s in (1, 2, 3):
     w.write({"kind": "train", "step": s, "loss": 1.0 / s})
   w.truncate_after(2)
-  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  rows = files.read_jsonl(str(tmp_path / "metrics.jsonl"))
   assert [r["step"] for r in rows] == [1, 2]
   events = [f for f in os.listdir(tmp_path / "tensorboard") if "tfevents" in f]
   assert events and os.path.getsize(tmp_path / "tensorboard" / events[0]) > 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import pathlib
 import re
 import zipfile
 from typing import Callable, Iterator
@@ -53,7 +54,7 @@ def index_files(manual_dir: str) -> dict[str, Callable[[], bytes]]:
             files[_normalize(member)] = (lambda zf=zf, m=member: zf.read(m))
       else:
         rel = os.path.relpath(path, manual_dir)
-        files[_normalize(rel)] = (lambda p=path: open(p, "rb").read())
+        files[_normalize(rel)] = (lambda p=path: pathlib.Path(p).read_bytes())
   return files
 
 

@@ -266,6 +266,8 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
                  "cascade": cascade,
                  "max_drop": ev.max_drop, "seed": ev.seed,
                  **summarize(store.merge(n_chunks), thresholds)}
+      if ev.attack == "sparse_rs":  # how its search compared proposals (README § Evaluation)
+        summary.update(comparison=ev.comparison, query_draws=ev.query_draws)
       if attacked:
         summary["attack_seconds_this_run"] = attack_seconds
         summary["attack_images_per_s"] = attacked / max(attack_seconds, 1e-9)
