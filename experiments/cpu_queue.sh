@@ -67,11 +67,17 @@ for step in $STEPS; do
         N=500 RATES=0.9 NORMS="linf l2" READING=doubled bash experiments/cifar10_resnet20_figs56.sh
       fi ;;
     4)  # The adversarial-training baseline (10 epochs, ~75 min, then 500 images per norm;
-        # done 2026-12-04: a re-run only re-checks its evaluation).
+        # done 2026-12-04: a re-run only re-checks its evaluation); then the strong
+        # column's attacks on it too (APGD, rejection-aware PGD, Sparse-RS; no masks, so
+        # one forward pass per step or query: ~30 min for 500 images).
       if [ "$SAVE" = 1 ]; then
         save_rows runs/gtsrb-resnet20-pgd-at-10ep-eval experiments/results/gtsrb_resnet20_pgd_at_10ep
+        save_rows runs/gtsrb-resnet20-pgd-at-10ep-strong experiments/results/gtsrb_resnet20_pgd_at_10ep
       else
         EPOCHS=10 N=500 bash experiments/gtsrb_resnet20_pgd_at.sh
+        WD=pretrained/gtsrb-resnet20-pgd-at-10ep OUT=runs/gtsrb-resnet20-pgd-at-10ep-strong \
+          RES=experiments/results/gtsrb_resnet20_pgd_at_10ep RATES=0 N=500 \
+          PARTS="gradient sparse_rs" bash experiments/gtsrb_resnet20_strong.sh
       fi ;;
     5)  # Objectives (b) and (c) at r = 0.9, CIFAR-10 ResNet-20, 30 epochs like the fixed
         # model they stand beside (~1.5 h each here), packaged, clean sweep on 1,000 images.
