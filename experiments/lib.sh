@@ -14,14 +14,51 @@ if [ -n "${STOP_AT:-}" ]; then stop_at_args=(--stop_at "$STOP_AT"); fi
 # when STOP_AT stopped it first (the same call resumes it exactly), and ends the script
 # with CMD's status when CMD fails.  `train_run "$WD" $cmd || exit 0` leaves what needs
 # the finished model (packaging, evaluation) to the call that finishes it.
+# A run it leaves unfinished is kept for a new checkout (keep_training), and a kept run
+# is taken up first when WD holds no checkpoint (take_up_training).
 train_run() {
   local wd=$1 out rc; shift
+  take_up_training "$wd"
   out=$("$@" "${stop_at_args[@]}") || {
-    rc=$?; echo "$out"; echo "training in $wd failed (exit status $rc)" >&2; exit "$rc"; }
+    rc=$?; echo "$out"; echo "training in $wd failed (exit status $rc)" >&2
+    keep_training "$wd"; exit "$rc"; }
   echo "$out"
+  keep_training "$wd"
   if [[ " $out " == *" finished=True "* ]]; then return 0; fi
   echo "$wd: stopped before its last step (STOP_AT ${STOP_AT:-}); the same call resumes it" >&2
   return 1
+}
+
+# Training runs outlive a checkout: runs/ is not committed, so a new checkout (a fresh
+# clone, another machine) would start a stopped run again from its first step.
+# keep_training WD copies an unfinished run (no final_eval.json) into
+# UNFINISHED/<name of WD> -- its config, metrics, start time and last checkpoint
+# (~2.5 MB for a ResNet-20), committed with the results -- replacing the copy before;
+# a finished run's copy is removed.  take_up_training WD copies a kept run back into a
+# WD that holds no checkpoint, where train.py resumes it (exactly, on the same CPU).
+UNFINISHED=${UNFINISHED:-experiments/unfinished}
+keep_training() {
+  local wd=$1 keep last f
+  keep="$UNFINISHED/$(basename "$wd")"
+  if [ -f "$wd/final_eval.json" ]; then rm -rf "$keep"; return 0; fi
+  last=$(ls "$wd/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -n 1 || true)
+  if [ -z "$last" ]; then return 0; fi
+  rm -rf "$keep.tmp"; mkdir -p "$keep.tmp/checkpoints"
+  cp -r "$wd/checkpoints/$last" "$keep.tmp/checkpoints/"
+  for f in config.json metrics.jsonl started_at; do
+    if [ -f "$wd/$f" ]; then cp "$wd/$f" "$keep.tmp/"; fi
+  done
+  rm -rf "$keep"; mv "$keep.tmp" "$keep"
+  echo "kept the unfinished run $wd (step $last) in $keep" >&2
+}
+take_up_training() {
+  local wd=$1 keep
+  keep="$UNFINISHED/$(basename "$wd")"
+  if [ ! -d "$keep/checkpoints" ] || [ -n "$(ls "$wd/checkpoints" 2>/dev/null)" ]; then
+    return 0
+  fi
+  mkdir -p "$wd"; cp -r "$keep/." "$wd/"
+  echo "took up the unfinished run kept in $keep" >&2
 }
 
 # save_rows OUT RES: every setting's per-example rows under OUT, gzipped into RES/rows/,
@@ -67,7 +104,8 @@ training_minutes() {
 import json, sys
 from dropjax import files
 wd = sys.argv[1]
-batch = json.load(open(f"{wd}/config.json"))["batch_size"]
+with open(f"{wd}/config.json") as f:
+  batch = json.load(f)["batch_size"]
 rows, last, seconds = files.read_jsonl(f"{wd}/metrics.jsonl"), 0, 0.0
 for r in rows:
   if r.get("kind") == "train" and r.get("images_per_s"):

@@ -144,3 +144,40 @@ def test_train_run_passes_the_deadline_and_tells_finished_from_stopped(tmp_path)
   failed = run(FINISHED="False", STATUS="3")
   assert failed.returncode == 3 and "done" not in failed.stdout and "stopped" not in failed.stdout
   assert "training in WD failed (exit status 3)" in failed.stderr
+
+
+def test_an_unfinished_training_run_outlives_the_checkout_and_resumes_exactly(
+    tiny_data_dir, tmp_path):
+  """keep_training copies a stopped run's last checkpoint, config and metrics out of
+  runs/ (which no new checkout has); take_up_training puts them into the new checkout's
+  empty workdir, where the run finishes bit for bit as if never stopped; the finished
+  run's copy is removed, and a workdir with checkpoints of its own is left alone."""
+  import jax
+  import numpy as np
+  from conftest import tiny_config
+  from dropjax.training import loop
+  root = os.path.dirname(os.path.dirname(LIB))
+  env = dict(PYTHONPATH=root, UNFINISHED=str(tmp_path / "kept"))
+  cfg = tiny_config(tiny_data_dir, drop="random", checkpoint_every=2, eval_every_epochs=0)
+  straight = loop.train(cfg, str(tmp_path / "a" / "run"), progress=False)
+  old, new = tmp_path / "old" / "run", tmp_path / "new" / "run"
+  loop.train(cfg, str(old), stop_after_steps=5, progress=False)  # checkpoints 2 and 4
+  _lib_env(f'keep_training "{old}"', root, **env)
+  kept = tmp_path / "kept" / "run"
+  assert sorted(os.listdir(kept)) == ["checkpoints", "config.json", "metrics.jsonl"]
+  assert os.listdir(kept / "checkpoints") == ["4"]  # the last one only
+  _lib_env(f'take_up_training "{new}"', root, **env)
+  resumed = loop.train(cfg, str(new), progress=False)
+  assert resumed["finished"] and resumed["step"] == straight["step"]
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(straight["state"]),
+                                                  jax.tree.leaves(resumed["state"])))
+  # A workdir with checkpoints of its own is not overwritten by a kept copy.
+  _lib_env(f'keep_training "{old}"', root, **env)
+  before = sorted(os.listdir(new / "checkpoints"))
+  _lib_env(f'take_up_training "{new}"', root, **env)
+  assert sorted(os.listdir(new / "checkpoints")) == before
+  # Finished: its kept copy goes; a workdir without checkpoints keeps nothing.
+  _lib_env(f'keep_training "{new}"', root, **env)
+  assert not kept.exists()
+  _lib_env(f'keep_training "{tmp_path / "none"}"', root, **env)
+  assert not (tmp_path / "kept" / "none").exists()
