@@ -84,5 +84,22 @@ def test_kept_times_when_out_has_none(tmp_path):
   assert got == pytest.approx(600.0 * (1 + 2000) / (1 + 1000))
   SettingStore(str(out), "l2_eps1_literal_r0.9", row_config(EvalConfig(norm="l2")))
   assert chunk_time.expected_seconds(str(out), "l2_eps1_literal_r0.9", str(kept)) == 7000.0
+  # The paired comparison is predicted by the paired settings' rate, even kept ones,
+  # before the authors' rule's (its passes cost more: one call per evaluation).
+  files.write_jsonl(str(kept / "l0_eps0.03_r0.9_paired.timing.jsonl"),
+                    [{"chunk": 0, "seconds": 300.0}])
+  files.write_atomic(str(kept / "l0_eps0.03_r0.9_paired.setting.json"), json.dumps(
+      sparse_rs(queries=500, comparison="paired", modes=("untargeted",))))
+  timed(out, "l0_eps0.03_r0.5_fresh", old, [900.0])  # in --out, but the other rule
+  SettingStore(str(out), "l0_eps0.03_r0.9_draws4", sparse_rs(
+      queries=500, comparison="paired", modes=("untargeted",), query_draws=4))
+  assert chunk_time.expected_seconds(str(out), "l0_eps0.03_r0.9_draws4", str(kept)) == \
+      pytest.approx(4 * 300.0)
+  # No paired setting timed anywhere: the other rule's rate, as before.
+  SettingStore(str(tmp_path / "o2"), "l0_eps0.03_r0.9_draws4", sparse_rs(
+      queries=500, comparison="paired", modes=("untargeted",), query_draws=4))
+  timed(tmp_path / "o2", "l0_eps0.03_r0.9_fresh", old, [500.0])
+  assert chunk_time.expected_seconds(str(tmp_path / "o2"), "l0_eps0.03_r0.9_draws4") == \
+      pytest.approx(500.0 * (1 + 1000) * 4 / (1 + 1000))
   # Nothing timed anywhere: no estimate (the chunk starts while the deadline is ahead).
   assert chunk_time.expected_seconds(str(tmp_path / "empty"), "l0_eps0.03_r0.9_x") is None
