@@ -17,8 +17,9 @@
 #   SAVE=1 bash experiments/cpu_queue.sh && git add -A experiments && git commit
 #
 # STEPS picks steps by number (default: "3 5 1 2 4 6 7", what the reproduction issue
-# still asks for first: step 3's last CIFAR-10 setting, then objectives (b)/(c)).  STOP_AT (an ISO 8601 time, e.g.
-# STOP_AT=$(date -d '+150 min' -Iseconds)) is the time by which the queue must be done:
+# still asks for first: step 3's last CIFAR-10 setting, then objectives (b)/(c)).
+# STOP_AT (an ISO 8601 time, e.g. STOP_AT=$(date -d '+150 min' -Iseconds)) is the time
+# by which the queue must be done:
 # the evaluations start no chunk they expect to end after it (experiments/lib.sh) and
 # move on to settings that still fit, and no step starts after it.
 set -euo pipefail

@@ -44,7 +44,9 @@ keep_training() {
   last=$(ls "$wd/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -n 1 || true)
   if [ -z "$last" ]; then return 0; fi
   rm -rf "$keep.tmp"; mkdir -p "$keep.tmp/checkpoints"
-  cp -r "$wd/checkpoints/$last" "$keep.tmp/checkpoints/"
+  if ! cp -r "$wd/checkpoints/$last" "$keep.tmp/checkpoints/"; then  # (removed meanwhile)
+    rm -rf "$keep.tmp"; echo "could not keep $wd (step $last): run it again" >&2; return 0
+  fi
   for f in config.json metrics.jsonl started_at; do
     if [ -f "$wd/$f" ]; then cp "$wd/$f" "$keep.tmp/"; fi
   done

@@ -85,7 +85,7 @@ def test_kept_times_when_out_has_none(tmp_path):
   SettingStore(str(out), "l2_eps1_literal_r0.9", row_config(EvalConfig(norm="l2")))
   assert chunk_time.expected_seconds(str(out), "l2_eps1_literal_r0.9", str(kept)) == 7000.0
   # The paired comparison is predicted by the paired settings' rate, even kept ones,
-  # before the authors' rule's (its passes cost more: one call per evaluation).
+  # before the authors' rule's (run without the cascade: more seconds per counted pass).
   files.write_jsonl(str(kept / "l0_eps0.03_r0.9_paired.timing.jsonl"),
                     [{"chunk": 0, "seconds": 300.0}])
   files.write_atomic(str(kept / "l0_eps0.03_r0.9_paired.setting.json"), json.dumps(
