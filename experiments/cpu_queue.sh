@@ -16,8 +16,10 @@
 #
 #   SAVE=1 bash experiments/cpu_queue.sh && git add -A experiments && git commit
 #
-# STEPS picks steps by number (default: "3 5 1 2 4 6 7", what the reproduction issue
-# still asks for first: step 3's last CIFAR-10 setting, then objectives (b)/(c)).
+# STEPS picks steps by number (default: "3 5 8 9 10 1 2 4 6 7", what the reproduction
+# issue still asks for first: step 3's CIFAR-10 figures (done; a re-check), objective
+# (b), the CIFAR-10 strong column's gradient part, objective (c), the CIFAR-10 strong
+# column's black-box part, then what goes beyond the issue).
 # STOP_AT (an ISO 8601 time, e.g. STOP_AT=$(date -d '+150 min' -Iseconds)) is the time
 # by which the queue must be done:
 # the evaluations start no chunk they expect to end after it (experiments/lib.sh) and
@@ -25,7 +27,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
-STEPS=${STEPS:-"3 5 1 2 4 6 7"}
+STEPS=${STEPS:-"3 5 8 9 10 1 2 4 6 7"}
 SAVE=${SAVE:-0}
 mkdir -p runs
 if [ "$SAVE" = 1 ]; then  # training runs not finished (train_run keeps those it stops)
@@ -88,11 +90,13 @@ for step in $STEPS; do
           RES=experiments/results/gtsrb_resnet20_pgd_at_10ep RATES=0 N=500 \
           PARTS="gradient sparse_rs" bash experiments/gtsrb_resnet20_strong.sh
       fi ;;
-    5)  # Objectives (b) and (c) at r = 0.9, CIFAR-10 ResNet-20, 30 epochs like the fixed
-        # model they stand beside (~1.5 h each here), packaged, clean sweep on 1,000 images.
-        # A run STOP_AT stops is kept in experiments/unfinished/ and taken up next time.
+    5|9)  # Objectives (b) (step 5) and (c) (step 9) at r = 0.9, CIFAR-10 ResNet-20, 30
+        # epochs like the fixed model they stand beside (~1.5 h each here), packaged,
+        # clean sweep on 1,000 images.  A run STOP_AT stops is kept in
+        # experiments/unfinished/ and taken up next time.
+      objective=fixed-uniform_original; [ "$step" = 9 ] && objective=fixed-uniform_noisy
       if [ "$SAVE" != 1 ]; then
-        MODES="fixed-uniform_original fixed-uniform_noisy" bash experiments/cifar10_resnet20_cpu.sh
+        MODES=$objective bash experiments/cifar10_resnet20_cpu.sh
       fi ;;
     6)  # The certified L0 radius of both random-r models on 500 images (~10-17 min per 100
         # images per model; the committed rows are taken up, not recomputed).
@@ -112,6 +116,23 @@ for step in $STEPS; do
         RATES="0.3 0.7" N=200 PARTS=sparse_rs_paired bash experiments/gtsrb_resnet20_strong.sh
         RATES=0.5 N=500 PARTS=sparse_rs bash experiments/gtsrb_resnet20_strong.sh
       fi ;;
-    *) echo "unknown step $step (1-7)" >&2; exit 2 ;;
+    8)  # The CIFAR-10 strong column, gradient part: APGD-EOT (L-inf, L2) and the
+        # rejection-aware EOT-PGD (L-inf, L2, L0) on the random-r model, 500 images, r = 0.9
+        # then 0.5 (~40 min per rate: as GTSRB's, same input size and network).
+      if [ "$SAVE" = 1 ]; then
+        save_rows runs/cifar10-resnet20-random-30ep-strong "$CIFAR_RES"
+      else
+        WD=pretrained/cifar10-resnet20-random OUT=runs/cifar10-resnet20-random-30ep-strong \
+          RES="$CIFAR_RES" RATES="0.9 0.5" N=500 PARTS=gradient bash experiments/gtsrb_resnet20_strong.sh
+      fi ;;
+    10)  # The CIFAR-10 strong column, black-box part: the paired Sparse-RS at L0 on the
+        # random-r model, 500 images, r = 0.9 then 0.5 (~15-20 min per 100 images per rate).
+      if [ "$SAVE" = 1 ]; then
+        save_rows runs/cifar10-resnet20-random-30ep-strong "$CIFAR_RES"
+      else
+        WD=pretrained/cifar10-resnet20-random OUT=runs/cifar10-resnet20-random-30ep-strong \
+          RES="$CIFAR_RES" RATES="0.9 0.5" N=500 PARTS=sparse_rs_paired bash experiments/gtsrb_resnet20_strong.sh
+      fi ;;
+    *) echo "unknown step $step (1-10)" >&2; exit 2 ;;
   esac
 done
