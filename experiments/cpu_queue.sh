@@ -116,22 +116,17 @@ for step in $STEPS; do
         RATES="0.3 0.7" N=200 PARTS=sparse_rs_paired bash experiments/gtsrb_resnet20_strong.sh
         RATES=0.5 N=500 PARTS=sparse_rs bash experiments/gtsrb_resnet20_strong.sh
       fi ;;
-    8)  # The CIFAR-10 strong column, gradient part: APGD-EOT (L-inf, L2) and the
-        # rejection-aware EOT-PGD (L-inf, L2, L0) on the random-r model, 500 images, r = 0.9
-        # then 0.5 (~40 min per rate: as GTSRB's, same input size and network).
+    8|10)  # The CIFAR-10 strong column on the random-r model, 500 images, r = 0.9 then
+        # 0.5: step 8 its gradient part (APGD-EOT for L-inf and L2, the rejection-aware
+        # EOT-PGD for L-inf, L2 and L0; ~40 min per rate, as GTSRB's: same input size and
+        # network), step 10 its black-box part (the paired Sparse-RS at L0, ~15-20 min per
+        # 100 images per rate).
       if [ "$SAVE" = 1 ]; then
         save_rows runs/cifar10-resnet20-random-30ep-strong "$CIFAR_RES"
       else
+        part=gradient; [ "$step" = 10 ] && part=sparse_rs_paired
         WD=pretrained/cifar10-resnet20-random OUT=runs/cifar10-resnet20-random-30ep-strong \
-          RES="$CIFAR_RES" RATES="0.9 0.5" N=500 PARTS=gradient bash experiments/gtsrb_resnet20_strong.sh
-      fi ;;
-    10)  # The CIFAR-10 strong column, black-box part: the paired Sparse-RS at L0 on the
-        # random-r model, 500 images, r = 0.9 then 0.5 (~15-20 min per 100 images per rate).
-      if [ "$SAVE" = 1 ]; then
-        save_rows runs/cifar10-resnet20-random-30ep-strong "$CIFAR_RES"
-      else
-        WD=pretrained/cifar10-resnet20-random OUT=runs/cifar10-resnet20-random-30ep-strong \
-          RES="$CIFAR_RES" RATES="0.9 0.5" N=500 PARTS=sparse_rs_paired bash experiments/gtsrb_resnet20_strong.sh
+          RES="$CIFAR_RES" RATES="0.9 0.5" N=500 PARTS=$part bash experiments/gtsrb_resnet20_strong.sh
       fi ;;
     *) echo "unknown step $step (1-10)" >&2; exit 2 ;;
   esac
