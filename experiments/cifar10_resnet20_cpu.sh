@@ -14,8 +14,7 @@ cd "$(dirname "$0")/.."
 source experiments/lib.sh
 EPOCHS=${EPOCHS:-30}
 MODES=${MODES:-"normal fixed random"}
-vec=AVX2; grep -q avx512f /proc/cpuinfo && vec=AVX-512
-HARDWARE=${HARDWARE:-"$(lscpu | sed -n 's/^Model name: *//p' | head -n 1) ($vec), $(nproc) cores"}
+HARDWARE=${HARDWARE:-"$(hardware_line)"}
 RATES="0 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9"
 SUFFIX=""; [ "$EPOCHS" = 30 ] || SUFFIX="-${EPOCHS}ep"  # of the packaged models' names
 for mode in $MODES; do
@@ -23,12 +22,14 @@ for mode in $MODES; do
   WD=runs/$name-${EPOCHS}ep
   RES=experiments/results/cifar10_resnet20_${mode//-/_}_${EPOCHS}ep
   cmd="python train.py --preset $name --epochs $EPOCHS --workdir $WD --keep_checkpoints 1 --no_progress"
-  mkdir -p "$WD"; [ -f "$WD/started_at" ] || date +%s > "$WD/started_at"
+  mkdir -p "$WD"
   train_run "$WD" $cmd || exit 0
   PKG=pretrained/$name$SUFFIX
   if [ ! -f "$PKG/MANIFEST.json" ]; then
+    # Training time from the logged throughput: a 180-epoch run spans sessions, and
+    # the gaps between them are not training time.
     python -m dropjax.pretrained --workdir "$WD" --out "$PKG" --command "$cmd" \
-      --hardware "$HARDWARE" --wall_time "$(( ($(stat -c %Y "$WD/final_eval.json") - $(cat "$WD/started_at")) / 60 )) min from first start to finish"
+      --hardware "$HARDWARE" --wall_time "$(training_minutes "$WD") min of training steps (logged throughput)"
   fi
   save_run "$WD" "$RES"
   python evaluate.py --workdir "$PKG" --out "runs/$name-${EPOCHS}ep-eval" --norm none \

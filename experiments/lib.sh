@@ -32,7 +32,7 @@ train_run() {
 # Training runs outlive a checkout: runs/ is not committed, so a new checkout (a fresh
 # clone, another machine) would start a stopped run again from its first step.
 # keep_training WD copies an unfinished run (no final_eval.json) into
-# UNFINISHED/<name of WD> -- its config, metrics, start time and last checkpoint
+# UNFINISHED/<name of WD> -- its config, metrics and last checkpoint
 # (~2.5 MB for a ResNet-20), committed with the results -- replacing the copy before;
 # a finished run's copy is removed.  take_up_training WD copies a kept run back into a
 # WD that holds no checkpoint, where train.py resumes it (exactly, on the same CPU).
@@ -47,7 +47,7 @@ keep_training() {
   if ! cp -r "$wd/checkpoints/$last" "$keep.tmp/checkpoints/"; then  # (removed meanwhile)
     rm -rf "$keep.tmp"; echo "could not keep $wd (step $last): run it again" >&2; return 0
   fi
-  for f in config.json metrics.jsonl started_at; do
+  for f in config.json metrics.jsonl; do
     if [ -f "$wd/$f" ]; then cp "$wd/$f" "$keep.tmp/"; fi
   done
   rm -rf "$keep"; mv "$keep.tmp" "$keep"
