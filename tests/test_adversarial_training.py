@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from dropjax import units
+from dropjax import plots, units
 from dropjax.attacks import norms
 from dropjax.config import TrainConfig, from_preset
+from dropjax.evaluation import EvalConfig, evaluate
 from dropjax.objectives import cross_entropy
 from dropjax.training import loop, parallel, state as state_lib, step as step_lib
 from test_training import fixed_batch, make_step, tree_equal
@@ -86,6 +87,13 @@ def test_adversarial_training_resumes_exactly(tiny_data_dir, tmp_path):
   resumed = loop.train(cfg, str(tmp_path / "b"), progress=False)
   assert straight["finished"] and resumed["finished"]
   assert tree_equal(straight["state"], resumed["state"])
+  # Its evaluation rows name the training, so tables and figures do not call it "normal".
+  [summary] = evaluate(str(tmp_path / "a"), EvalConfig(norm="none", num_examples=8,
+                                                        batch_size=8), str(tmp_path / "ev"),
+                       progress=False)
+  assert (summary["train_adv_training"], summary["train_adv_norm"]) == ("pgd", "linf")
+  assert plots.model_name(summary).endswith("(PGD-AT linf)")
+  assert plots.model_name({**summary, "train_adv_training": "none"}).endswith("(normal)")
 
 
 @pytest.mark.parametrize("kw,msg", [

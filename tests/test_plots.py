@@ -41,3 +41,16 @@ def test_a_lone_point_gets_an_error_bar_of_its_interval():
   lo, hi = intervals.wilson(0.8, 100)
   [bar] = [c for c in ax.collections]  # the error bar's vertical segment
   np.testing.assert_allclose(bar.get_segments()[0], [[0.5, lo], [0.5, hi]])
+
+
+def test_the_rate_axis_spans_the_papers_rates_and_cuts_off_no_point():
+  fig, ax = plots.new_figure(figsize=(3, 2))
+  ax.plot([0.0], [0.5], "o")  # a model without masks: one rate
+  plots.rate_axis(ax)
+  lo, hi = ax.get_xlim()
+  assert lo <= -0.04 and hi >= 0.94  # r = 0 ... 0.9 with margins, like a full sweep
+  fig, ax = plots.new_figure(figsize=(3, 2))
+  ax.plot([0.5, 1.0], [0.5, 0.1], "o-")
+  plots.rate_axis(ax)
+  assert ax.get_xlim()[1] > 1.0 and ax.get_xlim()[0] <= -0.04
+  assert ax.get_xlabel() == "test-time drop rate r"

@@ -42,7 +42,8 @@ WORST_SUFFIX = "worst"
 GROUP_FIELDS = ("workdir", "norm", "eps", "budget_reading", "drop_rate", "num_masks",
                 "score_draws", "calibration", "seed")
 # Summary fields copied from the group's settings (equal across them).
-_COPIED = GROUP_FIELDS + ("dataset", "depth", "train_drop", "train_drop_rate", "eps_stated",
+_COPIED = GROUP_FIELDS + ("dataset", "depth", "train_drop", "train_drop_rate",
+                          "train_adv_training", "train_adv_norm", "eps_stated",
                           "max_drop", "threshold_single", "threshold_avg")
 # Per-example clean columns every combined setting must share.
 _CLEAN = ("label", "pred_plain", "pred_single", "pred_avg", "rejected_single", "rejected_avg")
