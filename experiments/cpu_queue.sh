@@ -21,9 +21,8 @@
 # CIFAR-10 fixed and random r models at the presets' 180 epochs (~5 h each: over several
 # sessions), then what goes beyond the reproduction issue -- certificates on 500 images,
 # the paired Sparse-RS at r = 0.3/0.7, the 4-draw Sparse-RS on 500 images -- then the
-# re-checks of the steps done: GTSRB's,
-# the CIFAR-10 figures, objectives (b)/(c) and the CIFAR-10 strong column, all done by
-# 2026-12-05).
+# re-checks of the steps done: GTSRB's, the CIFAR-10 figures, objectives (b)/(c) and the
+# CIFAR-10 strong column, all done by 2026-12-05).
 # STOP_AT (an ISO 8601 time, e.g. STOP_AT=$(date -d '+150 min' -Iseconds)) is the time
 # by which the queue must be done:
 # the evaluations start no chunk they expect to end after it (experiments/lib.sh) and
