@@ -72,13 +72,29 @@ def save_figure(fig, out_dir: str, name: str) -> list[str]:
   return paths
 
 
+def model_labels(rows: list[dict]):
+  """``label(row)``: the row's :func:`model_name`, followed by its ``workdir`` where
+  rows of several workdirs share that name (two fixed-r models trained with other
+  weight decays, say), so that no model's points replace another's."""
+  workdirs = collections.defaultdict(set)
+  for r in rows:
+    workdirs[model_name(r)].add(r.get("workdir"))
+
+  def label(row: dict) -> str:
+    name = model_name(row)
+    return name if len(workdirs[name]) < 2 else f"{name} [{row.get('workdir')}]"
+  return label
+
+
 def clean_points(rows: list[dict]) -> dict[str, dict[float, dict]]:
   """``{model: {drop rate: summary row}}`` for Fig. 2: per model and rate the row
   measured on the most test images (an attack family run on fewer images measures
-  the same clean accuracy less precisely); among equals the later row."""
+  the same clean accuracy less precisely); among equals the later row.  Models are
+  told apart by :func:`model_labels`."""
+  label = model_labels(rows)
   by_model = collections.defaultdict(dict)
   for r in rows:
-    pts = by_model[model_name(r)]
+    pts = by_model[label(r)]
     old = pts.get(r["drop_rate"])
     if old is None or r.get("num_examples", 0) >= old.get("num_examples", 0):
       pts[r["drop_rate"]] = r
@@ -149,10 +165,12 @@ def line_variant(row: dict) -> str:
   return "worst case per example" + "".join(f", without {w}" for w in left_out)
 
 
-def line_label(row: dict, with_eps: bool = False, families: bool = True) -> str:
-  """The model, and the budget / attack variant where they tell lines apart;
-  ``families=False``: a worst case named as one line (:func:`line_variant`)."""
-  label = model_name(row)
+def line_label(row: dict, with_eps: bool = False, families: bool = True,
+               model: str | None = None) -> str:
+  """The model (``model``, default :func:`model_name`), and the budget / attack
+  variant where they tell lines apart; ``families=False``: a worst case named as one
+  line (:func:`line_variant`)."""
+  label = model or model_name(row)
   if with_eps:
     label += f", eps {row['eps']:.4g}"
   if row.get("norm") != "l0" and row.get("budget_reading", "literal") != "literal":
@@ -178,8 +196,9 @@ def plot_robust_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
     lines = collections.defaultdict(dict)
     these = [r for r in attacked if r["norm"] == norm]
     several_eps = len({r["eps"] for r in these}) > 1
+    model = model_labels(these)
     for r in these:
-      lines[line_label(r, several_eps, families=False)][r["drop_rate"]] = r
+      lines[line_label(r, several_eps, families=False, model=model(r))][r["drop_rate"]] = r
     fig, ax = new_figure(figsize=(5, 3.5))
     for i, (name, pts) in enumerate(sorted(lines.items())):
       rates = sorted(pts)
@@ -203,11 +222,12 @@ def markdown_table(rows: list[dict]) -> str:
   head = ("| model | norm | eps | r | clean acc (avg) | robust acc | robust acc w/ rejection "
           "| adv. rejected |\n|---|---|---|---|---|---|---|---|\n")
   lines = []
-  for r in sorted(rows, key=lambda r: (model_name(r), r["norm"], r["eps"], r.get("variant", ""),
+  model = model_labels(rows)
+  for r in sorted(rows, key=lambda r: (model(r), r["norm"], r["eps"], r.get("variant", ""),
                                       r["drop_rate"])):
     if r.get("norm") == "none":
       continue
-    lines.append(f"| {line_label(r)} | {r['norm']} | {r['eps']:.4g} | {r['drop_rate']:.2g} "
+    lines.append(f"| {line_label(r, model=model(r))} | {r['norm']} | {r['eps']:.4g} | {r['drop_rate']:.2g} "
                  f"| {r['clean_accuracy_avg']:.3f} | {r['robust_accuracy_avg']:.3f} "
                  f"| {r['robust_accuracy_avg_with_rejection']:.3f} "
                  f"| {r['adv_rejection_rate_avg']:.3f} |")

@@ -906,3 +906,23 @@ def test_clean_points_take_the_row_of_most_examples():
   [(name, pts)] = plots.clean_points(rows).items()
   assert name == "gtsrb ResNet-20 (random r)"
   assert pts[0.0]["setting"] == "c" and pts[0.5]["setting"] == "d"
+
+
+def test_models_of_the_same_description_from_two_workdirs_stay_apart():
+  """Two fixed-r models that differ only in what the summary rows do not describe
+  (a weight decay, say) are two models in the figures and the table, named by their
+  workdirs; rows of one workdir stay one model under its plain name."""
+  from dropjax import plots
+  base = {"dataset": "gtsrb", "depth": 20, "train_drop": "fixed", "train_drop_rate": 0.9,
+          "drop_rate": 0.9, "num_examples": 1000, "norm": "linf", "eps": 0.1,
+          "clean_accuracy_avg": 0.9, "robust_accuracy_avg": 0.2,
+          "robust_accuracy_avg_with_rejection": 0.3, "adv_rejection_rate_avg": 0.1}
+  rows = [{**base, "workdir": "pretrained/a"}, {**base, "workdir": "runs/b",
+                                                "clean_accuracy_avg": 0.8}]
+  points = plots.clean_points(rows)
+  assert sorted(points) == ["gtsrb ResNet-20 (fixed r=0.9) [pretrained/a]",
+                            "gtsrb ResNet-20 (fixed r=0.9) [runs/b]"]
+  assert [p[0.9]["clean_accuracy_avg"] for _, p in sorted(points.items())] == [0.9, 0.8]
+  table = plots.markdown_table(rows)
+  assert "[pretrained/a] | linf" in table and "[runs/b] | linf" in table
+  assert list(plots.clean_points(rows[:1])) == ["gtsrb ResNet-20 (fixed r=0.9)"]
