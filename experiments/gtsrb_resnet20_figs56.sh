@@ -18,9 +18,11 @@ READING=${READING:-literal}
 NORMAL_TOO=${NORMAL_TOO:-1}
 RANDOM_WD=${RANDOM_WD:-pretrained/gtsrb-resnet20-random}
 NORMAL_WD=${NORMAL_WD:-pretrained/gtsrb-resnet20-normal}
-RES=experiments/results/gtsrb_resnet20_random_30ep
+# Another random-r model (RANDOM_WD) needs its own RES and OUT: the rows kept in RES/rows
+# are taken up by setting name, and do not say which model computed them.
+RES=${RES:-experiments/results/gtsrb_resnet20_random_30ep}
 RES_NORMAL=experiments/results/gtsrb_resnet20_normal_30ep
-OUT=runs/gtsrb-resnet20-random-30ep-figs56
+OUT=${OUT:-runs/gtsrb-resnet20-random-30ep-figs56}
 OUT_NORMAL=runs/gtsrb-resnet20-normal-30ep-eval
 
 mkdir -p "$RES/rows" "$RES_NORMAL/rows"
