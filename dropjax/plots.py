@@ -227,7 +227,8 @@ def markdown_table(rows: list[dict]) -> str:
                                       r["drop_rate"])):
     if r.get("norm") == "none":
       continue
-    lines.append(f"| {line_label(r, model=model(r))} | {r['norm']} | {r['eps']:.4g} | {r['drop_rate']:.2g} "
+    lines.append(f"| {line_label(r, model=model(r))} | {r['norm']} | {r['eps']:.4g} "
+                 f"| {r['drop_rate']:.2g} "
                  f"| {r['clean_accuracy_avg']:.3f} | {r['robust_accuracy_avg']:.3f} "
                  f"| {r['robust_accuracy_avg_with_rejection']:.3f} "
                  f"| {r['adv_rejection_rate_avg']:.3f} |")
