@@ -36,8 +36,8 @@ from dropjax import backend as backend_lib
 from dropjax import certify, contracts, deadlines, files, inference
 from dropjax.data import augment
 from dropjax.evaluation.protocol import load_model
-from dropjax.evaluation.store import (SettingStore, committed_rows, committed_timing,
-                                      update_summary)
+from dropjax.evaluation.store import (MODEL_FIELD, SettingStore, committed_rows,
+                                      committed_timing, digest, update_summary)
 
 DEFAULT_KEEP = certify.CertifyConfig.keep  # for models not trained by ablation
 PLOT_NAME = "certified_accuracy"
@@ -118,8 +118,10 @@ def run(workdir: str, cfg: CertifyRunConfig, out_dir: str | None = None, *,
   sid = setting_id(core, cfg.seed)
   if cfg.rows_from and not os.path.isdir(cfg.rows_from):
     raise FileNotFoundError(f"--rows_from {cfg.rows_from}: no such directory")
-  # What decides the rows besides the setting id: the samples of a pass.
-  store = SettingStore(out_dir, sid, {"samples_per_pass": core.samples_per_pass})
+  # What decides the rows besides the setting id: the samples of a pass, and the model.
+  model_digest = digest(variables)
+  store = SettingStore(out_dir, sid, {"samples_per_pass": core.samples_per_pass,
+                                      MODEL_FIELD: model_digest})
   kept = committed_rows(cfg.rows_from, sid) if cfg.rows_from else None
   if kept:
     store.import_rows(kept[0][:len(test)], cfg.batch_size, kept[1])
@@ -153,8 +155,9 @@ def run(workdir: str, cfg: CertifyRunConfig, out_dir: str | None = None, *,
     bar.update(n_valid)
   bar.close()
   rows = store.merge(n_chunks)
-  summary = {"setting": sid, "workdir": files.recorded_path(workdir), "dataset": train_cfg.dataset,
-             "depth": train_cfg.depth, "train_drop": train_cfg.drop,
+  summary = {"setting": sid, "workdir": files.recorded_path(workdir), MODEL_FIELD: model_digest,
+             "dataset": train_cfg.dataset, "depth": train_cfg.depth,
+             "train_weight_decay": train_cfg.weight_decay, "train_drop": train_cfg.drop,
              "train_keep": train_cfg.keep if train_cfg.drop == "ablate" else None,
              "input_encoding": train_cfg.input_encoding, "num_pixels": d, "keep": keep,
              "n0": core.n0, "n": core.n, "alpha": core.alpha, "seed": cfg.seed,

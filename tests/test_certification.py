@@ -175,11 +175,13 @@ def test_resume_by_chunk_and_chunk_size_give_identical_rows(ablation_workdir, tm
   assert certification.setting_id(small(keep=300, seed=1), 1) != full["setting"]
 
 
-def test_rows_from_takes_kept_rows_up_and_extends_them(ablation_workdir, tmp_path):
+def test_rows_from_takes_kept_rows_up_and_extends_them(ablation_workdir, tmp_path,
+                                                         monkeypatch):
   """Rows kept as save_rows keeps them (rows, setting.json, timing) are taken up by
   --rows_from: nothing recomputed for the examples they hold, a larger
   --num_examples computes only the rest, with the rows of a run from scratch;
-  rows of another samples_per_pass are refused, a missing directory is an error."""
+  rows of another samples_per_pass or another model are refused, a missing
+  directory is an error."""
   full = certification.run(ablation_workdir, small(num_examples=16), str(tmp_path / "full"),
                            progress=False)
   sid = full["setting"]
@@ -203,6 +205,19 @@ def test_rows_from_takes_kept_rows_up_and_extends_them(ablation_workdir, tmp_pat
   with pytest.raises(FileNotFoundError, match="rows_from"):
     certification.run(ablation_workdir, small(rows_from=str(tmp_path / "none")),
                       str(tmp_path / "e"), progress=False)
+  # Rows of the same setting on another model's variables are neither resumed nor taken up.
+  load_model = certification.load_model
+
+  def another_model(*args, **kw):
+    train_cfg, variables, logits_fn, data = load_model(*args, **kw)
+    return train_cfg, jax.tree_util.tree_map(lambda v: v * 1.01, variables), logits_fn, data
+
+  monkeypatch.setattr(certification, "load_model", another_model)
+  with pytest.raises(ValueError, match="another model"):
+    certification.run(ablation_workdir, small(), str(tmp_path / "a"), progress=False)
+  with pytest.raises(ValueError, match="another model"):
+    certification.run(ablation_workdir, small(rows_from=kept), str(tmp_path / "f"),
+                      progress=False)
 
 
 def test_paper_model_certified_with_zero_fill(tiny_workdir, tmp_path):

@@ -451,6 +451,70 @@ def test_keep_rows_never_loses_kept_rows(tmp_path, capsys):
   assert store.keep_rows(str(tmp_path / "missing"), kept) == []
 
 
+def test_model_digest_is_checked_only_where_both_sides_hold_it(tmp_path, capsys):
+  """The model's digest in setting.json: another model's rows are refused on resume
+  and on import; a directory or kept rows from before the digest was recorded are
+  taken as the model's (and the directory adopts the digest); keep_rows never drops
+  a kept digest."""
+  from dropjax.evaluation import store
+  m = store.MODEL_FIELD
+  out = str(tmp_path / "out")
+  store.SettingStore(out, "s", {"seed": 0, m: "a"})
+  with pytest.raises(ValueError, match="another model"):
+    store.SettingStore(out, "s", {"seed": 0, m: "b"})
+  old = str(tmp_path / "old")
+  store.SettingStore(old, "s", {"seed": 0})
+  store.SettingStore(old, "s", {"seed": 0, m: "a"})
+  assert store.SettingStore.saved_config(old, "s") == {"seed": 0, m: "a"}
+  with pytest.raises(ValueError, match="another model"):
+    store.SettingStore(old, "s", {"seed": 0, m: "b"})
+  rows = [{"index": i} for i in range(4)]
+  fresh = store.SettingStore(str(tmp_path / "fresh"), "s", {"seed": 0, m: "a"})
+  with pytest.raises(ValueError, match="not imported"):
+    fresh.import_rows(rows, 2, {"seed": 0, m: "b"})
+  assert fresh.import_rows(rows, 2, {"seed": 0}) == 2
+  # Kept rows with a digest, extended in a directory that never recorded one.
+  kept = str(tmp_path / "kept")
+  store.SettingStore(str(tmp_path / "k"), "s", {"seed": 0, m: "a"}).write_chunk(0, rows[:2])
+  assert store.keep_rows(str(tmp_path / "k"), kept) == ["s"]
+  legacy = str(tmp_path / "legacy")
+  s = store.SettingStore(legacy, "s", {"seed": 0})
+  s.write_chunk(0, rows[:2])
+  s.write_chunk(1, rows[2:])
+  assert store.keep_rows(legacy, kept) == ["s"]
+  assert store.committed_rows(kept, "s") == (rows, {"seed": 0, m: "a"})
+  assert capsys.readouterr().err == ""
+
+
+def test_rows_of_another_model_are_refused(tiny_workdir, tmp_path, monkeypatch):
+  """Evaluation rows record the model's digest (setting.json and summary row, with
+  its weight decay); the same settings on other variables neither resume those rows
+  nor take them up from --rows_from."""
+  from dropjax.config import TrainConfig
+  from dropjax.evaluation import protocol, store
+  cfg = ev_config(norm="none", num_examples=16)
+  out, keep = str(tmp_path / "a"), str(tmp_path / "keep")
+  [summary] = evaluation.evaluate(tiny_workdir, cfg, out, progress=False)
+  _, variables, _, _ = protocol.load_model(tiny_workdir)
+  assert summary["model_digest"] == store.digest(variables)
+  assert store.SettingStore.saved_config(out, summary["setting"])["model_digest"] \
+      == summary["model_digest"]
+  assert summary["train_weight_decay"] == TrainConfig.weight_decay
+  assert store.keep_rows(out, keep) == [summary["setting"]]
+  load_model = protocol.load_model
+
+  def another_model(*args, **kw):
+    train_cfg, variables, logits_fn, data = load_model(*args, **kw)
+    return train_cfg, jax.tree_util.tree_map(lambda v: v * 1.01, variables), logits_fn, data
+
+  monkeypatch.setattr(protocol, "load_model", another_model)
+  with pytest.raises(ValueError, match="another model"):
+    evaluation.evaluate(tiny_workdir, cfg, out, progress=False)
+  with pytest.raises(ValueError, match="another model"):
+    evaluation.evaluate(tiny_workdir, dataclasses.replace(cfg, rows_from=keep),
+                        str(tmp_path / "b"), progress=False)
+
+
 # A defense and attacks that read their answer off the image, for the cascade: pixel (1, 1)
 # holds the undefended model's class, pixel (2, 2) the masked models' class, pixel (0, 0)
 # which attack breaks the example (code 3: attack 0 breaks only the undefended model).

@@ -41,8 +41,9 @@ from dropjax.evaluation.chunk import (Attack, compile_attack, evaluate_chunk, ma
 from dropjax.evaluation.settings import (EvalConfig, attack_configs, attack_variant,
                                          budget_columns, cascade_for, default_drop_rate,
                                          row_config, setting_id)
-from dropjax.evaluation.store import (SettingStore, cached_calibration, committed_rows,
-                                      committed_timing, digest, update_summary)
+from dropjax.evaluation.store import (MODEL_FIELD, SettingStore, cached_calibration,
+                                      committed_rows, committed_timing, digest,
+                                      update_summary)
 from dropjax.masks import DropSpec
 from dropjax.training import checkpoint as ckpt_lib
 from dropjax.training import state as state_lib, step as step_lib
@@ -152,16 +153,18 @@ def _budgets(ev: EvalConfig, dataset: str) -> list[float]:
   return [preset.l0_fraction if ev.norm == "l0" else preset.eps]
 
 
-def _open_setting(ev: EvalConfig, out_dir: str, sid: str, num_examples: int):
-  """``(store, cascade)`` of setting ``sid``: its cascade as it was begun (in
-  ``out_dir`` or in the kept rows of ``--rows_from``), and the kept rows and
-  timings imported into the store."""
+def _open_setting(ev: EvalConfig, out_dir: str, sid: str, num_examples: int,
+                  model_digest: str):
+  """``(store, cascade)`` of setting ``sid`` on the model whose variables have
+  ``model_digest`` (:func:`dropjax.evaluation.store.digest`): its cascade as it
+  was begun (in ``out_dir`` or in the kept rows of ``--rows_from``), and the kept
+  rows and timings imported into the store (rows of another model are refused)."""
   kept = committed_rows(ev.rows_from, sid) if ev.rows_from else None
   begun = SettingStore.saved_config(out_dir, sid)
   if begun is None and kept:
     begun = kept[1] or {}
   cascade = ev.norm != "none" and cascade_for(ev, begun)
-  store = SettingStore(out_dir, sid, row_config(ev, cascade))
+  store = SettingStore(out_dir, sid, {**row_config(ev, cascade), MODEL_FIELD: model_digest})
   if kept:
     store.import_rows(kept[0][:num_examples], ev.batch_size, kept[1])
     store.import_timing(committed_timing(ev.rows_from, sid))
@@ -198,7 +201,8 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
   chunks_done_here = 0
   summaries = []
   # What the entropy thresholds depend on besides the drop rate (the cache's key).
-  calibration_key = {"variables": digest(variables), "val": digest(data.val.x, data.val.y),
+  model_digest = digest(variables)
+  calibration_key = {"variables": model_digest, "val": digest(data.val.x, data.val.y),
                      "per_pixel": train_cfg.per_pixel, "num_masks": ev.num_masks,
                      "max_drop": ev.max_drop, "rule": ev.calibration, "seed": ev.seed,
                      "batch_size": ev.batch_size}
@@ -216,7 +220,7 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
     for eps in _budgets(ev, train_cfg.dataset):
       variant = attack_variant(ev)
       sid = setting_id(ev.norm, eps, rate, ev.budget_reading, variant)
-      store, cascade = _open_setting(ev, out_dir, sid, len(test))
+      store, cascade = _open_setting(ev, out_dir, sid, len(test), model_digest)
       attacks = []
       if ev.norm != "none":
         attacks = [Attack(name, compile_attack(logits_fn, c, backend), rank)
@@ -254,7 +258,9 @@ def evaluate(workdir: str, ev: EvalConfig, out_dir: str | None = None, *,
       if stopped_early:
         continue
       summary = {"setting": sid, "workdir": files.recorded_path(workdir),
+                 MODEL_FIELD: model_digest,
                  "dataset": train_cfg.dataset, "depth": train_cfg.depth,
+                 "train_weight_decay": train_cfg.weight_decay,
                  "train_drop": train_cfg.drop, "train_drop_rate": train_cfg.drop_rate,
                  "train_adv_training": train_cfg.adv_training,
                  "train_adv_norm": (train_cfg.adv_norm if train_cfg.adv_training != "none"

@@ -46,6 +46,10 @@ from dropjax import files
 SUMMARY_FILE = "summary.jsonl"
 ROWS_FILE = "rows.jsonl"
 CONFIG_FILE = "setting.json"
+# The configuration field holding the :func:`digest` of the model's variables, so that
+# rows of one model never resume or extend another's.  Compared only where both
+# configurations hold it: rows kept before it was recorded hold none.
+MODEL_FIELD = "model_digest"
 CALIBRATION_FILE = "calibration.jsonl"
 TIMING_FILE = "timing.jsonl"
 
@@ -56,18 +60,26 @@ def _rows_if_any(path: str) -> list[dict]:
 
 
 def _differences(a: dict, b: dict, a_name: str, b_name: str) -> str:
-  """The fields where configs ``a`` and ``b`` differ, in words ("" if none)."""
-  return ", ".join(f"{k}: {a.get(k)!r} {a_name}, {b.get(k)!r} {b_name}"
-                   for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+  """The fields where configs ``a`` and ``b`` differ, in words ("" if none);
+  :data:`MODEL_FIELD` only where both hold it."""
+  keys = set(a) | set(b)
+  if MODEL_FIELD not in a or MODEL_FIELD not in b:
+    keys.discard(MODEL_FIELD)
+  diff = ", ".join(f"{k}: {a.get(k)!r} {a_name}, {b.get(k)!r} {b_name}"
+                   for k in sorted(keys) if a.get(k) != b.get(k))
+  if MODEL_FIELD in keys and a[MODEL_FIELD] != b[MODEL_FIELD]:
+    diff += " (another model's variables)"
+  return diff
 
 
 class SettingStore:
   """The row files of one setting (``out/<setting>/``).
 
   ``config`` (JSON-ready dict): what determines the rows besides the setting's
-  name.  It is written on first use; a later store of the same directory with
-  another config raises ``ValueError`` (directories written before this file
-  existed take the first config given)."""
+  name, with the model's :func:`digest` under :data:`MODEL_FIELD`.  It is written
+  on first use; a later store of the same directory with another config raises
+  ``ValueError`` (directories written before this file existed take the first
+  config given, those written before the model was recorded take its digest)."""
 
   def __init__(self, out_dir: str, setting: str, config: dict | None = None):
     self.directory = os.path.join(out_dir, setting)
@@ -96,6 +108,9 @@ class SettingStore:
       raise ValueError(
           f"{self.directory} holds rows computed with another configuration ({diff}); "
           "pass another --out, or delete that directory to recompute it")
+    if MODEL_FIELD in config and MODEL_FIELD not in saved:
+      files.write_atomic(path, json.dumps({**saved, MODEL_FIELD: config[MODEL_FIELD]},
+                                          indent=2, sort_keys=True) + "\n")
 
   def import_rows(self, rows: list[dict], batch_size: int, config: dict | None) -> int:
     """Writes the missing chunks that ``rows`` hold in full; returns their number.
@@ -369,9 +384,11 @@ def keep_rows(out_dir: str, rows_dir: str) -> list[str]:
       files.write_atomic(base + ".rows.jsonl.gz",
                          gzip.compress(text.encode(), compresslevel=9, mtime=0))
       changed = True
+    if config is not None and kept_config and MODEL_FIELD in kept_config:
+      config = {MODEL_FIELD: kept_config[MODEL_FIELD], **config}  # a digest is not dropped
     if config is not None and config != kept_config:
-      with open(os.path.join(directory, CONFIG_FILE)) as f:
-        files.write_atomic(base + ".setting.json", f.read())
+      files.write_atomic(base + ".setting.json",
+                         json.dumps(config, indent=2, sort_keys=True) + "\n")
       changed = True
     if changed:
       written.append(setting)
