@@ -84,6 +84,16 @@ def tiny_workdir(tiny_data_dir, tmp_path_factory):
   return wd
 
 
+def another_model(load_model):
+  """``load_model`` (:func:`dropjax.evaluation.protocol.load_model`) returning
+  other variables (each scaled by 1.01): the same run as seen by another model."""
+  def load(*args, **kw):
+    import jax
+    train_cfg, variables, logits_fn, data = load_model(*args, **kw)
+    return train_cfg, jax.tree_util.tree_map(lambda v: v * 1.01, variables), logits_fn, data
+  return load
+
+
 def train_gradients_per_setting(monkeypatch, env_var: str, width: int):
   """Loss, gradients and batch statistics of a depth-8 ResNet in training mode,
   and its lowered program, with ``env_var`` set to "0" and to "1" (the model's

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import another_model, tiny_config
 from dropjax import certification, certify, cli, evaluation, files, intervals, plots
 from dropjax.config import from_preset
 from dropjax.data.datasets import DATASETS
@@ -206,13 +206,7 @@ def test_rows_from_takes_kept_rows_up_and_extends_them(ablation_workdir, tmp_pat
     certification.run(ablation_workdir, small(rows_from=str(tmp_path / "none")),
                       str(tmp_path / "e"), progress=False)
   # Rows of the same setting on another model's variables are neither resumed nor taken up.
-  load_model = certification.load_model
-
-  def another_model(*args, **kw):
-    train_cfg, variables, logits_fn, data = load_model(*args, **kw)
-    return train_cfg, jax.tree_util.tree_map(lambda v: v * 1.01, variables), logits_fn, data
-
-  monkeypatch.setattr(certification, "load_model", another_model)
+  monkeypatch.setattr(certification, "load_model", another_model(certification.load_model))
   with pytest.raises(ValueError, match="another model"):
     certification.run(ablation_workdir, small(), str(tmp_path / "a"), progress=False)
   with pytest.raises(ValueError, match="another model"):

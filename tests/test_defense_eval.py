@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import another_model
 from dropjax import defense, evaluation, files
 from dropjax.masks import DropSpec
 from dropjax.training.checkpoint import CheckpointError
@@ -501,13 +502,7 @@ def test_rows_of_another_model_are_refused(tiny_workdir, tmp_path, monkeypatch):
       == summary["model_digest"]
   assert summary["train_weight_decay"] == TrainConfig.weight_decay
   assert store.keep_rows(out, keep) == [summary["setting"]]
-  load_model = protocol.load_model
-
-  def another_model(*args, **kw):
-    train_cfg, variables, logits_fn, data = load_model(*args, **kw)
-    return train_cfg, jax.tree_util.tree_map(lambda v: v * 1.01, variables), logits_fn, data
-
-  monkeypatch.setattr(protocol, "load_model", another_model)
+  monkeypatch.setattr(protocol, "load_model", another_model(protocol.load_model))
   with pytest.raises(ValueError, match="another model"):
     evaluation.evaluate(tiny_workdir, cfg, out, progress=False)
   with pytest.raises(ValueError, match="another model"):
