@@ -28,18 +28,24 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from dropjax import files
+from dropjax.config import TrainConfig
 from dropjax.evaluation.store import read_summaries
 from dropjax.intervals import wilson
 
 
 def model_name(row: dict) -> str:
-  """The trained model of a summary row, e.g. ``gtsrb ResNet-20 (random r)``."""
+  """The trained model of a summary row, e.g. ``gtsrb ResNet-20 (random r)``, or
+  ``gtsrb ResNet-20 (random r, weight decay 0.0005)`` where the row records a
+  weight decay other than the preset's (He et al.'s)."""
   drop = {"none": "normal", "fixed": f"fixed r={row.get('train_drop_rate')}",
           "random": "random r"}.get(row.get("train_drop"), row.get("train_drop"))
   adv = row.get("train_adv_training") or "none"
   if adv != "none":  # e.g. "PGD-AT linf", and the dropping if it was combined with it
     adv = f"{adv.upper()}-AT {row.get('train_adv_norm')}"
     drop = adv if drop == "normal" else f"{adv}, {drop}"
+  decay = row.get("train_weight_decay", TrainConfig.weight_decay)
+  if decay != TrainConfig.weight_decay:
+    drop += f", weight decay {decay:g}"
   return f"{row.get('dataset')} ResNet-{row.get('depth')} ({drop})"
 
 

@@ -985,3 +985,7 @@ def test_models_of_the_same_description_from_two_workdirs_stay_apart():
   table = plots.markdown_table(rows)
   assert "[pretrained/a] | linf" in table and "[runs/b] | linf" in table
   assert list(plots.clean_points(rows[:1])) == ["gtsrb ResNet-20 (fixed r=0.9)"]
+  # Rows that record the weight decay name one other than the preset's.
+  decays = [{**rows[0], "train_weight_decay": 1e-4}, {**rows[1], "train_weight_decay": 5e-4}]
+  assert sorted(plots.clean_points(decays)) == [
+      "gtsrb ResNet-20 (fixed r=0.9)", "gtsrb ResNet-20 (fixed r=0.9, weight decay 0.0005)"]
