@@ -19,7 +19,8 @@ NORMAL_TOO=${NORMAL_TOO:-1}
 RANDOM_WD=${RANDOM_WD:-pretrained/gtsrb-resnet20-random}
 NORMAL_WD=${NORMAL_WD:-pretrained/gtsrb-resnet20-normal}
 # Another random-r model (RANDOM_WD) needs its own RES and OUT: the rows kept in RES/rows
-# are taken up by setting name, and do not say which model computed them.
+# are taken up by setting name, and those of another model are refused (their
+# setting.json records the model's digest).
 RES=${RES:-experiments/results/gtsrb_resnet20_random_30ep}
 RES_NORMAL=experiments/results/gtsrb_resnet20_normal_30ep
 OUT=${OUT:-runs/gtsrb-resnet20-random-30ep-figs56}
