@@ -141,6 +141,9 @@ def rate_axis(ax) -> None:
 
 
 def plot_clean_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
+  """Fig. 2: clean accuracy (single mask and 10-mask average) vs test-time drop
+  rate, one line pair per model (:func:`clean_points`); saved in ``out_dir``,
+  returns the paths (none without clean rows)."""
   by_model = clean_points(rows)
   if not by_model:
     return []
@@ -194,6 +197,9 @@ def sample_sizes(rows: list[dict]) -> str:
 
 
 def plot_robust_vs_rate(rows: list[dict], out_dir: str) -> list[str]:
+  """Figs. 5/6: robust accuracy (with and without entropy rejection) vs test-time
+  drop rate, one figure per norm of the attacked summary rows; saved in
+  ``out_dir``, returns the paths."""
   paths = []
   attacked = [r for r in rows if r.get("norm") != "none" and "robust_accuracy_avg" in r]
   for norm in sorted({r["norm"] for r in attacked}):

@@ -46,6 +46,7 @@ REPO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def sha256(path: str) -> str:
+  """SHA-256 (hex) of the bytes of the file ``path``."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -71,6 +72,8 @@ def resolve(name_or_path: str) -> str:
 
 
 def read_manifest(workdir: str) -> dict:
+  """The ``MANIFEST.json`` of the packaged model in ``workdir`` (``CheckpointError``
+  if there is none)."""
   path = os.path.join(workdir, MANIFEST_FILE)
   if not os.path.isfile(path):
     raise ckpt_lib.CheckpointError(f"{path} not found: {workdir} is not a packaged model")

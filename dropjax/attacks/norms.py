@@ -46,10 +46,13 @@ def linf_project(x, x0, eps):
 
 
 def l2_step(x, g, step):
+  """Steepest-ascent step of L2 length ``step`` (X units) along ``g``, per example."""
   return x + step * g / (l2_norm(g) + _TINY)
 
 
 def l2_project(x, x0, eps):
+  """Projection onto the L2 ball of radius ``eps`` (X units) around ``x0``, per
+  example, then onto the box [-1, 1]; ``x``, ``x0``: (B, H, W, C) float."""
   delta = x - x0
   delta = delta * jnp.minimum(1.0, eps / (l2_norm(delta) + _TINY))
   # Clipping x0 + delta (x0 in the box) only shrinks |delta_i|: stays in the ball.

@@ -31,6 +31,7 @@ DATA_DIR_ENV = "DROPJAX_DATA_DIR"
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
+  """What the loaders and the model need to know of a dataset, besides its images."""
   name: str
   num_classes: int
   tfds_name: str
@@ -55,6 +56,8 @@ DATASETS = {
 
 @dataclasses.dataclass(frozen=True)
 class Split:
+  """Images ``x`` (uint8 (N, H, W, C), pixel values 0..255) and their labels ``y``
+  (int32 (N,), in [0, num_classes))."""
   x: np.ndarray  # uint8 (N, H, W, C)
   y: np.ndarray  # int32 (N,)
 
@@ -78,6 +81,8 @@ class Split:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
+  """A dataset's train, validation (held out of the official training set) and test
+  splits."""
   spec: DatasetSpec
   train: Split
   val: Split

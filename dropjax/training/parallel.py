@@ -97,6 +97,9 @@ class PmapRunner:
 
 
 def make_runner(mode: str, train_step, batch_size: int):
+  """The runner that applies ``train_step`` on the devices: ``"jit"``
+  (:class:`JitRunner`, data-parallel over a mesh of all devices) or ``"pmap"``
+  (:class:`PmapRunner`); ``batch_size``: the global batch."""
   if mode == "jit":
     return JitRunner(train_step, batch_size)
   if mode == "pmap":

@@ -39,6 +39,8 @@ def make_model(config: TrainConfig, num_classes: int, layers: ModelLayers | None
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+  """The learning rate per step: linear warm-up over ``warmup_epochs``, then cosine
+  decay to 0 or step decays (x0.1 at the fractions ``lr_boundaries`` of training)."""
   total = config.epochs * steps_per_epoch
   warmup = int(config.warmup_epochs * steps_per_epoch)
   if config.schedule == "cosine":
