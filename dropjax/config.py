@@ -242,12 +242,22 @@ _DATASET_PRESETS = {
 }
 
 
+_DEPTH_PRESETS = {
+    # He et al. (Sec. 4.2): for ResNet-110 an initial lr of 0.1 "is slightly too large
+    # to start converging", so they train at 0.01 until the training error is below 80%
+    # (about 400 iterations, one epoch at batch 128), then at 0.1.  Here: a linear
+    # warm-up to 0.1 over the first epoch.
+    110: dict(warmup_epochs=1.0),
+}
+
+
 def _build_presets() -> dict[str, dict[str, Any]]:
   presets = {}
   for ds, depths in (("cifar10", (20, 56, 110)), ("gtsrb", (20,))):
     for depth in depths:
       for mode, drop in _DROP_PRESETS.items():
-        presets[f"{ds}-resnet{depth}-{mode}"] = {**_DATASET_PRESETS[ds], "depth": depth, **drop}
+        presets[f"{ds}-resnet{depth}-{mode}"] = {**_DATASET_PRESETS[ds], "depth": depth,
+                                                 **_DEPTH_PRESETS.get(depth, {}), **drop}
   for mode in ("uniform_original", "uniform_noisy"):
     presets[f"cifar10-resnet20-fixed-{mode}"] = {
         **presets["cifar10-resnet20-fixed"], "objective": mode}

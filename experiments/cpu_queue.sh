@@ -16,12 +16,13 @@
 #
 #   SAVE=1 bash experiments/cpu_queue.sh && git add -A experiments && git commit
 #
-# STEPS picks steps by number (default: "1 4 11 6 7 12 13 2 3 5 8 9 10": the budget study
-# and the strong attacks on the adversarially trained model (done 2026-12-05), then the
-# CIFAR-10 fixed and random r models at the presets' 180 epochs (~5 h each: over several
-# sessions), then what goes beyond the reproduction issue -- certificates on 500 images,
-# the paired Sparse-RS at r = 0.3/0.7, the 4-draw Sparse-RS on 500 images, Figs. 5/6 of
-# the GTSRB random-r model trained with weight decay 5e-4 -- then the
+# STEPS picks steps by number (default: "1 4 11 14 6 15 7 12 13 2 3 5 8 9 10": the budget
+# study and the strong attacks on the adversarially trained model (done 2026-12-05), then
+# the CIFAR-10 fixed and random r models at the presets' 180 epochs (~5 h each: over
+# several sessions), the ResNet-56 row at 30 epochs, certificates on 500 images, the
+# ResNet-110 rows at 30 epochs, then what goes beyond the reproduction issue -- the
+# paired Sparse-RS at r = 0.3/0.7, the 4-draw Sparse-RS on 500 images, Figs. 5/6 of the
+# GTSRB random-r model trained with weight decay 5e-4 -- then the
 # re-checks of the steps done: GTSRB's, the CIFAR-10 figures, objectives (b)/(c) and the
 # CIFAR-10 strong column, all done by 2026-12-05).
 # STOP_AT (an ISO 8601 time, e.g. STOP_AT=$(date -d '+150 min' -Iseconds)) is the time
@@ -31,7 +32,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
-STEPS=${STEPS:-"1 4 11 6 7 12 13 2 3 5 8 9 10"}
+STEPS=${STEPS:-"1 4 11 14 6 15 7 12 13 2 3 5 8 9 10"}
 SAVE=${SAVE:-0}
 mkdir -p runs
 if [ "$SAVE" = 1 ]; then  # training runs not finished (train_run keeps those it stops)
@@ -165,6 +166,19 @@ for step in $STEPS; do
           OUT=runs/gtsrb-resnet20-random-wd5e-4-figs56 NORMAL_TOO=0 RATES="0.5 0.9" \
           bash experiments/gtsrb_resnet20_figs56.sh
       fi ;;
-    *) echo "unknown step $step (1-13)" >&2; exit 2 ;;
+    14|15)  # Table 1's depth trend on 2 cores: the CIFAR-10 ResNet-56 (step 14, ~2 h) and
+        # ResNet-110 (step 15, ~4 h per model) rows at fixed r = 0.9, on the 30-epoch
+        # cosine schedule of the 30-epoch ResNet-20 row they stand beside (the presets'
+        # 180 epochs are experiments/gpu/'s), then ResNet-110 with random r (the paper's
+        # 83.0%); each packaged as pretrained/cifar10-resnet<depth>-<mode> with the clean
+        # sweep on 1,000 images.  A run STOP_AT stops is kept in experiments/unfinished/.
+      if [ "$SAVE" != 1 ]; then
+        if [ "$step" = 14 ]; then
+          DEPTH=56 MODES=fixed bash experiments/cifar10_resnet20_cpu.sh
+        else
+          DEPTH=110 MODES="fixed random" bash experiments/cifar10_resnet20_cpu.sh
+        fi
+      fi ;;
+    *) echo "unknown step $step (1-15)" >&2; exit 2 ;;
   esac
 done

@@ -305,6 +305,8 @@ def test_presets_are_the_papers_runs():
   c = from_preset("cifar10-resnet110-fixed")
   assert (c.depth, c.drop, c.drop_rate, c.batch_size, c.momentum) == (110, "fixed", 0.9, 128, 0.9)
   assert from_preset("gtsrb-resnet20-random").use_hflip is False
+  # He et al.'s ResNet-110 warms up for about one epoch; the shallower nets do not.
+  assert c.warmup_epochs == 1.0 and from_preset("cifar10-resnet56-fixed").warmup_epochs == 0
   assert from_preset("cifar10-resnet20-normal", lr=0.2).lr == 0.2
 
 
