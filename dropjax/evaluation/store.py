@@ -59,6 +59,11 @@ def _rows_if_any(path: str) -> list[dict]:
   return files.read_jsonl(path) if os.path.exists(path) else []
 
 
+def _write_config(path: str, config: dict) -> None:
+  """Writes a setting's configuration (``setting.json``) atomically, keys sorted."""
+  files.write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _differences(a: dict, b: dict, a_name: str, b_name: str) -> str:
   """The fields where configs ``a`` and ``b`` differ, in words ("" if none);
   :data:`MODEL_FIELD` only where both hold it."""
@@ -99,7 +104,7 @@ class SettingStore:
   def _check_config(self, config: dict) -> None:
     path = os.path.join(self.directory, CONFIG_FILE)
     if not os.path.exists(path):
-      files.write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+      _write_config(path, config)
       return
     with open(path) as f:
       saved = json.load(f)
@@ -109,8 +114,7 @@ class SettingStore:
           f"{self.directory} holds rows computed with another configuration ({diff}); "
           "pass another --out, or delete that directory to recompute it")
     if MODEL_FIELD in config and MODEL_FIELD not in saved:
-      files.write_atomic(path, json.dumps({**saved, MODEL_FIELD: config[MODEL_FIELD]},
-                                          indent=2, sort_keys=True) + "\n")
+      _write_config(path, {**saved, MODEL_FIELD: config[MODEL_FIELD]})
 
   def import_rows(self, rows: list[dict], batch_size: int, config: dict | None) -> int:
     """Writes the missing chunks that ``rows`` hold in full; returns their number.
@@ -387,8 +391,7 @@ def keep_rows(out_dir: str, rows_dir: str) -> list[str]:
     if config is not None and kept_config and MODEL_FIELD in kept_config:
       config = {MODEL_FIELD: kept_config[MODEL_FIELD], **config}  # a digest is not dropped
     if config is not None and config != kept_config:
-      files.write_atomic(base + ".setting.json",
-                         json.dumps(config, indent=2, sort_keys=True) + "\n")
+      _write_config(base + ".setting.json", config)
       changed = True
     if changed:
       written.append(setting)
