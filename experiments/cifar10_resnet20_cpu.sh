@@ -11,7 +11,7 @@
 # their names), as experiments/cifar10_resnet20_normal_180ep.sh did for the normal model.
 # DEPTH=56 or 110 trains Table 1's deeper rows the same way (presets
 # cifar10-resnet<DEPTH>-<mode>; about 3x and 6x ResNet-20's epoch time, so on 2 cores
-# the 30-epoch schedule: DEPTH=56 MODES=fixed ~2 h, DEPTH=110 ~4 h per model; the
+# the 30-epoch schedule: DEPTH=56 MODES=fixed ~2.3 h, DEPTH=110 ~4.5 h per model; the
 # presets' 180 epochs are experiments/gpu/'s).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -166,8 +166,8 @@ for step in $STEPS; do
           OUT=runs/gtsrb-resnet20-random-wd5e-4-figs56 NORMAL_TOO=0 RATES="0.5 0.9" \
           bash experiments/gtsrb_resnet20_figs56.sh
       fi ;;
-    14|15)  # Table 1's depth trend on 2 cores: the CIFAR-10 ResNet-56 (step 14, ~2 h) and
-        # ResNet-110 (step 15, ~4 h per model) rows at fixed r = 0.9, on the 30-epoch
+    14|15)  # Table 1's depth trend on 2 cores: the CIFAR-10 ResNet-56 (step 14, ~2.3 h at
+        # ~170 images/s) and ResNet-110 (step 15, ~4.5 h per model) rows at fixed r = 0.9, on the 30-epoch
         # cosine schedule of the 30-epoch ResNet-20 row they stand beside (the presets'
         # 180 epochs are experiments/gpu/'s), then ResNet-110 with random r (the paper's
         # 83.0%); each packaged as pretrained/cifar10-resnet<depth>-<mode> with the clean
