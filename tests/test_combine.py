@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dropjax import evaluation, files
-from dropjax.evaluation import combine, worst_case
+from dropjax.evaluation import combine, store, worst_case
 
 METRICS = worst_case.METRICS
 
@@ -170,3 +170,12 @@ def test_exclude_keeps_a_family_run_on_fewer_images_out_of_the_full_combination(
   assert same["setting"] == full["setting"] and same["num_examples"] == 3
   assert combine.combine_summaries(summaries, [str(tmp_path)],
                                    exclude=("sparse_rs", "rejection")) == []
+  # The model's digest and weight decay, where the rows record them, carry over; rows of
+  # two models (one workdir retrained between the attacks) are refused.
+  m = store.MODEL_FIELD
+  recorded = [dict(x, **{m: "a", "train_weight_decay": 5e-4}) for x in summaries[:2]]
+  [one] = combine.combine_summaries(recorded + summaries[2:], [str(tmp_path)])
+  assert one[m] == "a" and one["train_weight_decay"] == 5e-4
+  with pytest.raises(ValueError, match="different models"):
+    combine.combine_summaries([recorded[0], dict(recorded[1], **{m: "b"})] + summaries[2:],
+                              [str(tmp_path)])

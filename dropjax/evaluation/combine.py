@@ -45,6 +45,9 @@ GROUP_FIELDS = ("workdir", "norm", "eps", "budget_reading", "drop_rate", "num_ma
 _COPIED = GROUP_FIELDS + ("dataset", "depth", "train_drop", "train_drop_rate",
                           "train_adv_training", "train_adv_norm", "eps_stated",
                           "max_drop", "threshold_single", "threshold_avg")
+# The model's fields that only rows written since they were recorded hold: copied from
+# the settings that hold them, which must agree (rows of two models never combine).
+_MODEL = (store.MODEL_FIELD, "train_weight_decay")
 # Per-example clean columns every combined setting must share.
 _CLEAN = ("label", "pred_plain", "pred_single", "pred_avg", "rejected_single", "rejected_avg")
 
@@ -149,6 +152,13 @@ def summarize(rows: Sequence[dict], settings: Sequence[dict],
   that left families of the group out (named in the setting id)."""
   first = settings[0]
   s = {k: first[k] for k in _COPIED if k in first}
+  for k in _MODEL:
+    values = {x[k] for x in settings if k in x}
+    if len(values) > 1:
+      raise ValueError(f"{base_setting(first)}: the settings were computed on different "
+                       f"models ({k}: {sorted(values)}); they are not combined")
+    if values:
+      s[k] = values.pop()
   s["setting"] = f"{base_setting(first)}_{WORST_SUFFIX}" + "".join(
       f"-without-{w}" for w in without)
   families = [attack_name(x) for x in settings]
