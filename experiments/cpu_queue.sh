@@ -168,10 +168,11 @@ for step in $STEPS; do
       fi ;;
     14|15)  # Table 1's depth trend on 2 cores: the CIFAR-10 ResNet-56 (step 14, ~2.3 h at
         # ~170 images/s) and ResNet-110 (step 15, ~4.5 h per model) rows at fixed r =
-        # 0.9, on the 30-epoch cosine schedule of the ResNet-20 row they stand beside (the
-        # presets' 180 epochs are experiments/gpu/'s), then ResNet-110 with random r (the paper's
-        # 83.0%); each packaged as pretrained/cifar10-resnet<depth>-<mode> with the clean
-        # sweep on 1,000 images.  A run STOP_AT stops is kept in experiments/unfinished/.
+        # 0.9, on the 30-epoch cosine schedule of the ResNet-20 row they stand beside
+        # (the presets' 180 epochs are experiments/gpu/'s), then ResNet-110 with random
+        # r (the paper's 83.0%); each packaged as pretrained/cifar10-resnet<depth>-<mode>
+        # with the clean sweep on 1,000 images.  A run STOP_AT stops is kept in
+        # experiments/unfinished/.
       if [ "$SAVE" != 1 ]; then
         if [ "$step" = 14 ]; then
           DEPTH=56 MODES=fixed bash experiments/cifar10_resnet20_cpu.sh
