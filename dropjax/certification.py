@@ -36,8 +36,8 @@ from dropjax import backend as backend_lib
 from dropjax import certify, contracts, deadlines, files, inference
 from dropjax.data import augment
 from dropjax.evaluation.protocol import load_model
-from dropjax.evaluation.store import (MODEL_FIELD, SettingStore, committed_rows,
-                                      committed_timing, digest, update_summary)
+from dropjax.evaluation.store import (MODEL_FIELD, SettingStore, committed_rows, digest,
+                                      update_summary)
 
 DEFAULT_KEEP = certify.CertifyConfig.keep  # for models not trained by ablation
 PLOT_NAME = "certified_accuracy"
@@ -123,9 +123,7 @@ def run(workdir: str, cfg: CertifyRunConfig, out_dir: str | None = None, *,
   store = SettingStore(out_dir, sid, {"samples_per_pass": core.samples_per_pass,
                                       MODEL_FIELD: model_digest})
   kept = committed_rows(cfg.rows_from, sid) if cfg.rows_from else None
-  if kept:
-    store.import_rows(kept[0][:len(test)], cfg.batch_size, kept[1])
-    store.import_timing(committed_timing(cfg.rows_from, sid))
+  store.import_kept(kept, cfg.rows_from, len(test), cfg.batch_size)
   run_certify = certify.make_certify(logits_fn, core)
   key = jax.random.PRNGKey(cfg.seed)
   n_chunks = -(-len(test) // cfg.batch_size)

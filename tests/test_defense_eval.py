@@ -709,25 +709,50 @@ def test_evaluate_cli_end_to_end(tiny_workdir, tmp_path, norm, capsys):
   assert "robust_accuracy_avg" in out.out
 
 
+# What a failed orbax restore leaves behind (read coroutines the garbage collector
+# later reports as unraisable exceptions, in whichever test runs then) dies with
+# its own process.
+WRONG_ARCHITECTURE = """
+import json, os, shutil, sys
+import jax
+from dropjax import evaluation
+from dropjax.training import checkpoint as ckpt_lib, state as state_lib
+workdir, bad = sys.argv[1:]
+shutil.copytree(workdir, bad)
+with open(os.path.join(bad, "config.json")) as f:
+  cfg = json.load(f)
+cfg["depth"] = 14
+with open(os.path.join(bad, "config.json"), "w") as f:
+  json.dump(cfg, f)
+errors = []
+try:
+  evaluation.load_model(bad)
+except ckpt_lib.CheckpointError as e:
+  errors.append(str(e))
+# A 10-class head for the 43-class checkpoint: the restore names the step directory.
+train_cfg = ckpt_lib.load_config(workdir)
+template = state_lib.create_state(jax.random.PRNGKey(0), state_lib.make_model(train_cfg, 10),
+                                  state_lib.make_optimizer(train_cfg, 1), (32, 32, 3))
+ckpt = ckpt_lib.Checkpointer(workdir)
+try:
+  ckpt.restore(template)
+except ckpt_lib.CheckpointError as e:
+  errors.append(str(e))
+ckpt.close()
+print(json.dumps(errors))
+"""
+
+
 def test_missing_workdir_and_wrong_architecture(tiny_workdir, tmp_path, capsys):
+  import subprocess
   assert run_eval("--workdir", str(tmp_path / "nope")) == 2
   assert "does not exist" in capsys.readouterr().err
-  bad = tmp_path / "bad"
-  shutil.copytree(tiny_workdir, bad)
-  cfg = json.loads((bad / "config.json").read_text())
-  cfg["depth"] = 14
-  (bad / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(CheckpointError, match="could not be restored"):
-    evaluation.load_model(str(bad))
-  # A 10-class head for the 43-class checkpoint: the restore names the step directory.
-  from dropjax.training import checkpoint as ckpt_lib, state as state_lib
-  train_cfg = ckpt_lib.load_config(tiny_workdir)
-  template = state_lib.create_state(KEY, state_lib.make_model(train_cfg, 10),
-                                    state_lib.make_optimizer(train_cfg, 1), (32, 32, 3))
-  ckpt = ckpt_lib.Checkpointer(tiny_workdir)
-  with pytest.raises(CheckpointError, match=os.path.join("checkpoints", "")):
-    ckpt.restore(template)
-  ckpt.close()
+  done = subprocess.run([sys.executable, "-c", WRONG_ARCHITECTURE, tiny_workdir,
+                         str(tmp_path / "bad")], capture_output=True, text=True, cwd=ROOT)
+  assert done.returncode == 0, done.stderr
+  wrong_depth, wrong_head = json.loads(done.stdout.strip().splitlines()[-1])
+  assert "could not be restored" in wrong_depth and "bad" in wrong_depth
+  assert os.path.join(tiny_workdir, "checkpoints", "") in wrong_head
 
 
 def test_bad_eval_config():

@@ -42,8 +42,7 @@ from dropjax.evaluation.settings import (EvalConfig, attack_configs, attack_vari
                                          budget_columns, cascade_for, default_drop_rate,
                                          row_config, setting_id)
 from dropjax.evaluation.store import (MODEL_FIELD, SettingStore, cached_calibration,
-                                      committed_rows, committed_timing, digest,
-                                      update_summary)
+                                      committed_rows, digest, update_summary)
 from dropjax.masks import DropSpec
 from dropjax.training import checkpoint as ckpt_lib
 from dropjax.training import state as state_lib, step as step_lib
@@ -165,9 +164,7 @@ def _open_setting(ev: EvalConfig, out_dir: str, sid: str, num_examples: int,
     begun = kept[1] or {}
   cascade = ev.norm != "none" and cascade_for(ev, begun)
   store = SettingStore(out_dir, sid, {**row_config(ev, cascade), MODEL_FIELD: model_digest})
-  if kept:
-    store.import_rows(kept[0][:num_examples], ev.batch_size, kept[1])
-    store.import_timing(committed_timing(ev.rows_from, sid))
+  store.import_kept(kept, ev.rows_from, num_examples, ev.batch_size)
   return store, cascade
 
 

@@ -87,6 +87,7 @@ class SettingStore:
   config given, those written before the model was recorded take its digest)."""
 
   def __init__(self, out_dir: str, setting: str, config: dict | None = None):
+    self.setting = setting
     self.directory = os.path.join(out_dir, setting)
     os.makedirs(self.directory, exist_ok=True)
     if config is not None:
@@ -171,6 +172,15 @@ class SettingStore:
     path = os.path.join(self.directory, TIMING_FILE)
     if rows and not os.path.exists(path):
       files.write_jsonl(path, [{"chunk": r["chunk"], "seconds": r["seconds"]} for r in rows])
+
+  def import_kept(self, kept: tuple[list[dict], dict | None] | None, rows_dir: str,
+                  num_examples: int, batch_size: int) -> None:
+    """Takes up the rows ``kept`` in ``rows_dir`` (:func:`committed_rows` of this
+    setting; ``None``: nothing kept) for the first ``num_examples`` examples, and
+    their chunk times (:meth:`import_rows`, :meth:`import_timing`)."""
+    if kept:
+      self.import_rows(kept[0][:num_examples], batch_size, kept[1])
+      self.import_timing(committed_timing(rows_dir, self.setting))
 
   def merge(self, num_chunks: int) -> list[dict]:
     """All rows, chunk by chunk, also written to ``rows.jsonl``."""

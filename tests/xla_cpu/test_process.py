@@ -40,6 +40,10 @@ print(json.dumps({{"faults_per_call": min(faults), "temp_pages": temp / 4096,
 def _probe(warmup=10, **env):
   full = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
   full.pop("DROPJAX_NO_XLA_DEFAULTS", None)
+  # XLA's default code generation (conftest lowers it for the suite's compile time):
+  # the probe runs its program 15 times, compiles it once.
+  full["XLA_FLAGS"] = " ".join(f for f in full.get("XLA_FLAGS", "").split()
+                               if not f.startswith("--xla_backend_optimization_level"))
   out = subprocess.run([sys.executable, "-c", _PROBE.format(repo=REPO, warmup=warmup)], env=full,
                        capture_output=True, text=True, check=True, timeout=300)
   return json.loads(out.stdout.strip().splitlines()[-1])
