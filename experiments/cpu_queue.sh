@@ -16,15 +16,15 @@
 #
 #   SAVE=1 bash experiments/cpu_queue.sh && git add -A experiments && git commit
 #
-# STEPS picks steps by number (default: "1 4 11 14 6 15 7 12 13 2 3 5 8 9 10": the budget
-# study and the strong attacks on the adversarially trained model (done 2026-12-05), then
-# the CIFAR-10 fixed and random r models at the presets' 180 epochs (~5 h each: over
-# several sessions), the ResNet-56 row at 30 epochs, certificates on 500 images, the
-# ResNet-110 rows at 30 epochs, then what goes beyond the reproduction issue -- the
-# paired Sparse-RS at r = 0.3/0.7, the 4-draw Sparse-RS on 500 images, Figs. 5/6 of the
-# GTSRB random-r model trained with weight decay 5e-4 -- then the
-# re-checks of the steps done: GTSRB's, the CIFAR-10 figures, objectives (b)/(c) and the
-# CIFAR-10 strong column, all done by 2026-12-05).
+# STEPS picks steps by number (default: "1 4 11 14 16 6 15 7 12 13 2 3 5 8 9 10": the
+# budget study and the strong attacks on the adversarially trained model (done
+# 2026-12-05), then the CIFAR-10 fixed r model at the presets' 180 epochs (~4-5 h: over
+# several sessions), the ResNet-56 row at 30 epochs, the random r model at 180 epochs,
+# certificates on 500 images, the ResNet-110 rows at 30 epochs, then what goes beyond
+# the reproduction issue -- the paired Sparse-RS at r = 0.3/0.7, the 4-draw Sparse-RS on
+# 500 images, Figs. 5/6 of the GTSRB random-r model trained with weight decay 5e-4 --
+# then the re-checks of the steps done: GTSRB's, the CIFAR-10 figures, objectives
+# (b)/(c) and the CIFAR-10 strong column, all done by 2026-12-05).
 # STOP_AT (an ISO 8601 time, e.g. STOP_AT=$(date -d '+150 min' -Iseconds)) is the time
 # by which the queue must be done:
 # the evaluations start no chunk they expect to end after it (experiments/lib.sh) and
@@ -32,7 +32,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
-STEPS=${STEPS:-"1 4 11 14 6 15 7 12 13 2 3 5 8 9 10"}
+STEPS=${STEPS:-"1 4 11 14 16 6 15 7 12 13 2 3 5 8 9 10"}
 SAVE=${SAVE:-0}
 mkdir -p runs
 if [ "$SAVE" = 1 ]; then  # training runs not finished (train_run keeps those it stops)
@@ -136,14 +136,19 @@ for step in $STEPS; do
         WD=pretrained/cifar10-resnet20-random OUT=runs/cifar10-resnet20-random-30ep-strong \
           RES="$CIFAR_RES" RATES="0.9 0.5" N=500 PARTS=$part bash experiments/gtsrb_resnet20_strong.sh
       fi ;;
-    11)  # The CIFAR-10 Table-1 row (fixed r = 0.9) and the random-r model at the presets'
-        # 180 epochs, as the normal model (91.03%, 2026-12-04): ~100 s per epoch here, so
-        # each spans sessions (STOP_AT stops it at an epoch's end; kept in
-        # experiments/unfinished/ and taken up next time); packaged as
-        # pretrained/cifar10-resnet20-{fixed,random}-180ep with the clean sweep on 1,000
-        # images, then Fig. 2 and Figs. 3/4 of the three 180-epoch models.
+    11|16)  # The CIFAR-10 Table-1 row (fixed r = 0.9; step 11) and the random-r model
+        # (step 16, after the ResNet-56 row of step 14) at the presets' 180 epochs, as the
+        # normal model (91.03%, 2026-12-04): ~80-100 s per epoch here, so each spans
+        # sessions (STOP_AT stops it at an epoch's end; kept in experiments/unfinished/
+        # and taken up next time); packaged as pretrained/cifar10-resnet20-{fixed,random}-180ep
+        # with the clean sweep on 1,000 images, then Fig. 2 and Figs. 3/4 of the three
+        # 180-epoch models.
       if [ "$SAVE" != 1 ]; then  # (SAVE keeps unfinished training above)
-        EPOCHS=180 MODES="fixed random" bash experiments/cifar10_resnet20_cpu.sh
+        if [ "$step" = 11 ]; then
+          EPOCHS=180 MODES=fixed bash experiments/cifar10_resnet20_cpu.sh
+        else
+          EPOCHS=180 MODES=random bash experiments/cifar10_resnet20_cpu.sh
+        fi
       fi ;;
     12)  # Beyond the issue: the budget study's finding on all 500 images of the strong
         # column -- the paired Sparse-RS with 4 draws of the defense per loss (margin, then
@@ -180,6 +185,6 @@ for step in $STEPS; do
           DEPTH=110 MODES="fixed random" bash experiments/cifar10_resnet20_cpu.sh
         fi
       fi ;;
-    *) echo "unknown step $step (1-15)" >&2; exit 2 ;;
+    *) echo "unknown step $step (1-16)" >&2; exit 2 ;;
   esac
 done
