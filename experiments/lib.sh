@@ -32,19 +32,25 @@ train_run() {
 # Training runs outlive a checkout: runs/ is not committed, so a new checkout (a fresh
 # clone, another machine) would start a stopped run again from its first step.
 # keep_training WD copies an unfinished run (no final_eval.json) into
-# UNFINISHED/<name of WD> -- its config, metrics and last checkpoint
-# (~2.5 MB for a ResNet-20), committed with the results -- replacing the copy before;
-# a finished run's copy is removed.  take_up_training WD copies a kept run back into a
-# WD that holds no checkpoint, where train.py resumes it (exactly, on the same CPU).
+# UNFINISHED/<name of WD> -- its config, metrics and last checkpoint, the checkpoint as
+# a tar file split into parts of KEEP_PART_KB KiB at most (default 1536: no committed
+# file over 2 MB; ~2.2 MB in two parts for a ResNet-20, ~7 MB for a ResNet-56, ~14 MB
+# for a ResNet-110), committed with the results -- replacing the copy before; a
+# finished run's copy is removed.  take_up_training WD puts a kept run back into a WD
+# that holds no checkpoint, where train.py resumes it (exactly, on the same CPU).
 UNFINISHED=${UNFINISHED:-experiments/unfinished}
+KEEP_PART_KB=${KEEP_PART_KB:-1536}
 keep_training() {
   local wd=$1 keep last f
+  local -; set -o pipefail
   keep="$UNFINISHED/$(basename "$wd")"
   if [ -f "$wd/final_eval.json" ]; then rm -rf "$keep"; return 0; fi
   last=$(ls "$wd/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -n 1 || true)
   if [ -z "$last" ]; then return 0; fi
-  rm -rf "$keep.tmp"; mkdir -p "$keep.tmp/checkpoints"
-  if ! cp -r "$wd/checkpoints/$last" "$keep.tmp/checkpoints/"; then  # (removed meanwhile)
+  rm -rf "$keep.tmp"; mkdir -p "$keep.tmp"
+  # (a run still going may have removed that step meanwhile)
+  if ! tar -C "$wd/checkpoints" -cf - "$last" | \
+      split -b "${KEEP_PART_KB}k" -d -a 3 - "$keep.tmp/checkpoint.tar.part"; then
     rm -rf "$keep.tmp"; echo "could not keep $wd (step $last): run it again" >&2; return 0
   fi
   for f in config.json metrics.jsonl; do
@@ -54,12 +60,21 @@ keep_training() {
   echo "kept the unfinished run $wd (step $last) in $keep" >&2
 }
 take_up_training() {
-  local wd=$1 keep
+  local wd=$1 keep f
+  local -; set -o pipefail
   keep="$UNFINISHED/$(basename "$wd")"
-  if [ ! -d "$keep/checkpoints" ] || [ -n "$(ls "$wd/checkpoints" 2>/dev/null)" ]; then
+  if [ ! -f "$keep/checkpoint.tar.part000" ] || [ -n "$(ls "$wd/checkpoints" 2>/dev/null)" ]; then
     return 0
   fi
-  mkdir -p "$wd"; cp -r "$keep/." "$wd/"
+  mkdir -p "$wd/checkpoints"
+  if ! cat "$keep"/checkpoint.tar.part* | tar -C "$wd/checkpoints" -xf -; then
+    rm -rf "$wd/checkpoints"
+    echo "the run kept in $keep could not be unpacked (a part missing or damaged)" >&2
+    return 1
+  fi
+  for f in config.json metrics.jsonl; do
+    if [ -f "$keep/$f" ]; then cp "$keep/$f" "$wd/"; fi
+  done
   echo "took up the unfinished run kept in $keep" >&2
 }
 

@@ -1,7 +1,9 @@
 """experiments/lib.sh's helpers (the experiment scripts' shared shell functions)."""
+import io
 import json
 import os
 import subprocess
+import tarfile
 
 import pytest
 
@@ -148,24 +150,29 @@ def test_train_run_passes_the_deadline_and_tells_finished_from_stopped(tmp_path)
 
 def test_an_unfinished_training_run_outlives_the_checkout_and_resumes_exactly(
     tiny_data_dir, tmp_path):
-  """keep_training copies a stopped run's last checkpoint, config and metrics out of
-  runs/ (which no new checkout has); take_up_training puts them into the new checkout's
-  empty workdir, where the run finishes bit for bit as if never stopped; the finished
-  run's copy is removed, and a workdir with checkpoints of its own is left alone."""
+  """keep_training copies a stopped run's last checkpoint (in parts of at most
+  KEEP_PART_KB KiB), config and metrics out of runs/ (which no new checkout has);
+  take_up_training puts them into the new checkout's empty workdir, where the run
+  finishes bit for bit as if never stopped; the finished run's copy is removed, a
+  workdir with checkpoints of its own is left alone, and a kept run with a part
+  missing is an error, not a fresh start."""
   import jax
   import numpy as np
   from conftest import tiny_config
   from dropjax.training import loop
   root = os.path.dirname(os.path.dirname(LIB))
-  env = dict(PYTHONPATH=root, UNFINISHED=str(tmp_path / "kept"))
+  env = dict(PYTHONPATH=root, UNFINISHED=str(tmp_path / "kept"), KEEP_PART_KB="8")
   cfg = tiny_config(tiny_data_dir, drop="random", checkpoint_every=2, eval_every_epochs=0)
   straight = loop.train(cfg, str(tmp_path / "a" / "run"), progress=False)
   old, new = tmp_path / "old" / "run", tmp_path / "new" / "run"
   loop.train(cfg, str(old), stop_after_steps=5, progress=False)  # checkpoints 2 and 4
   _lib_env(f'keep_training "{old}"', root, **env)
   kept = tmp_path / "kept" / "run"
-  assert sorted(os.listdir(kept)) == ["checkpoints", "config.json", "metrics.jsonl"]
-  assert os.listdir(kept / "checkpoints") == ["4"]  # the last one only
+  parts = sorted(f for f in os.listdir(kept) if f.startswith("checkpoint.tar.part"))
+  assert sorted(os.listdir(kept)) == sorted(parts + ["config.json", "metrics.jsonl"])
+  assert len(parts) > 2 and all(os.path.getsize(kept / f) <= 8 * 1024 for f in parts)
+  with tarfile.open(fileobj=io.BytesIO(b"".join((kept / f).read_bytes() for f in parts))) as t:
+    assert {n.split("/")[0] for n in t.getnames()} == {"4"}  # the last checkpoint only
   _lib_env(f'take_up_training "{new}"', root, **env)
   resumed = loop.train(cfg, str(new), progress=False)
   assert resumed["finished"] and resumed["step"] == straight["step"]
@@ -181,3 +188,10 @@ def test_an_unfinished_training_run_outlives_the_checkout_and_resumes_exactly(
   assert not kept.exists()
   _lib_env(f'keep_training "{tmp_path / "none"}"', root, **env)
   assert not (tmp_path / "kept" / "none").exists()
+  # A part lost on the way: an error, and no half-unpacked checkpoint to resume from.
+  _lib_env(f'keep_training "{old}"', root, **env)
+  (kept / parts[1]).unlink()
+  broken = tmp_path / "broken" / "run"
+  with pytest.raises(subprocess.CalledProcessError):
+    _lib_env(f'take_up_training "{broken}"', root, **env)
+  assert not (broken / "checkpoints").exists()
