@@ -18,7 +18,6 @@ models trained here (RESULTS.md) is then a statement about training, not the mod
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import re

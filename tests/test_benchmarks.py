@@ -7,7 +7,7 @@ def test_compare_picks_best_jax_form_and_names_ratios():
                          "avg10": {"images_per_s": 70.0},
                          "eot_pgd[vmap:full]": {"image_steps_per_s": 30.0},
                          "eot_pgd[batch:full]": {"image_steps_per_s": 40.0}}}
-  t = lambda p, b, m="images_per_s": {f"[plain]": {m: p}, "[best]": {m: b}}
+  t = lambda p, b, m="images_per_s": {"[plain]": {m: p}, "[best]": {m: b}}
   torch_res = {"results": {}}
   for name, (p, b) in {"train": (100, 300), "infer": (350, 1400), "avg10": (35, 70)}.items():
     torch_res["results"].update({name + k: v for k, v in t(p, b).items()})

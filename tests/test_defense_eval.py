@@ -13,7 +13,6 @@ import pytest
 from conftest import another_model
 from dropjax import defense, evaluation, files
 from dropjax.masks import DropSpec
-from dropjax.training.checkpoint import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = jax.random.PRNGKey(0)
