@@ -29,6 +29,12 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE  # subprocesses share it
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
+
+def pytest_unconfigure(config):
+  """The cache goes with the session (~26 MB after a full run)."""
+  import shutil
+  shutil.rmtree(_CACHE, ignore_errors=True)
+
 # The prepared datasets: $DROPJAX_DATA_DIR, else the repo's .data (where the README's
 # quick start unpacks them), so the test command finds them in a fresh shell too.
 REAL_DATA_DIR = os.environ.get("DROPJAX_DATA_DIR") or os.path.join(
