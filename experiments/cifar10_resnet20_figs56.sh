@@ -20,15 +20,10 @@ READING=${READING:-literal}
 WD=${WD:-pretrained/cifar10-resnet20-random}
 OUT=${OUT:-runs/cifar10-resnet20-random-30ep-figs56}
 RES=experiments/results/cifar10_resnet20_random_30ep
-mkdir -p "$RES/rows"
 for r in $RATES; do
   for norm in $NORMS; do
-    python evaluate.py --workdir "$WD" --out "$OUT" --norm "$norm" --num_examples "$N" \
-      --drop_rates "$r" --budget_reading "$READING" --rows_from "$RES/rows" --no_progress \
-      "${stop_at_args[@]}"
-    # saved after every setting: a run stopped part-way keeps what it finished
-    save_summary "$OUT" "$RES/eval_summary_figs56.jsonl"
-    save_rows "$OUT" "$RES"
+    evaluate_kept "$OUT" "$RES" eval_summary_figs56.jsonl --workdir "$WD" --norm "$norm" \
+      --num_examples "$N" --drop_rates "$r" --budget_reading "$READING"
   done
 done
 # Figures and table from every committed summary (the strong column's rows too), as for

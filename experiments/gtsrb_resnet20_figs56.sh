@@ -26,24 +26,17 @@ RES_NORMAL=experiments/results/gtsrb_resnet20_normal_30ep
 OUT=${OUT:-runs/gtsrb-resnet20-random-30ep-figs56}
 OUT_NORMAL=runs/gtsrb-resnet20-normal-30ep-eval
 
-mkdir -p "$RES/rows" "$RES_NORMAL/rows"
 for r in $RATES; do
   for norm in $NORMS; do
-    python evaluate.py --workdir "$RANDOM_WD" --out "$OUT" --norm "$norm" --num_examples "$N" \
-      --drop_rates "$r" --budget_reading "$READING" --rows_from "$RES/rows" --no_progress \
-      "${stop_at_args[@]}"
-    # saved after every setting: a run stopped part-way keeps what it finished
-    save_summary "$OUT" "$RES/eval_summary_figs56.jsonl"
-    save_rows "$OUT" "$RES"
+    evaluate_kept "$OUT" "$RES" eval_summary_figs56.jsonl --workdir "$RANDOM_WD" \
+      --norm "$norm" --num_examples "$N" --drop_rates "$r" --budget_reading "$READING"
   done
 done
 
 if [ "$NORMAL_TOO" = 1 ] && [ -d "$NORMAL_WD" ]; then
   for norm in linf l2 l0; do
-    python evaluate.py --workdir "$NORMAL_WD" --out "$OUT_NORMAL" --norm "$norm" \
-      --num_examples "$N" --rows_from "$RES_NORMAL/rows" --no_progress "${stop_at_args[@]}"
-    save_summary "$OUT_NORMAL" "$RES_NORMAL/eval_summary.jsonl"
-    save_rows "$OUT_NORMAL" "$RES_NORMAL"
+    evaluate_kept "$OUT_NORMAL" "$RES_NORMAL" eval_summary.jsonl --workdir "$NORMAL_WD" \
+      --norm "$norm" --num_examples "$N"
   done
   python -m dropjax.plots "$RES_NORMAL"/eval_summary*.jsonl --out "$RES_NORMAL"
 fi

@@ -24,12 +24,8 @@ if [ ! -f "pretrained/$name/MANIFEST.json" ]; then  # packaged: trained, nothing
     --hardware "$HARDWARE" --wall_time "$(training_minutes "$WD") min of training steps (logged throughput)"
   save_run "$WD" "$RES"
 fi
-mkdir -p "$RES/rows"
 for norm in linf l2 l0; do
-  python evaluate.py --workdir "pretrained/$name" --out "runs/$name-eval" --norm "$norm" \
-    --num_examples "$N" --rows_from "$RES/rows" --no_progress "${stop_at_args[@]}"
-  # saved after every setting: a run stopped part-way keeps what it finished
-  save_summary "runs/$name-eval" "$RES/eval_summary.jsonl"
-  save_rows "runs/$name-eval" "$RES"
+  evaluate_kept "runs/$name-eval" "$RES" eval_summary.jsonl --workdir "pretrained/$name" \
+    --norm "$norm" --num_examples "$N"
 done
 python -m dropjax.plots "$RES/eval_summary.jsonl" --out "$RES"

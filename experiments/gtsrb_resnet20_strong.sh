@@ -31,16 +31,9 @@ PARTS=${PARTS:-"gradient sparse_rs"}
 WD=${WD:-pretrained/gtsrb-resnet20-random}
 OUT=${OUT:-runs/gtsrb-resnet20-random-30ep-strong}
 RES=${RES:-experiments/results/gtsrb_resnet20_random_30ep}
-ROWS_FROM=${ROWS_FROM:-$RES/rows}
-run() {
-  python evaluate.py "${common[@]}" "$@"
-  save_summary "$OUT" "$RES/eval_summary_strong.jsonl"
-  save_rows "$OUT" "$RES"
-}
+run() { evaluate_kept "$OUT" "$RES" eval_summary_strong.jsonl "${common[@]}" "$@"; }
 for r in $RATES; do
-  common=(--workdir "$WD" --out "$OUT" --num_examples "$N" --drop_rates "$r" --no_progress
-          "${stop_at_args[@]}"
-          --rows_from "$ROWS_FROM")
+  common=(--workdir "$WD" --num_examples "$N" --drop_rates "$r")
   for part in $PARTS; do
     case "$part" in
       gradient)

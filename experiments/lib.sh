@@ -108,6 +108,19 @@ files.write_jsonl(sys.argv[2], store.replace_summaries(old, new))
 PY
 }
 
+# evaluate_kept OUT RES SUMMARY ARGS...: evaluate.py ARGS writing to OUT, taking up the
+# rows kept in ROWS_FROM (default RES/rows), under STOP_AT; then OUT's summaries join
+# RES/SUMMARY and its rows are kept in RES/rows -- after every call, so a run stopped
+# part-way keeps what it finished.
+evaluate_kept() {
+  local out=$1 res=$2 summary=$3; shift 3
+  mkdir -p "$res/rows"
+  python evaluate.py --out "$out" --rows_from "${ROWS_FROM:-$res/rows}" --no_progress \
+    "${stop_at_args[@]}" "$@"
+  save_summary "$out" "$res/$summary"
+  save_rows "$out" "$res"
+}
+
 # save_run WD RES: a finished training run's config, metrics and final test numbers.
 save_run() {
   mkdir -p "$2"
