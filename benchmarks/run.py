@@ -10,7 +10,10 @@ per-round ratios (paired, so a slow minute on the VM hits both sides).
 
 Writes ``benchmarks/results/<date>-<machine>.json`` (both raw results, machine
 facts, library versions, XLA flags, load averages, and ``ratio_*`` keys =
-JAX throughput / PyTorch throughput) and prints a markdown table.
+JAX throughput / PyTorch throughput, one per PyTorch form: eager NCHW "plain",
+eager channels_last "best", and "compiled", the best form under
+``torch.compile``; ``--torch_args="--forms plain best"`` skips the compile) and
+prints a markdown table.
 """
 from __future__ import annotations
 
@@ -44,18 +47,28 @@ def best_jax(results: dict, workload: str, metric: str) -> tuple[str, float]:
   return key, cands[key]
 
 
+TORCH_FORMS = ("plain", "best", "compiled")
+
+
 def compare(jax_res: dict, torch_res: dict) -> tuple[dict, str]:
-  ratios, lines = {}, ["| workload | JAX (best form) | PyTorch plain | PyTorch best | "
-                       "JAX / plain | JAX / best |", "|---|---|---|---|---|---|"]
+  """``ratio_<workload>_jax_vs_torch_<form>`` = JAX's best form / each PyTorch form measured
+  (the ``compiled`` form only where torch_reference.py ran it), and a markdown table."""
+  res = torch_res["results"]
+  forms = [f for f in TORCH_FORMS if all(f"{'eot_pgd' if w == 'eot' else w}[{f}]" in res
+                                         for w, _ in WORKLOADS)]
+  ratios = {}
+  lines = ["| workload | JAX (best form) | " + " | ".join(f"PyTorch {f}" for f in forms)
+           + " | " + " | ".join(f"JAX / {f}" for f in forms) + " |",
+           "|---|---|" + "---|" * (2 * len(forms))]
   for workload, metric in WORKLOADS:
     name = "eot_pgd" if workload == "eot" else workload
     jk, jv = best_jax(jax_res["results"], workload, metric)
-    tp = torch_res["results"][f"{name}[plain]"][metric]
-    tb = torch_res["results"][f"{name}[best]"][metric]
-    ratios[f"ratio_{workload}_jax_vs_torch_plain"] = jv / tp
-    ratios[f"ratio_{workload}_jax_vs_torch_best"] = jv / tb
-    lines.append(f"| {workload} ({metric}) | {jv:.1f} ({jk}) | {tp:.1f} | {tb:.1f} | "
-                 f"{jv / tp:.2f} | {jv / tb:.2f} |")
+    tv = [res[f"{name}[{f}]"][metric] for f in forms]
+    for f, v in zip(forms, tv):
+      ratios[f"ratio_{workload}_jax_vs_torch_{f}"] = jv / v
+    lines.append(f"| {workload} ({metric}) | {jv:.1f} ({jk}) | "
+                 + " | ".join(f"{v:.1f}" for v in tv) + " | "
+                 + " | ".join(f"{jv / v:.2f}" for v in tv) + " |")
   return ratios, "\n".join(lines)
 
 

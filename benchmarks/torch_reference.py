@@ -4,9 +4,12 @@
     python benchmarks/torch_reference.py [--quick] > torch.json
     python benchmarks/torch_reference.py --device cuda [--amp] > torch-gpu.json
 
-Two forms per workload: "plain" (NCHW; EOT with the K masked copies stacked
-into one batch) and "best" (channels_last; EOT as a loop over the K masks with
-gradients accumulated).  Same architecture (He et al. ResNet-20, option A),
+Three forms per workload: "plain" (NCHW, eager; EOT with the K masked copies
+stacked into one batch), "best" (channels_last, eager; EOT as a loop over the K
+masks with gradients accumulated) and "compiled" (the "best" form with the model
+under ``torch.compile``, TorchInductor's default mode: generated C++ kernels
+around oneDNN convolutions on the CPU; its compile time is reported as
+``compile_s`` and not timed).  Same architecture (He et al. ResNet-20, option A),
 batch sizes and thread count as benchmarks/bench.py.
 """
 from __future__ import annotations
@@ -84,9 +87,12 @@ def augment_and_drop(x_uint8, rate, gen):
   return x * (torch.rand(x.shape, generator=gen, device=dev) >= rate).float()
 
 
+FORMS = ("plain", "best", "compiled")
+
+
 def run(quick: bool, repeats: int, threads: int, device: str = "cpu", amp: bool = False,
-        train_batch: int = 128, infer_batch: int = 512) -> dict:
-  """Both forms of the four workloads; ``amp`` = bfloat16 autocast (GPU)."""
+        train_batch: int = 128, infer_batch: int = 512, forms=FORMS) -> dict:
+  """The given forms of the four workloads; ``amp`` = bfloat16 autocast (GPU)."""
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   depth, tb, ib, ab, en, ek, es = ((8, 16, 32, 8, 4, 2, 2) if quick else
@@ -102,9 +108,12 @@ def run(quick: bool, repeats: int, threads: int, device: str = "cpu", amp: bool 
   noop = (lambda _: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda _: None)
   rand = lambda *shape: torch.rand(*shape, generator=gen, device=dev)
   autocast = lambda: torch.autocast(dev.type, torch.bfloat16, enabled=amp)
-  for form in ("plain", "best"):
-    fmt = torch.channels_last if form == "best" else torch.contiguous_format
+  for form in forms:
+    fmt = torch.contiguous_format if form == "plain" else torch.channels_last
     model = ResNet(depth).to(dev, memory_format=fmt)
+    # The compiled form traces the same module (train and eval mode are compiled
+    # separately, on their first call, inside the untimed warm-up).
+    net = torch.compile(model) if form == "compiled" else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     xb = torch.randint(0, 256, (tb, 3, 32, 32), dtype=torch.uint8, device=dev)
     yb = torch.randint(0, 10, (tb,), device=dev)
@@ -113,7 +122,7 @@ def run(quick: bool, repeats: int, threads: int, device: str = "cpu", amp: bool 
       model.train()
       x = augment_and_drop(xb, 0.9, gen).contiguous(memory_format=fmt)
       with autocast():
-        loss = F.cross_entropy(model(x), yb)
+        loss = F.cross_entropy(net(x), yb)
       opt.zero_grad(set_to_none=True)
       loss.backward()
       opt.step()
@@ -126,7 +135,7 @@ def run(quick: bool, repeats: int, threads: int, device: str = "cpu", amp: bool 
 
     def infer():
       with torch.inference_mode(), autocast():
-        return model(xi).sum().item()
+        return net(xi).sum().item()
 
     r = measure(infer, noop, repeats)
     res[f"infer[{form}]"] = {"batch": ib, **r, "images_per_s": ib / r["median_s"]}
@@ -136,11 +145,11 @@ def run(quick: bool, repeats: int, threads: int, device: str = "cpu", amp: bool 
       with torch.inference_mode(), autocast():
         if form == "plain":
           xs = xa.repeat(10, 1, 1, 1)
-          p = F.softmax(model(xs * (rand(xs.shape) >= 0.9)).float(), -1)
+          p = F.softmax(net(xs * (rand(xs.shape) >= 0.9)).float(), -1)
           return p.view(10, ab, -1).mean(0).sum().item()
         acc = 0
         for _ in range(10):
-          acc = acc + F.softmax(model(xa * (rand(xa.shape) >= 0.9)).float(), -1)
+          acc = acc + F.softmax(net(xa * (rand(xa.shape) >= 0.9)).float(), -1)
         return (acc / 10).sum().item()
 
     r = measure(avg10, noop, repeats)
@@ -159,14 +168,14 @@ def run(quick: bool, repeats: int, threads: int, device: str = "cpu", amp: bool 
           xs = x.repeat(ek, 1, 1, 1)
           m = (rand(xs.shape) >= 0.9).float()
           with autocast():
-            loss = F.cross_entropy(model(xs * m).float(), y0.repeat(ek), reduction="sum")
+            loss = F.cross_entropy(net(xs * m).float(), y0.repeat(ek), reduction="sum")
           g, = torch.autograd.grad(loss, x)
         else:
           g = torch.zeros_like(x)
           for _ in range(ek):
             m = (rand(x.shape) >= 0.9).float()
             with autocast():
-              loss = F.cross_entropy(model(x * m).float(), y0, reduction="sum")
+              loss = F.cross_entropy(net(x * m).float(), y0, reduction="sum")
             g += torch.autograd.grad(loss, x)[0]
         with torch.no_grad():
           x = (x0 + (x + step * g.sign() - x0).clamp(-eps, eps)).clamp(-1, 1)
@@ -190,9 +199,12 @@ def main(argv=None):
   p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
   p.add_argument("--train_batch", type=int, default=128, help="train-step batch size")
   p.add_argument("--infer_batch", type=int, default=512, help="inference batch size")
+  p.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS),
+                 help="which PyTorch forms to time (default: all; 'compiled' needs a C++ "
+                      "compiler on the CPU and takes a few minutes to compile)")
   args = p.parse_args(argv)
   json.dump(run(args.quick, args.repeats, args.threads, args.device, args.amp,
-                args.train_batch, args.infer_batch), sys.stdout, indent=1)
+                args.train_batch, args.infer_batch, tuple(args.forms)), sys.stdout, indent=1)
   print()
 
 

@@ -19,6 +19,26 @@ def test_compare_picks_best_jax_form_and_names_ratios():
   assert all("ratio" in k for k in ratios)
   assert any("train" in k for k in ratios) and any("eot" in k for k in ratios)
   assert "eot_pgd[batch:full]" in table
+  assert "compiled" not in table  # a form torch_reference.py did not run has no column
+
+
+def test_compare_adds_the_compiled_pytorch_form_where_it_ran():
+  jax_res = {"results": {"train": {"images_per_s": 200.0}, "infer": {"images_per_s": 800.0},
+                         "avg10": {"images_per_s": 80.0},
+                         "eot_pgd[vmap:full]": {"image_steps_per_s": 30.0}}}
+  torch_res = {"results": {}}
+  for name, metric in (("train", "images_per_s"), ("infer", "images_per_s"),
+                       ("avg10", "images_per_s"), ("eot_pgd", "image_steps_per_s")):
+    for form, v in (("plain", 100.0), ("best", 200.0), ("compiled", 400.0)):
+      torch_res["results"][f"{name}[{form}]"] = {metric: v}
+  ratios, table = run.compare(jax_res, torch_res)
+  assert ratios["ratio_train_jax_vs_torch_compiled"] == 0.5
+  assert ratios["ratio_eot_jax_vs_torch_compiled"] == 30.0 / 400.0
+  assert ratios["ratio_infer_jax_vs_torch_best"] == 4.0
+  assert len(ratios) == 12
+  header, rule, *rows = table.splitlines()
+  assert "PyTorch compiled" in header and "JAX / compiled" in header
+  assert all(r.count("|") == header.count("|") == rule.count("|") for r in rows)
 
 
 def test_eot_memory_analysis_grows_with_the_number_of_masks():
