@@ -5,7 +5,9 @@ workdir (``evaluate.py --workdir pretrained/NAME``, ``certify.py``,
 ``python -m dropjax.explain``)::
 
     config.json        the run's TrainConfig
-    variables.msgpack  params + batch_stats (flax.serialization; no optimizer state)
+    variables.msgpack  params + batch_stats (flax.serialization; no optimizer state);
+                       over ``part_kib`` KiB (ResNet-56/110) it is written as parts
+                       variables.msgpack.part000, .part001, ... to be concatenated
     MANIFEST.json      name, step, SHA-256 and size of variables.msgpack, the run's
                        test accuracies, the accuracy on the first test images
                        (``check_examples``), provenance (command, hardware, wall time)
@@ -21,9 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import glob
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 from typing import Callable
@@ -37,6 +41,7 @@ from dropjax.config import TrainConfig
 from dropjax.training import checkpoint as ckpt_lib
 
 VARIABLES_FILE = "variables.msgpack"
+PART_SUFFIX = ".part{:03d}"  # variables.msgpack.part000, ... (manifest "parts": how many)
 MANIFEST_FILE = "MANIFEST.json"
 COPIED_FILES = ("metrics.jsonl", "final_eval.json")
 IMAGE_SHAPE = (32, 32, 3)  # both datasets: 32x32 RGB
@@ -55,8 +60,18 @@ def sha256(path: str) -> str:
 
 
 def is_packaged(workdir: str) -> bool:
-  """Whether ``workdir`` is a packaged model (has ``variables.msgpack``)."""
-  return os.path.isfile(os.path.join(workdir, VARIABLES_FILE))
+  """Whether ``workdir`` is a packaged model (has ``variables.msgpack`` or its first part)."""
+  return any(os.path.isfile(os.path.join(workdir, VARIABLES_FILE + tail))
+             for tail in ("", PART_SUFFIX.format(0)))
+
+
+def variables_files(workdir: str, manifest: dict) -> list[str]:
+  """The files whose concatenation is the packaged ``variables.msgpack``: the file
+  itself, or the manifest's ``parts`` parts in order."""
+  path = os.path.join(workdir, VARIABLES_FILE)
+  if "parts" not in manifest:
+    return [path]
+  return [path + PART_SUFFIX.format(i) for i in range(manifest["parts"])]
 
 
 def resolve(name_or_path: str) -> str:
@@ -85,14 +100,19 @@ def read_variables(workdir: str, template: dict) -> dict:
   """The packaged variables, checked against the manifest's SHA-256, in the
   structure of ``template`` (``{"params", "batch_stats"}``)."""
   manifest = read_manifest(workdir)
-  path = os.path.join(workdir, VARIABLES_FILE)
-  digest = sha256(path)
+  paths = variables_files(workdir, manifest)
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise ckpt_lib.CheckpointError(
+        f"{missing[0]} not found: {len(missing)} of the {len(paths)} files of the packaged "
+        f"variables in {workdir} are missing")
+  data = b"".join(pathlib.Path(p).read_bytes() for p in paths)
+  path = paths[0] if len(paths) == 1 else os.path.join(workdir, VARIABLES_FILE + ".part*")
+  digest = hashlib.sha256(data).hexdigest()
   if digest != manifest["sha256"]:
     raise ckpt_lib.CheckpointError(
         f"{path} has SHA-256 {digest[:16]}..., the manifest says {manifest['sha256'][:16]}...: "
         "the file is damaged or was replaced")
-  with open(path, "rb") as f:
-    data = f.read()
   try:
     return flax.serialization.from_bytes(template, data)
   except Exception as e:  # msgpack/flax raise several types for a wrong structure
@@ -160,6 +180,10 @@ class ExportConfig:
       "help": "training wall time, recorded in the manifest"})
   check_examples: int = dataclasses.field(default=500, metadata={
       "help": "test images whose clean accuracy is recorded for the load test"})
+  part_kib: int = dataclasses.field(default=1536, metadata={
+      "help": "variables larger than this many KiB are written as parts of at most this "
+              "size (a repository that takes no file over 2 MB keeps ResNet-56/110); "
+              "0: always one file"})
 
 
 def export(cfg: ExportConfig, data_dir: str | None = None) -> dict:
@@ -173,18 +197,24 @@ def export(cfg: ExportConfig, data_dir: str | None = None) -> dict:
   train_cfg, variables, _, data = load_model(cfg.workdir, data_dir)
   variables = jax.device_get({"params": variables["params"],
                               "batch_stats": variables["batch_stats"]})
+  if cfg.part_kib < 0:
+    raise ValueError(f"part_kib must be >= 0 (0: one file), got {cfg.part_kib}")
   os.makedirs(cfg.out, exist_ok=True)
   blob = flax.serialization.to_bytes(variables)
   path = os.path.join(cfg.out, VARIABLES_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(blob)
-  os.replace(tmp, path)
+  for old in glob.glob(glob.escape(path) + "*"):
+    os.remove(old)  # a re-export replaces the earlier file or parts, whatever their split
+  size = cfg.part_kib * 1024
+  parts = ([blob] if not size or len(blob) <= size else
+           [blob[i:i + size] for i in range(0, len(blob), size)])
+  for i, part in enumerate(parts):
+    files.write_atomic(path if len(parts) == 1 else path + PART_SUFFIX.format(i), part)
   files.write_atomic(os.path.join(cfg.out, ckpt_lib.CONFIG_FILE), train_cfg.to_json())
   for name in COPIED_FILES:
     shutil.copyfile(os.path.join(cfg.workdir, name), os.path.join(cfg.out, name))
   manifest = {"name": os.path.basename(os.path.normpath(cfg.out)),
-              "step": final_eval["step"], "sha256": sha256(path), "bytes": len(blob),
+              "step": final_eval["step"], "sha256": hashlib.sha256(blob).hexdigest(),
+              "bytes": len(blob), **({"parts": len(parts)} if len(parts) > 1 else {}),
               "dataset": train_cfg.dataset, "depth": train_cfg.depth,
               "drop": train_cfg.drop_spec.describe(), "epochs": train_cfg.epochs,
               "test_examples": final_eval.get("test_examples"),

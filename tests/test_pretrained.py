@@ -1,4 +1,5 @@
 """Packaged models (dropjax.pretrained): export, verified loading, and the committed ones."""
+import hashlib
 import json
 import os
 
@@ -66,6 +67,43 @@ def test_damaged_or_replaced_variables_are_an_error(packaged, tmp_path, capsys):
     pretrained.resolve("no-such-model")
 
 
+def test_large_variables_are_written_in_parts_and_load_the_same(packaged, tiny_workdir,
+                                                                 tmp_path, capsys):
+  import shutil
+  one, manifest = packaged
+  out = str(tmp_path / "parts")
+  size = os.path.getsize(os.path.join(one, pretrained.VARIABLES_FILE))
+  kib = max(1, size // 1024 // 3)  # a tiny model's variables in at least three parts
+  split = pretrained.export(pretrained.ExportConfig(workdir=tiny_workdir, out=out,
+                                                    command="tiny", check_examples=20,
+                                                    part_kib=kib))
+  assert split["parts"] == -(-size // (kib * 1024)) >= 3
+  paths = pretrained.variables_files(out, split)
+  assert sorted(os.listdir(out)) == sorted([os.path.basename(p) for p in paths]
+                                           + [pretrained.MANIFEST_FILE, ckpt_lib.CONFIG_FILE,
+                                              *pretrained.COPIED_FILES])
+  assert all(os.path.getsize(p) <= kib * 1024 for p in paths)
+  assert (split["sha256"], split["bytes"]) == (manifest["sha256"], manifest["bytes"])
+  assert split["check_accuracy_clean"] == manifest["check_accuracy_clean"]
+  assert pretrained.is_packaged(out)
+  a, b = pretrained.load(one), pretrained.load(out)
+  jax.tree.map(np.testing.assert_array_equal, a.variables, b.variables)
+  # Re-exported as one file, the parts are gone; a missing part is an error naming it.
+  again = pretrained.export(pretrained.ExportConfig(workdir=tiny_workdir, out=out,
+                                                    command="tiny", check_examples=20))
+  assert "parts" not in again and pretrained.variables_files(out, again) == [
+      os.path.join(out, pretrained.VARIABLES_FILE)]
+  assert not [f for f in os.listdir(out) if ".part" in f]
+  shutil.rmtree(out)
+  pretrained.export(pretrained.ExportConfig(workdir=tiny_workdir, out=out, command="tiny",
+                                            check_examples=20, part_kib=kib))
+  os.remove(paths[1])
+  with pytest.raises(ckpt_lib.CheckpointError, match="part001 not found"):
+    pretrained.load(out)
+  assert cli.evaluate_main(["--workdir", out, "--norm", "none", "--no_progress"]) == 2
+  assert "part001 not found" in capsys.readouterr().err
+
+
 def test_committed_models_exist():
   assert COMMITTED, f"no packaged models under {pretrained.REPO_DIR}"
 
@@ -74,8 +112,10 @@ def test_committed_models_exist():
 def test_committed_model_loads_and_reproduces_its_accuracy(name, real_data_dir):
   pre = pretrained.load(name)
   m = pre.manifest
-  assert m["sha256"] == pretrained.sha256(os.path.join(pretrained.REPO_DIR, name,
-                                                       pretrained.VARIABLES_FILE))
+  paths = pretrained.variables_files(os.path.join(pretrained.REPO_DIR, name), m)
+  assert m["sha256"] == hashlib.sha256(b"".join(open(p, "rb").read() for p in paths)).hexdigest()
+  # The repository takes no file over 2 MB: larger variables come in parts.
+  assert all(os.path.getsize(p) <= 2_000_000 for p in paths)
   data = load_dataset(pre.config.dataset, source="local", data_dir=real_data_dir,
                       val_size=pre.config.val_size, seed=pre.config.seed)
   n = m["check_examples"]
