@@ -16,17 +16,17 @@
 #
 #   SAVE=1 bash experiments/cpu_queue.sh && git add -A experiments && git commit
 #
-# STEPS picks steps by number (default: "1 4 11 14 16 6 7 12 13 15 2 3 5 8 9 10": the
+# STEPS picks steps by number (default: "1 4 11 16 6 7 12 13 15 14 2 3 5 8 9 10": the
 # budget study and the strong attacks on the adversarially trained model (done
 # 2026-12-05), then the CIFAR-10 fixed r model at the presets' 180 epochs (done
-# 2026-12-06), the ResNet-56 row at 30 epochs, the random r model at 180 epochs,
+# 2026-12-06), the random r model at 180 epochs,
 # certificates on 500 images, then what goes beyond the reproduction issue -- the paired
 # Sparse-RS at r = 0.3/0.7, the 4-draw Sparse-RS on 500 images, Figs. 5/6 of the GTSRB
 # random-r model trained with weight decay 5e-4 -- then the ResNet-110 rows at 30 epochs
 # (~9 h here, and ~14 MB of kept checkpoint per session in the repository's history:
-# better a GPU's, experiments/gpu/), then the re-checks of the steps done: GTSRB's, the
-# CIFAR-10 figures, objectives (b)/(c) and the CIFAR-10 strong column, all done by
-# 2026-12-05).
+# better a GPU's, experiments/gpu/), then the re-checks of the steps done: the ResNet-56
+# row at 30 epochs (done 2026-12-06), GTSRB's, the CIFAR-10 figures, objectives (b)/(c)
+# and the CIFAR-10 strong column, all done by 2026-12-05).
 # STOP_AT (an ISO 8601 time, e.g. STOP_AT=$(date -d '+150 min' -Iseconds)) is the time
 # by which the queue must be done:
 # the evaluations start no chunk they expect to end after it (experiments/lib.sh) and
@@ -34,7 +34,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
-STEPS=${STEPS:-"1 4 11 14 16 6 7 12 13 15 2 3 5 8 9 10"}
+STEPS=${STEPS:-"1 4 11 16 6 7 12 13 15 14 2 3 5 8 9 10"}
 SAVE=${SAVE:-0}
 mkdir -p runs
 if [ "$SAVE" = 1 ]; then  # training runs not finished (train_run keeps those it stops)
@@ -139,7 +139,7 @@ for step in $STEPS; do
           RES="$CIFAR_RES" RATES="0.9 0.5" N=500 PARTS=$part bash experiments/gtsrb_resnet20_strong.sh
       fi ;;
     11|16)  # The CIFAR-10 Table-1 row (fixed r = 0.9; step 11) and the random-r model
-        # (step 16, after the ResNet-56 row of step 14) at the presets' 180 epochs, as the
+        # (step 16; begun 2026-12-06) at the presets' 180 epochs, as the
         # normal model (91.03%, 2026-12-04): ~80-100 s per epoch here, so each spans
         # sessions (STOP_AT stops it at an epoch's end; kept in experiments/unfinished/
         # and taken up next time); packaged as pretrained/cifar10-resnet20-{fixed,random}-180ep
@@ -173,8 +173,8 @@ for step in $STEPS; do
           OUT=runs/gtsrb-resnet20-random-wd5e-4-figs56 NORMAL_TOO=0 RATES="0.5 0.9" \
           bash experiments/gtsrb_resnet20_figs56.sh
       fi ;;
-    14|15)  # Table 1's depth trend on 2 cores: the CIFAR-10 ResNet-56 (step 14, ~2.3 h at
-        # ~170 images/s) and ResNet-110 (step 15, ~4.5 h per model) rows at fixed r =
+    14|15)  # Table 1's depth trend on 2 cores: the CIFAR-10 ResNet-56 (step 14, done
+        # 2026-12-06: 150 min of training steps at ~200 images/s) and ResNet-110 (step 15, ~4.5 h per model) rows at fixed r =
         # 0.9, on the 30-epoch cosine schedule of the ResNet-20 row they stand beside
         # (the presets' 180 epochs are experiments/gpu/'s), then ResNet-110 with random
         # r (the paper's 83.0%); each packaged as pretrained/cifar10-resnet<depth>-<mode>
