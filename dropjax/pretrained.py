@@ -189,6 +189,8 @@ class ExportConfig:
 def export(cfg: ExportConfig, data_dir: str | None = None) -> dict:
   """Writes the packaged model of the finished run ``cfg.workdir`` to ``cfg.out``."""
   from dropjax.evaluation.protocol import load_model  # pylint: disable=g-import-not-at-top
+  if cfg.part_kib < 0:
+    raise ValueError(f"part_kib must be >= 0 (0: one file), got {cfg.part_kib}")
   final = os.path.join(cfg.workdir, "final_eval.json")
   if not os.path.isfile(final):
     raise FileNotFoundError(f"{final} not found: package only finished runs")
@@ -197,18 +199,18 @@ def export(cfg: ExportConfig, data_dir: str | None = None) -> dict:
   train_cfg, variables, _, data = load_model(cfg.workdir, data_dir)
   variables = jax.device_get({"params": variables["params"],
                               "batch_stats": variables["batch_stats"]})
-  if cfg.part_kib < 0:
-    raise ValueError(f"part_kib must be >= 0 (0: one file), got {cfg.part_kib}")
   os.makedirs(cfg.out, exist_ok=True)
   blob = flax.serialization.to_bytes(variables)
   path = os.path.join(cfg.out, VARIABLES_FILE)
-  for old in glob.glob(glob.escape(path) + "*"):
-    os.remove(old)  # a re-export replaces the earlier file or parts, whatever their split
   size = cfg.part_kib * 1024
   parts = ([blob] if not size or len(blob) <= size else
            [blob[i:i + size] for i in range(0, len(blob), size)])
-  for i, part in enumerate(parts):
-    files.write_atomic(path if len(parts) == 1 else path + PART_SUFFIX.format(i), part)
+  targets = [path] if len(parts) == 1 else [path + PART_SUFFIX.format(i)
+                                            for i in range(len(parts))]
+  for target, part in zip(targets, parts):
+    files.write_atomic(target, part)
+  for old in set(glob.glob(glob.escape(path) + "*")) - set(targets):
+    os.remove(old)  # an earlier export's file or parts, whatever their split
   files.write_atomic(os.path.join(cfg.out, ckpt_lib.CONFIG_FILE), train_cfg.to_json())
   for name in COPIED_FILES:
     shutil.copyfile(os.path.join(cfg.workdir, name), os.path.join(cfg.out, name))
