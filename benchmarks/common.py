@@ -53,6 +53,10 @@ def machine() -> dict:
 # training run takes thousands of steps, so the steady state is what is timed.
 TRAIN_WARMUP = 20
 
+# The PyTorch forms torch_reference.py measures (eager NCHW, eager channels_last, the
+# latter under torch.compile); here so run.py can name them without importing torch.
+TORCH_FORMS = ("plain", "best", "compiled")
+
 
 def measure(run, sync, repeats: int, warmup: int = 1) -> dict:
   """``run()`` returns something ``sync`` blocks on.  First call = compile + run."""

@@ -26,6 +26,10 @@ import socket
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import TORCH_FORMS  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKLOADS = (("train", "images_per_s"), ("infer", "images_per_s"),
              ("avg10", "images_per_s"), ("eot", "image_steps_per_s"))
@@ -46,8 +50,6 @@ def best_jax(results: dict, workload: str, metric: str) -> tuple[str, float]:
   key = max(cands, key=cands.get)
   return key, cands[key]
 
-
-TORCH_FORMS = ("plain", "best", "compiled")
 
 
 def compare(jax_res: dict, torch_res: dict) -> tuple[dict, str]:

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import TRAIN_WARMUP, machine, measure  # noqa: E402
+from benchmarks.common import TORCH_FORMS, TRAIN_WARMUP, machine, measure  # noqa: E402
 
 
 class Block(nn.Module):
@@ -87,7 +87,7 @@ def augment_and_drop(x_uint8, rate, gen):
   return x * (torch.rand(x.shape, generator=gen, device=dev) >= rate).float()
 
 
-FORMS = ("plain", "best", "compiled")
+FORMS = TORCH_FORMS
 
 
 def run(quick: bool, repeats: int, threads: int, device: str = "cpu", amp: bool = False,
