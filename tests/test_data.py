@@ -109,8 +109,13 @@ def test_cifar_random_validation_split_deterministic(cifar_dir):
   np.testing.assert_array_equal(a.val.x, b.val.x)
 
 
-def test_tfds_path_with_mock_data():
+def test_tfds_path_with_mock_data(tmp_path, monkeypatch):
+  import tempfile
+
   import tensorflow_datasets as tfds
+  # tfds's DatasetInfo.initialize_from_bucket makes a tempfile.mkdtemp it never removes:
+  # keep it under pytest's tmp_path.
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
   with tfds.testing.mock_data(num_examples=24):
     ds = load_dataset("cifar10", source="tfds", val_size=4)
   assert ds.train.x.shape == (20, 32, 32, 3) and ds.train.x.dtype == np.uint8
