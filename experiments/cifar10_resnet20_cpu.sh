@@ -34,7 +34,7 @@ for mode in $MODES; do
     # Training time from the logged throughput: a 180-epoch run spans sessions, and
     # the gaps between them are not training time.
     python -m dropjax.pretrained --workdir "$WD" --out "$PKG" --command "$cmd" \
-      --hardware "$HARDWARE" --wall_time "$(training_minutes "$WD") min of training steps (logged throughput)"
+      --hardware "$HARDWARE" --wall_time "$(training_minutes "$WD") min of training steps and validations (logged)"
   fi
   save_run "$WD" "$RES"
   python evaluate.py --workdir "$PKG" --out "runs/$name-${EPOCHS}ep-eval" --norm none \

@@ -20,7 +20,7 @@ if [ ! -f "pretrained/$name/MANIFEST.json" ]; then  # packaged: trained, nothing
   # Training time from the logged throughput (the run spans sessions; their gaps are not time).
   minutes=$(training_minutes "$WD")
   python -m dropjax.pretrained --workdir "$WD" --out "pretrained/$name" --command "$cmd" \
-    --hardware "$HARDWARE" --wall_time "$minutes min of training steps (logged throughput), over several sessions"
+    --hardware "$HARDWARE" --wall_time "$minutes min of training steps and validations (logged), over several sessions"
   save_run "$WD" "$RES"
 fi
 python evaluate.py --workdir "pretrained/$name" --out "runs/$name-eval" --norm none \

@@ -21,7 +21,7 @@ cmd="python train.py --preset gtsrb-resnet20-pgd-at --epochs $EPOCHS --workdir $
 if [ ! -f "pretrained/$name/MANIFEST.json" ]; then  # packaged: trained, nothing to redo
   train_run "$WD" $cmd || exit 0
   python -m dropjax.pretrained --workdir "$WD" --out "pretrained/$name" --command "$cmd" \
-    --hardware "$HARDWARE" --wall_time "$(training_minutes "$WD") min of training steps (logged throughput)"
+    --hardware "$HARDWARE" --wall_time "$(training_minutes "$WD") min of training steps and validations (logged)"
   save_run "$WD" "$RES"
 fi
 for norm in linf l2 l0; do

@@ -30,7 +30,7 @@ mkdir -p "$WD"
 train_run "$WD" $cmd || exit 0
 if [ ! -f "$PKG/MANIFEST.json" ]; then
   python -m dropjax.pretrained --workdir "$WD" --out "$PKG" --command "$cmd" \
-    --hardware "$(hardware_line)" --wall_time "$(training_minutes "$WD") min of training steps (logged throughput)"
+    --hardware "$(hardware_line)" --wall_time "$(training_minutes "$WD") min of training steps and validations (logged)"
 fi
 save_run "$WD" "$RES"
 python evaluate.py --workdir "$PKG" --out "$WD-eval" --norm none --num_examples 1000 \

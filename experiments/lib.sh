@@ -127,8 +127,10 @@ save_run() {
   cp "$1/config.json" "$1/metrics.jsonl" "$1/final_eval.json" "$2/"
 }
 
-# training_minutes WD: minutes of training steps of the run in WD, from its logged
-# throughput (a run spanning sessions: their gaps are not training time).
+# training_minutes WD: minutes of training steps and validation passes of the run in WD,
+# from its logged throughput and validation times (a run spanning sessions: their gaps are not
+# training time).  Rows logged before 2026-12-06 timed the validation inside the next
+# row's throughput; later ones give its "seconds" apart: the sum is the same.
 training_minutes() {
   python - "$1" <<'PY'
 import json, sys
@@ -141,6 +143,8 @@ for r in rows:
   if r.get("kind") == "train" and r.get("images_per_s"):
     seconds += (r["step"] - last) * batch / r["images_per_s"]
     last = r["step"]
+  elif r.get("kind") == "val":
+    seconds += r.get("seconds", 0.0)
 print(round(seconds / 60))
 PY
 }

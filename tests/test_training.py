@@ -389,6 +389,35 @@ def test_multi_host_two_processes_match_single_process(tiny_data_dir, tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)
 
 
+def test_validation_time_is_its_own_not_the_training_steps(tiny_data_dir, tmp_path,
+                                                         monkeypatch):
+  """A clock that moves only while the model is validated (100 s a pass): each val row
+  says 100 s, and no train row's images/s counts them (a window of 0 s reads as a huge
+  rate; one holding a validation would read <= its images / 100 s)."""
+  import types
+
+  clock = [0.0]
+  monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+  make = loop.make_evaluator
+
+  def slow_evaluator(config, logits_fn):
+    evaluate = make(config, logits_fn)
+
+    def timed(*args):
+      clock[0] += 100.0
+      return evaluate(*args)
+    return timed
+  monkeypatch.setattr(loop, "make_evaluator", slow_evaluator)
+  loop.train(tiny_config(tiny_data_dir, epochs=2, eval_every_epochs=1), str(tmp_path),
+             progress=False)
+  rows = files.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  val = [r for r in rows if r["kind"] == "val"]
+  train = [r for r in rows if r["kind"] == "train"]
+  assert [r["seconds"] for r in val] == [100.0, 100.0]
+  assert len(train) >= 3 and train[-1]["step"] > val[0]["step"]
+  assert all(r["images_per_s"] > 1e6 for r in train), train
+
+
 def test_metric_writer_jsonl_truncate_and_tensorboard(tmp_path):
   from dropjax.training.metrics import MetricWriter
   w = MetricWriter(str(tmp_path), tensorboard=True)

@@ -192,8 +192,12 @@ def train(config: TrainConfig, workdir: str, *, stop_after_steps: int | None = N
       break
     if (epoch_end and len(data.val) and config.eval_every_epochs
         and (done // spe) % config.eval_every_epochs == 0):
+      t_val = time.perf_counter()
       val = evaluate(runner.host_state(dstate).variables, data.val, eval_key)
-      writer.write({"kind": "val", "step": done, "epoch": done // spe, **val})
+      seconds = time.perf_counter() - t_val
+      t_last += seconds  # the next row's images_per_s times training steps only
+      writer.write({"kind": "val", "step": done, "epoch": done // spe, **val,
+                    "seconds": seconds})
       bar.write(f"epoch {done // spe}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()),
                 file=sys.stderr)  # progress; stdout holds the result line only
     bar.update(1)
