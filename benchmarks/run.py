@@ -51,7 +51,6 @@ def best_jax(results: dict, workload: str, metric: str) -> tuple[str, float]:
   return key, cands[key]
 
 
-
 def compare(jax_res: dict, torch_res: dict) -> tuple[dict, str]:
   """``ratio_<workload>_jax_vs_torch_<form>`` = JAX's best form / each PyTorch form measured
   (the ``compiled`` form only where torch_reference.py ran it), and a markdown table."""
