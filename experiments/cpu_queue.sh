@@ -18,8 +18,8 @@
 #
 # STEPS picks steps by number (default: "1 4 11 16 6 7 12 13 15 14 2 3 5 8 9 10": the
 # budget study and the strong attacks on the adversarially trained model (done
-# 2026-12-05), then the CIFAR-10 fixed r model at the presets' 180 epochs (done
-# 2026-12-06), the random r model at 180 epochs,
+# 2026-12-05), then the CIFAR-10 fixed r and random r models at the presets' 180 epochs
+# (both done 2026-12-06),
 # certificates on 500 images, then what goes beyond the reproduction issue -- the paired
 # Sparse-RS at r = 0.3/0.7, the 4-draw Sparse-RS on 500 images, Figs. 5/6 of the GTSRB
 # random-r model trained with weight decay 5e-4 -- then the ResNet-110 rows at 30 epochs
@@ -139,7 +139,7 @@ for step in $STEPS; do
           RES="$CIFAR_RES" RATES="0.9 0.5" N=500 PARTS=$part bash experiments/gtsrb_resnet20_strong.sh
       fi ;;
     11|16)  # The CIFAR-10 Table-1 row (fixed r = 0.9; step 11) and the random-r model
-        # (step 16; begun 2026-12-06) at the presets' 180 epochs, as the
+        # (step 16; done 2026-12-06) at the presets' 180 epochs, as the
         # normal model (91.03%, 2026-12-04): ~80-100 s per epoch here, so each spans
         # sessions (STOP_AT stops it at an epoch's end; kept in experiments/unfinished/
         # and taken up next time); packaged as pretrained/cifar10-resnet20-{fixed,random}-180ep
