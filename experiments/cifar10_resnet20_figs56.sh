@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Figs. 5/6 for CIFAR-10: the packaged ResNet-20 random-r model (30-epoch CPU run,
-# experiments/cifar10_resnet20_cpu.sh) under the paper's protocol (CIFAR-10 budgets read
+# experiments/cifar10_resnet20_cpu.sh; another model through WD, OUT and RES, as the
+# 180-epoch one in experiments/cpu_queue.sh step 17) under the paper's protocol (CIFAR-10 budgets read
 # literally: L-inf 16/255, L2 1.0, L0 3% of the pixels; EOT-PGD 20 steps x 10 masks; CE and
 # CW x untargeted and targeted, worst case per example; 5 draws; paper calibration rule)
 # at the test-time drop rates RATES, first N test images; then the rows and the figures.
@@ -19,7 +20,7 @@ NORMS=${NORMS:-"linf l2 l0"}
 READING=${READING:-literal}
 WD=${WD:-pretrained/cifar10-resnet20-random}
 OUT=${OUT:-runs/cifar10-resnet20-random-30ep-figs56}
-RES=experiments/results/cifar10_resnet20_random_30ep
+RES=${RES:-experiments/results/cifar10_resnet20_random_30ep}
 for r in $RATES; do
   for norm in $NORMS; do
     evaluate_kept "$OUT" "$RES" eval_summary_figs56.jsonl --workdir "$WD" --norm "$norm" \
