@@ -16,18 +16,21 @@
 #
 #   SAVE=1 bash experiments/cpu_queue.sh && git add -A experiments && git commit
 #
-# STEPS picks steps by number (default: "1 4 11 16 6 17 7 12 13 15 14 2 3 5 8 9 10": the
+# STEPS picks steps by number (default: "1 4 11 16 6 17 7 12 13 14 2 3 5 8 9 10": the
 # budget study and the strong attacks on the adversarially trained model (done
 # 2026-12-05), then the CIFAR-10 fixed r and random r models at the presets' 180 epochs
 # (both done 2026-12-06),
 # certificates on 500 images, then what goes beyond the reproduction issue -- the
 # 180-epoch random-r model under the paper's attack and the strong column, the paired
 # Sparse-RS at r = 0.3/0.7, the 4-draw Sparse-RS on 500 images, Figs. 5/6 of the GTSRB
-# random-r model trained with weight decay 5e-4 -- then the ResNet-110 rows at 30 epochs
-# (~9 h here, and ~14 MB of kept checkpoint per session in the repository's history:
-# better a GPU's, experiments/gpu/), then the re-checks of the steps done: the ResNet-56
+# random-r model trained with weight decay 5e-4 -- then the re-checks of the steps
+# done: the ResNet-56
 # row at 30 epochs (done 2026-12-06), GTSRB's, the CIFAR-10 figures, objectives (b)/(c)
-# and the CIFAR-10 strong column, all done by 2026-12-05).
+# and the CIFAR-10 strong column, all done by 2026-12-05).  Step 15, the ResNet-110 rows
+# at 30 epochs (~9 h here), is left out of the default: its checkpoint kept in
+# experiments/unfinished/ between sessions (14 MB) would leave a GPU call too little room
+# for a CIFAR-10 part beside the working tree (experiments/gpu/README.md), and ResNet-56
+# at 30 epochs already showed that the short schedule does not give the depth trend.
 # STOP_AT (an ISO 8601 time, e.g. STOP_AT=$(date -d '+150 min' -Iseconds)) is the time
 # by which the queue must be done:
 # the evaluations start no chunk they expect to end after it (experiments/lib.sh) and
@@ -35,7 +38,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source experiments/lib.sh
-STEPS=${STEPS:-"1 4 11 16 6 17 7 12 13 15 14 2 3 5 8 9 10"}
+STEPS=${STEPS:-"1 4 11 16 6 17 7 12 13 14 2 3 5 8 9 10"}
 SAVE=${SAVE:-0}
 mkdir -p runs
 if [ "$SAVE" = 1 ]; then  # training runs not finished (train_run keeps those it stops)

@@ -64,3 +64,40 @@ def test_missing_batches_and_damaged_parts_are_errors(cifar_dir, tmp_path):
     pack_lib.pack(str(src), str(tmp_path / "p2"), parts=1, max_mib=0.01)
   with pytest.raises(FileNotFoundError, match="prepare.py"):
     pack_lib.pack(str(tmp_path / "nowhere"), str(tmp_path / "p3"), parts=3, max_mib=48)
+
+
+def test_the_fewest_parts_that_fit_are_chosen(cifar_dir, tmp_path):
+  mib = {name: 10.0 for name in pack_lib.BATCHES}
+  assert pack_lib.choose_parts(mib, 60) == 1
+  assert pack_lib.choose_parts(mib, 30) == 2
+  assert pack_lib.choose_parts(mib, 25) == 3   # 3 parts of 2 batches each
+  assert pack_lib.choose_parts(mib, 10) == 6
+  with pytest.raises(ValueError, match="even one batch per part"):
+    pack_lib.choose_parts(mib, 9.9)
+  # pack(parts=None) chooses from the packed sizes: two batches' worth per part here.
+  src, _ = cifar_dir
+  one = max(pack_lib._mib(pack_lib.pack_batch((src / pack_lib.BIN_DIR / f"{n}.bin")
+                                              .read_bytes(), n)) for n in pack_lib.BATCHES)
+  out = tmp_path / "auto"
+  out.mkdir()
+  (out / "cifar10_part1of4.npz").write_bytes(b"stale")  # another split's: removed
+  paths = pack_lib.pack(str(src), str(out), parts=None, max_mib=2.2 * one)
+  assert [os.path.basename(p) for p in paths] == [f"cifar10_part{i}of3.npz" for i in (1, 2, 3)]
+  assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in paths)
+
+
+def test_travel_counts_tracked_and_unignored_files_only(tmp_path):
+  import subprocess
+  repo = tmp_path / "repo"
+  repo.mkdir()
+  subprocess.run(["git", "init", "-q", str(repo)], check=True)
+  (repo / ".gitignore").write_text("ignored/\n")            # 10 bytes, untracked
+  (repo / "tracked.bin").write_bytes(b"t" * 2**20)
+  (repo / "gone.bin").write_bytes(b"g" * 2**20)
+  subprocess.run(["git", "-C", str(repo), "add", "tracked.bin", "gone.bin"], check=True)
+  (repo / "gone.bin").unlink()                              # tracked, deleted: not sent
+  (repo / "new.bin").write_bytes(b"n" * 2**19)              # untracked, not ignored
+  (repo / "ignored").mkdir()
+  (repo / "ignored" / "big.bin").write_bytes(b"i" * 2**22)  # ignored: only if carried
+  os.symlink(repo / "tracked.bin", repo / "link.bin")       # travels as a link
+  assert pack_lib.travel_mib(str(repo)) == pytest.approx(1.5 + 10 / 2**20)

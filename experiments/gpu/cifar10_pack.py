@@ -1,9 +1,13 @@
 """Ship CIFAR-10 to a lent GPU machine in parts that fit one device call each.
 
-The device tool carries at most 64 MiB per call (working tree included), and the raw
-"CIFAR-10 binary version" is 184 MB.  ``pack`` compresses each batch file losslessly
-(its images as WebP-lossless mosaics of 64 x 64 images, about 56% of the raw size; the
-labels as bytes) and groups the six batches into ``--parts`` files; ``unpack`` rebuilds
+The device tool carries at most 64 MiB per call, the checkout's working tree included
+(tracked files and untracked ones git does not ignore: ~40 MiB on 2026-12-06, the
+packaged models and result rows, and growing), and the raw "CIFAR-10 binary version" is
+184 MB.  ``pack`` compresses each batch file losslessly (its images as WebP-lossless
+mosaics of 64 x 64 images, about 56% of the raw size, ~16.3 MiB per batch; the labels as
+bytes) and groups the six batches into ``--parts`` files -- by default the fewest whose
+largest fits beside what travels anyway (:func:`travel_mib`, measured when packing);
+``unpack`` rebuilds
 the official ``cifar10/cifar-10-batches-bin/*.bin`` byte for byte from whichever parts
 are present, checks each against the SHA-256 of the original recorded at packing, and
 skips batches already unpacked and verified -- so three calls can each carry one part
@@ -12,7 +16,7 @@ and unpack it into the same (ignored) folder on the device machine.
 Needs only numpy and Pillow (with WebP), both on the device machine's image; imports
 nothing of dropjax.
 
-    python experiments/gpu/cifar10_pack.py pack --data_dir .data --out .gpu/pack --parts 3
+    python experiments/gpu/cifar10_pack.py pack --data_dir .data --out .gpu/pack
     python experiments/gpu/cifar10_pack.py unpack --parts .gpu/pack --dest .gpu/data
     python experiments/gpu/cifar10_pack.py unpack --parts .gpu/pack --dest .gpu/data --require_all
 """
@@ -23,6 +27,7 @@ import glob
 import hashlib
 import io
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -35,6 +40,9 @@ RECORD_BYTES = 1 + 32 * 32 * 3          # label byte + R, G, B planes (32 x 32 e
 MOSAIC_COLS = 64                         # images per mosaic row
 MOSAIC_IMAGES = MOSAIC_COLS * MOSAIC_COLS
 WEBP_METHOD = 4                          # encoder effort 0-6 (4: 56% of raw, ~3 s/mosaic)
+DEVICE_CALL_MIB = 64.0                   # what one device call carries, working tree included
+MARGIN_MIB = 2.0                         # headroom for files the checkout gains before the calls
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def sha256(data: bytes) -> str:
@@ -101,6 +109,21 @@ def unpack_batch(store, name: str) -> bytes:
   return raw
 
 
+def travel_mib(repo: str = REPO) -> float:
+  """MiB that every device call carries besides its ``carry`` paths: the files of the
+  checkout ``repo`` that git tracks (as they are in the working tree) or leaves untracked
+  without ignoring them.  Symbolic links travel as links and count nothing here."""
+  listed = subprocess.run(
+      ["git", "-C", repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+      capture_output=True, check=True).stdout.decode()
+  total = 0
+  for rel in set(listed.split("\0")) - {""}:
+    path = os.path.join(repo, rel)
+    if os.path.isfile(path) and not os.path.islink(path):
+      total += os.path.getsize(path)
+  return total / 2**20
+
+
 def part_names(parts: int) -> list[tuple[str, list[str]]]:
   """``[(file name, batch names)]``: the six batches split into ``parts`` groups."""
   if not 1 <= parts <= len(BATCHES):
@@ -109,7 +132,24 @@ def part_names(parts: int) -> list[tuple[str, list[str]]]:
   return [(f"cifar10_part{i + 1}of{parts}.npz", list(g)) for i, g in enumerate(groups)]
 
 
-def pack(data_dir: str, out: str, parts: int, max_mib: float) -> list[str]:
+def _mib(arrays: dict[str, np.ndarray]) -> float:
+  return sum(a.nbytes for a in arrays.values()) / 2**20
+
+
+def choose_parts(batch_mib: dict[str, float], max_mib: float) -> int:
+  """The fewest parts (1-6) whose largest group of batches (``batch_mib``: MiB of each
+  packed batch) fits in ``max_mib``; a ValueError when even one batch per part does not."""
+  for parts in range(1, len(BATCHES) + 1):
+    if all(sum(batch_mib[n] for n in names) <= max_mib for _, names in part_names(parts)):
+      return parts
+  raise ValueError(f"even one batch per part ({max(batch_mib.values()):.1f} MiB) is over "
+                   f"--max_mib {max_mib:.1f}: the checkout's files leave too little of a "
+                   f"device call's {DEVICE_CALL_MIB:.0f} MiB (move large files it does not "
+                   "need out of the working tree, or git-ignore untracked ones)")
+
+
+def pack(data_dir: str, out: str, parts: int | None, max_mib: float) -> list[str]:
+  """Writes the part files under ``out``; ``parts`` None: :func:`choose_parts`."""
   src = os.path.join(data_dir, BIN_DIR)
   missing = [b for b in BATCHES if not os.path.isfile(os.path.join(src, b + ".bin"))]
   if missing:
@@ -117,20 +157,27 @@ def pack(data_dir: str, out: str, parts: int, max_mib: float) -> list[str]:
                             "(run: python ../shared/datasets/prepare.py .data)")
   with open(os.path.join(src, META_FILE), "rb") as f:
     meta = f.read()
+  packed = {}
+  for name in BATCHES:
+    with open(os.path.join(src, name + ".bin"), "rb") as f:
+      packed[name] = pack_batch(f.read(), name)
+  if parts is None:
+    parts = choose_parts({n: _mib(a) for n, a in packed.items()}, max_mib)
   os.makedirs(out, exist_ok=True)
+  for old in glob.glob(os.path.join(out, "cifar10_part*.npz")):
+    os.remove(old)  # parts of another split would unpack beside these
   written = []
   for fname, names in part_names(parts):
     arrays = {"meta": np.frombuffer(meta, np.uint8), "batches": np.array(names)}
     for name in names:
-      with open(os.path.join(src, name + ".bin"), "rb") as f:
-        arrays.update(pack_batch(f.read(), name))
+      arrays.update(packed[name])
     path = os.path.join(out, fname)
     np.savez(path + ".tmp.npz", **arrays)
     os.replace(path + ".tmp.npz", path)
     mib = os.path.getsize(path) / 2**20
     print(f"{path}: {', '.join(names)} ({mib:.1f} MiB)")
     if mib > max_mib:
-      raise ValueError(f"{path} is {mib:.1f} MiB, over --max_mib {max_mib}: use more --parts")
+      raise ValueError(f"{path} is {mib:.1f} MiB, over --max_mib {max_mib:.1f}: use more --parts")
     written.append(path)
   return written
 
@@ -174,10 +221,12 @@ def main(argv=None) -> int:
   a = sub.add_parser("pack", help="compress the six batch files into part files")
   a.add_argument("--data_dir", default=".data", help="holds cifar10/cifar-10-batches-bin/")
   a.add_argument("--out", default=".gpu/pack", help="directory for the part files")
-  a.add_argument("--parts", type=int, default=3, help="number of part files (1-6)")
-  a.add_argument("--max_mib", type=float, default=48.0,
-                 help="largest allowed part file, MiB (one device call carries 64 MiB "
-                      "with the working tree)")
+  a.add_argument("--parts", type=int, default=None,
+                 help="number of part files, 1-6 (default: the fewest that fit --max_mib)")
+  a.add_argument("--max_mib", type=float, default=None,
+                 help="largest allowed part file, MiB (default: the 64 MiB one device "
+                      "call carries, less what it carries anyway -- this checkout's "
+                      f"tracked and untracked-not-ignored files -- less {MARGIN_MIB:g})")
   b = sub.add_parser("unpack", help="rebuild and verify the batch files from the parts present")
   b.add_argument("--parts", default=".gpu/pack", help="directory holding part files")
   b.add_argument("--dest", default=".gpu/data", help="writes DEST/cifar10/cifar-10-batches-bin/")
@@ -186,11 +235,17 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   try:
     if args.cmd == "pack":
-      pack(args.data_dir, args.out, args.parts, args.max_mib)
+      max_mib = args.max_mib
+      if max_mib is None:
+        tree = travel_mib()
+        max_mib = DEVICE_CALL_MIB - tree - MARGIN_MIB
+        print(f"every device call carries {tree:.1f} MiB of this checkout: parts of at "
+              f"most {max_mib:.1f} MiB")
+      pack(args.data_dir, args.out, args.parts, max_mib)
     else:
       missing = unpack(args.parts, args.dest, args.require_all)
       print("all six batches present" if not missing else f"still missing: {missing}")
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, subprocess.CalledProcessError) as e:
     print(f"cifar10_pack: error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -25,7 +25,7 @@ start=$SECONDS
 
 python experiments/gpu/cifar10_pack.py unpack --parts "$PACK" --dest "$DATA" --require_all \
   || exit 1
-export DROPJAX_DATA_DIR=$PWD/$DATA
+export DROPJAX_DATA_DIR=$(cd "$DATA" && pwd)  # DATA relative or absolute
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1;
   python -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
 'optax', optax.__version__, jax.devices())"; } > "$OUT/device.txt" 2>&1
@@ -48,6 +48,6 @@ for preset in $PRESETS; do
       --keep_checkpoints 1 --no_progress $EXTRA >> "$OUT/train.log" 2>&1
     echo "$preset: exit $? at $(date -u +%H:%M:%S)" | tee -a "$OUT/train.log"
   fi
-  tar -czf "$OUT/$preset.tar.gz" -C "$RUNS" "$preset"
+  if [ -d "$RUNS/$preset" ]; then tar -czf "$OUT/$preset.tar.gz" -C "$RUNS" "$preset"; fi
 done
 ls -la "$OUT"
