@@ -52,9 +52,9 @@ def test_missing_batches_and_damaged_parts_are_errors(cifar_dir, tmp_path):
     pack_lib.unpack(str(only), str(tmp_path / "d1"), require_all=True)
   with np.load(paths[1]) as store:
     arrays = dict(store)
-  labels = arrays["data_batch_4_labels"].copy()
+  labels = arrays["data_batch_4.1of1_labels"].copy()
   labels[0] = (labels[0] + 1) % 10
-  arrays["data_batch_4_labels"] = labels
+  arrays["data_batch_4.1of1_labels"] = labels
   damaged = tmp_path / "damaged"
   damaged.mkdir()
   np.savez(damaged / os.path.basename(paths[1]), **arrays)
@@ -67,23 +67,65 @@ def test_missing_batches_and_damaged_parts_are_errors(cifar_dir, tmp_path):
 
 
 def test_the_fewest_parts_that_fit_are_chosen(cifar_dir, tmp_path):
-  mib = {name: 10.0 for name in pack_lib.BATCHES}
-  assert pack_lib.choose_parts(mib, 60) == 1
-  assert pack_lib.choose_parts(mib, 30) == 2
-  assert pack_lib.choose_parts(mib, 25) == 3   # 3 parts of 2 batches each
-  assert pack_lib.choose_parts(mib, 10) == 6
-  with pytest.raises(ValueError, match="even one batch per part"):
-    pack_lib.choose_parts(mib, 9.9)
+  mib = [(f"b{i}", 10.0) for i in range(6)]
+  assert len(pack_lib.group_pieces(mib, 60)) == 1
+  assert len(pack_lib.group_pieces(mib, 30)) == 2
+  assert pack_lib.group_pieces(mib, 25) == [["b0", "b1"], ["b2", "b3"], ["b4", "b5"]]
+  assert len(pack_lib.group_pieces(mib, 10)) == 6
+  with pytest.raises(ValueError, match="piece b0 alone"):
+    pack_lib.group_pieces(mib, 9.9)
+  assert pack_lib.pieces_needed(16.3, 22.5) == 1
+  assert pack_lib.pieces_needed(16.3, 12.0) == 2
+  with pytest.raises(ValueError, match="no room"):
+    pack_lib.pieces_needed(16.3, -1.0)
   # pack(parts=None) chooses from the packed sizes: two batches' worth per part here.
   src, _ = cifar_dir
-  one = max(pack_lib._mib(pack_lib.pack_batch((src / pack_lib.BIN_DIR / f"{n}.bin")
-                                              .read_bytes(), n)) for n in pack_lib.BATCHES)
+  one = max(pack_lib._mib(a) for n in pack_lib.BATCHES for a in pack_lib.pack_batch(
+      (src / pack_lib.BIN_DIR / f"{n}.bin").read_bytes(), n).values())
   out = tmp_path / "auto"
   out.mkdir()
   (out / "cifar10_part1of4.npz").write_bytes(b"stale")  # another split's: removed
   paths = pack_lib.pack(str(src), str(out), parts=None, max_mib=2.2 * one)
   assert [os.path.basename(p) for p in paths] == [f"cifar10_part{i}of3.npz" for i in (1, 2, 3)]
   assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in paths)
+
+
+def test_batches_split_into_pieces_across_calls_unpack_identically(cifar_dir, tmp_path):
+  src, folder = cifar_dir
+  one = max(pack_lib._mib(a) for n in pack_lib.BATCHES for a in pack_lib.pack_batch(
+      (src / pack_lib.BIN_DIR / f"{n}.bin").read_bytes(), n).values())
+  # Parts smaller than a batch: each batch in pieces, a part ending inside a batch.
+  paths = pack_lib.pack(str(src), str(tmp_path / "pack"), parts=None, max_mib=0.7 * one)
+  with np.load(paths[0]) as store:
+    first = [str(k) for k in store["pieces"]]
+  assert first[0].startswith("data_batch_1.1of") and first[0] != "data_batch_1.1of1"
+  dest = tmp_path / "dest"
+  for i, path in enumerate(reversed(paths)):  # any order, one part per "call"
+    only = tmp_path / f"call{i}"
+    only.mkdir()
+    os.symlink(path, only / os.path.basename(path))
+    missing = pack_lib.unpack(str(only), str(dest), require_all=False)
+    assert (len(missing) == 0) == (i == len(paths) - 1)
+  for name in pack_lib.BATCHES:
+    assert (dest / pack_lib.BIN_DIR / f"{name}.bin").read_bytes() == \
+        (folder / f"{name}.bin").read_bytes()
+  assert os.listdir(dest / "cifar10" / "pieces") == []  # assembled pieces removed
+  assert sorted(os.listdir(dest / pack_lib.BIN_DIR)) == sorted(
+      [f"{n}.bin" for n in pack_lib.BATCHES] + [pack_lib.META_FILE])
+  # A damaged piece is caught when its batch is assembled.
+  with np.load(paths[-1]) as store:
+    arrays = dict(store)
+  key = str(arrays["pieces"][-1])
+  labels = arrays[f"{key}_labels"].copy()
+  labels[0] = (labels[0] + 1) % 10
+  arrays[f"{key}_labels"] = labels
+  damaged = tmp_path / "damaged"
+  damaged.mkdir()
+  np.savez(damaged / os.path.basename(paths[-1]), **arrays)
+  for other in paths[:-1]:
+    os.symlink(other, damaged / os.path.basename(other))
+  with pytest.raises(ValueError, match="test_batch.*damaged"):
+    pack_lib.unpack(str(damaged), str(tmp_path / "d2"), require_all=False)
 
 
 def test_travel_counts_tracked_and_unignored_files_only(tmp_path):

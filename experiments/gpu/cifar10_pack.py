@@ -5,18 +5,21 @@ The device tool carries at most 64 MiB per call, the checkout's working tree inc
 packaged models and result rows, and growing), and the raw "CIFAR-10 binary version" is
 184 MB.  ``pack`` compresses each batch file losslessly (its images as WebP-lossless
 mosaics of 64 x 64 images, about 56% of the raw size, ~16.3 MiB per batch; the labels as
-bytes) and groups the six batches into ``--parts`` files -- by default the fewest whose
-largest fits beside what travels anyway (:func:`travel_mib`, measured when packing);
-``unpack`` rebuilds
-the official ``cifar10/cifar-10-batches-bin/*.bin`` byte for byte from whichever parts
-are present, checks each against the SHA-256 of the original recorded at packing, and
-skips batches already unpacked and verified -- so three calls can each carry one part
-and unpack it into the same (ignored) folder on the device machine.
+bytes), in ``--pieces`` pieces per batch (consecutive records), and groups the pieces
+into part files -- by default one piece per batch, or more when a whole batch would not
+fit, and the fewest parts whose largest fits beside what travels anyway
+(:func:`travel_mib`, measured when packing).  ``unpack`` decodes whichever parts are
+present, keeps the pieces of a batch not yet complete under ``DEST/cifar10/pieces/``, and
+rebuilds each official ``cifar10/cifar-10-batches-bin/*.bin`` byte for byte once all its
+pieces are there, checked against the SHA-256 of the original recorded at packing; a
+batch already unpacked and verified is skipped -- so each call can carry one part and
+unpack it into the same (ignored) folder on the device machine.
 
 Needs only numpy and Pillow (with WebP), both on the device machine's image; imports
 nothing of dropjax.
 
     python experiments/gpu/cifar10_pack.py pack --data_dir .data --out .gpu/pack
+    python experiments/gpu/cifar10_pack.py pack --data_dir .data --out .gpu/pack --max_mib 12
     python experiments/gpu/cifar10_pack.py unpack --parts .gpu/pack --dest .gpu/data
     python experiments/gpu/cifar10_pack.py unpack --parts .gpu/pack --dest .gpu/data --require_all
 """
@@ -89,26 +92,6 @@ def decode_images(data: bytes, offsets: np.ndarray, count: int) -> np.ndarray:
   return np.ascontiguousarray(x[:count])
 
 
-def pack_batch(raw: bytes, name: str) -> dict[str, np.ndarray]:
-  r = _records(raw, name)
-  x = r[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-  data, offsets = encode_images(x)
-  return {f"{name}_labels": r[:, 0].copy(), f"{name}_webp": np.frombuffer(data, np.uint8),
-          f"{name}_offsets": offsets, f"{name}_sha256": np.array(sha256(raw))}
-
-
-def unpack_batch(store, name: str) -> bytes:
-  labels = store[f"{name}_labels"]
-  x = decode_images(store[f"{name}_webp"].tobytes(), store[f"{name}_offsets"], len(labels))
-  records = np.concatenate([labels[:, None], x.transpose(0, 3, 1, 2).reshape(len(x), -1)], 1)
-  raw = records.astype(np.uint8).tobytes()
-  want = str(store[f"{name}_sha256"])
-  if sha256(raw) != want:
-    raise ValueError(f"{name}: the unpacked bytes do not match the original's SHA-256 "
-                     f"({want}); the part file is damaged")
-  return raw
-
-
 def travel_mib(repo: str = REPO) -> float:
   """MiB that every device call carries besides its ``carry`` paths: the files of the
   checkout ``repo`` that git tracks (as they are in the working tree) or leaves untracked
@@ -124,32 +107,71 @@ def travel_mib(repo: str = REPO) -> float:
   return total / 2**20
 
 
-def part_names(parts: int) -> list[tuple[str, list[str]]]:
-  """``[(file name, batch names)]``: the six batches split into ``parts`` groups."""
-  if not 1 <= parts <= len(BATCHES):
-    raise ValueError(f"--parts must be in 1..{len(BATCHES)}, got {parts}")
-  groups = np.array_split(np.array(BATCHES), parts)
-  return [(f"cifar10_part{i + 1}of{parts}.npz", list(g)) for i, g in enumerate(groups)]
+def piece_name(batch: str, index: int, pieces: int) -> str:
+  """The name of piece ``index`` (0-based) of ``pieces`` of ``batch``."""
+  return f"{batch}.{index + 1}of{pieces}"
+
+
+def pack_batch(raw: bytes, name: str, pieces: int = 1) -> dict[str, dict[str, np.ndarray]]:
+  """The batch file ``raw`` as ``pieces`` pieces of consecutive records:
+  ``{piece name: arrays}``, each piece's arrays keyed by its name and holding the whole
+  batch's SHA-256 and piece count."""
+  r = _records(raw, name)
+  out = {}
+  for i, rec in enumerate(np.array_split(r, pieces)):
+    key = piece_name(name, i, pieces)
+    data, offsets = encode_images(rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    out[key] = {f"{key}_labels": rec[:, 0].copy(), f"{key}_webp": np.frombuffer(data, np.uint8),
+                f"{key}_offsets": offsets, f"{key}_sha256": np.array(sha256(raw)),
+                f"{key}_pieces": np.array(pieces)}
+  return out
+
+
+def decode_piece(store, key: str) -> bytes:
+  """The records of piece ``key`` of a part file, as bytes of the batch file."""
+  labels = store[f"{key}_labels"]
+  x = decode_images(store[f"{key}_webp"].tobytes(), store[f"{key}_offsets"], len(labels))
+  records = np.concatenate([labels[:, None], x.transpose(0, 3, 1, 2).reshape(len(x), -1)], 1)
+  return records.astype(np.uint8).tobytes()
 
 
 def _mib(arrays: dict[str, np.ndarray]) -> float:
   return sum(a.nbytes for a in arrays.values()) / 2**20
 
 
-def choose_parts(batch_mib: dict[str, float], max_mib: float) -> int:
-  """The fewest parts (1-6) whose largest group of batches (``batch_mib``: MiB of each
-  packed batch) fits in ``max_mib``; a ValueError when even one batch per part does not."""
-  for parts in range(1, len(BATCHES) + 1):
-    if all(sum(batch_mib[n] for n in names) <= max_mib for _, names in part_names(parts)):
-      return parts
-  raise ValueError(f"even one batch per part ({max(batch_mib.values()):.1f} MiB) is over "
-                   f"--max_mib {max_mib:.1f}: the checkout's files leave too little of a "
-                   f"device call's {DEVICE_CALL_MIB:.0f} MiB (move large files it does not "
-                   "need out of the working tree, or git-ignore untracked ones)")
+def group_pieces(piece_mib: list[tuple[str, float]], max_mib: float) -> list[list[str]]:
+  """Consecutive pieces (``(name, MiB)`` in order) grouped into the fewest parts of at
+  most ``max_mib`` each (greedy, which is optimal for consecutive groups); a
+  ValueError naming the piece that alone is too large."""
+  groups, size = [], 0.0
+  for name, mib in piece_mib:
+    if mib > max_mib:
+      raise ValueError(f"piece {name} alone is {mib:.1f} MiB, over --max_mib {max_mib:.1f}: "
+                       "use more --pieces")
+    if groups and size + mib <= max_mib:
+      groups[-1].append(name)
+      size += mib
+    else:
+      groups.append([name])
+      size = mib
+  return groups
 
 
-def pack(data_dir: str, out: str, parts: int | None, max_mib: float) -> list[str]:
-  """Writes the part files under ``out``; ``parts`` None: :func:`choose_parts`."""
+def pieces_needed(batch_mib: float, max_mib: float) -> int:
+  """The fewest pieces per batch for pieces of at most ``max_mib`` (a batch packs to
+  ``batch_mib``; pieces of it are a little larger than their share, so 5% is kept)."""
+  if max_mib <= 0:
+    raise ValueError(f"--max_mib {max_mib:.1f}: no room is left in a device call's "
+                     f"{DEVICE_CALL_MIB:.0f} MiB (move large files the GPU runs do not need "
+                     "out of the working tree, or git-ignore untracked ones)")
+  return max(1, int(np.ceil(1.05 * batch_mib / max_mib)))
+
+
+def pack(data_dir: str, out: str, parts: int | None, max_mib: float,
+         pieces: int | None = None) -> list[str]:
+  """Writes the part files under ``out``.  ``pieces`` per batch, None: one, or as many
+  as a part of at most ``max_mib`` needs (:func:`pieces_needed`); ``parts`` None: the
+  fewest that fit (:func:`group_pieces`), else that many groups of consecutive pieces."""
   src = os.path.join(data_dir, BIN_DIR)
   missing = [b for b in BATCHES if not os.path.isfile(os.path.join(src, b + ".bin"))]
   if missing:
@@ -157,27 +179,38 @@ def pack(data_dir: str, out: str, parts: int | None, max_mib: float) -> list[str
                             "(run: python ../shared/datasets/prepare.py .data)")
   with open(os.path.join(src, META_FILE), "rb") as f:
     meta = f.read()
-  packed = {}
+  raws = {}
   for name in BATCHES:
     with open(os.path.join(src, name + ".bin"), "rb") as f:
-      packed[name] = pack_batch(f.read(), name)
+      raws[name] = f.read()
+  packed = {k: v for name in BATCHES for k, v in pack_batch(raws[name], name, 1).items()}
+  if pieces is None:
+    pieces = pieces_needed(max(_mib(a) for a in packed.values()), max_mib)
+  if pieces > 1:
+    packed = {k: v for name in BATCHES
+              for k, v in pack_batch(raws[name], name, pieces).items()}
   if parts is None:
-    parts = choose_parts({n: _mib(a) for n, a in packed.items()}, max_mib)
+    groups = group_pieces([(k, _mib(a)) for k, a in packed.items()], max_mib)
+  else:
+    if not 1 <= parts <= len(packed):
+      raise ValueError(f"--parts must be in 1..{len(packed)}, got {parts}")
+    groups = [list(g) for g in np.array_split(np.array(list(packed)), parts)]
   os.makedirs(out, exist_ok=True)
   for old in glob.glob(os.path.join(out, "cifar10_part*.npz")):
     os.remove(old)  # parts of another split would unpack beside these
   written = []
-  for fname, names in part_names(parts):
-    arrays = {"meta": np.frombuffer(meta, np.uint8), "batches": np.array(names)}
+  for i, names in enumerate(groups):
+    arrays = {"meta": np.frombuffer(meta, np.uint8), "pieces": np.array(names)}
     for name in names:
       arrays.update(packed[name])
-    path = os.path.join(out, fname)
+    path = os.path.join(out, f"cifar10_part{i + 1}of{len(groups)}.npz")
     np.savez(path + ".tmp.npz", **arrays)
     os.replace(path + ".tmp.npz", path)
     mib = os.path.getsize(path) / 2**20
     print(f"{path}: {', '.join(names)} ({mib:.1f} MiB)")
     if mib > max_mib:
-      raise ValueError(f"{path} is {mib:.1f} MiB, over --max_mib {max_mib:.1f}: use more --parts")
+      raise ValueError(f"{path} is {mib:.1f} MiB, over --max_mib {max_mib:.1f}: use more "
+                       "--parts or --pieces")
     written.append(path)
   return written
 
@@ -189,22 +222,39 @@ def _verified(path: str, want: str) -> bool:
     return sha256(f.read()) == want
 
 
+def _write(path: str, data: bytes) -> None:
+  with open(path + ".tmp", "wb") as f:
+    f.write(data)
+  os.replace(path + ".tmp", path)
+
+
 def unpack(parts_dir: str, dest: str, require_all: bool) -> list[str]:
   """Unpacks every part under ``parts_dir``; returns the batches still missing in dest."""
   folder = os.path.join(dest, BIN_DIR)
-  os.makedirs(folder, exist_ok=True)
+  piece_dir = os.path.join(dest, "cifar10", "pieces")  # beside the batch files' folder
+  for d in (folder, piece_dir):
+    os.makedirs(d, exist_ok=True)
   for path in sorted(glob.glob(os.path.join(parts_dir, "cifar10_part*.npz"))):
     with np.load(path) as store:
       with open(os.path.join(folder, META_FILE), "wb") as f:
         f.write(store["meta"].tobytes())
-      for name in (str(b) for b in store["batches"]):
-        target = os.path.join(folder, name + ".bin")
-        if _verified(target, str(store[f"{name}_sha256"])):
+      for key in (str(k) for k in store["pieces"]):
+        batch, count = key.split(".")[0], int(store[f"{key}_pieces"])
+        target, want = os.path.join(folder, batch + ".bin"), str(store[f"{key}_sha256"])
+        if _verified(target, want):
           continue
-        raw = unpack_batch(store, name)
-        with open(target + ".tmp", "wb") as f:
-          f.write(raw)
-        os.replace(target + ".tmp", target)
+        _write(os.path.join(piece_dir, key), decode_piece(store, key))
+        have = [os.path.join(piece_dir, piece_name(batch, i, count)) for i in range(count)]
+        if not all(os.path.isfile(h) for h in have):
+          print(f"{key}: unpacked from {os.path.basename(path)} (batch not complete yet)")
+          continue
+        raw = b"".join(open(h, "rb").read() for h in have)
+        if sha256(raw) != want:
+          raise ValueError(f"{batch}: the unpacked bytes do not match the original's "
+                           f"SHA-256 ({want}); a part file is damaged")
+        _write(target, raw)
+        for h in have:
+          os.remove(h)
         print(f"{target}: unpacked from {os.path.basename(path)} (verified)")
   missing = [b for b in BATCHES if not os.path.isfile(os.path.join(folder, b + ".bin"))]
   if missing and require_all:
@@ -222,7 +272,10 @@ def main(argv=None) -> int:
   a.add_argument("--data_dir", default=".data", help="holds cifar10/cifar-10-batches-bin/")
   a.add_argument("--out", default=".gpu/pack", help="directory for the part files")
   a.add_argument("--parts", type=int, default=None,
-                 help="number of part files, 1-6 (default: the fewest that fit --max_mib)")
+                 help="number of part files, groups of consecutive pieces (default: the "
+                      "fewest that fit --max_mib)")
+  a.add_argument("--pieces", type=int, default=None,
+                 help="pieces per batch (default: 1, or as many as --max_mib needs)")
   a.add_argument("--max_mib", type=float, default=None,
                  help="largest allowed part file, MiB (default: the 64 MiB one device "
                       "call carries, less what it carries anyway -- this checkout's "
@@ -241,7 +294,7 @@ def main(argv=None) -> int:
         max_mib = DEVICE_CALL_MIB - tree - MARGIN_MIB
         print(f"every device call carries {tree:.1f} MiB of this checkout: parts of at "
               f"most {max_mib:.1f} MiB")
-      pack(args.data_dir, args.out, args.parts, max_mib)
+      pack(args.data_dir, args.out, args.parts, max_mib, args.pieces)
     else:
       missing = unpack(args.parts, args.dest, args.require_all)
       print("all six batches present" if not missing else f"still missing: {missing}")
