@@ -20,7 +20,7 @@
 # budget study and the strong attacks on the adversarially trained model (done
 # 2026-12-05), then the CIFAR-10 fixed r and random r models at the presets' 180 epochs
 # (both done 2026-12-06),
-# certificates on 500 images, then what goes beyond the reproduction issue -- the
+# certificates on 500 images (done 2026-12-06), then what goes beyond the reproduction issue -- the
 # 180-epoch random-r model under the paper's attack and the strong column, the paired
 # Sparse-RS at r = 0.3/0.7, the 4-draw Sparse-RS on 500 images, Figs. 5/6 of the GTSRB
 # random-r model trained with weight decay 5e-4 -- then the re-checks of the steps
@@ -113,7 +113,8 @@ for step in $STEPS; do
         MODES=$objective bash experiments/cifar10_resnet20_cpu.sh
       fi ;;
     6)  # The certified L0 radius of both random-r models on 500 images (~10-17 min per 100
-        # images per model; the committed rows are taken up, not recomputed).
+        # images per model; the committed rows are taken up, not recomputed; done
+        # 2026-12-06: a re-run only re-checks it).
       if [ "$SAVE" = 1 ]; then
         save_rows runs/gtsrb-resnet20-random-certify-k75 "$GTSRB_RES"
         save_rows runs/cifar10-resnet20-random-certify-k75 "$CIFAR_RES"
