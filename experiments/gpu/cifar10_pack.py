@@ -183,12 +183,11 @@ def pack(data_dir: str, out: str, parts: int | None, max_mib: float,
   for name in BATCHES:
     with open(os.path.join(src, name + ".bin"), "rb") as f:
       raws[name] = f.read()
-  packed = {k: v for name in BATCHES for k, v in pack_batch(raws[name], name, 1).items()}
-  if pieces is None:
-    pieces = pieces_needed(max(_mib(a) for a in packed.values()), max_mib)
-  if pieces > 1:
-    packed = {k: v for name in BATCHES
-              for k, v in pack_batch(raws[name], name, pieces).items()}
+  def packed_in(count: int) -> dict[str, dict[str, np.ndarray]]:
+    return {k: v for name in BATCHES for k, v in pack_batch(raws[name], name, count).items()}
+  packed = packed_in(pieces or 1)
+  if pieces is None and (count := pieces_needed(max(map(_mib, packed.values())), max_mib)) > 1:
+    packed = packed_in(count)  # whole batches do not fit: pack again, in pieces
   if parts is None:
     groups = group_pieces([(k, _mib(a)) for k, a in packed.items()], max_mib)
   else:
@@ -248,7 +247,10 @@ def unpack(parts_dir: str, dest: str, require_all: bool) -> list[str]:
         if not all(os.path.isfile(h) for h in have):
           print(f"{key}: unpacked from {os.path.basename(path)} (batch not complete yet)")
           continue
-        raw = b"".join(open(h, "rb").read() for h in have)
+        raw = b""
+        for h in have:
+          with open(h, "rb") as f:
+            raw += f.read()
         if sha256(raw) != want:
           raise ValueError(f"{batch}: the unpacked bytes do not match the original's "
                            f"SHA-256 ({want}); a part file is damaged")
