@@ -87,11 +87,8 @@ def augment_and_drop(x_uint8, rate, gen):
   return x * (torch.rand(x.shape, generator=gen, device=dev) >= rate).float()
 
 
-FORMS = TORCH_FORMS
-
-
 def run(quick: bool, repeats: int, threads: int, device: str = "cpu", amp: bool = False,
-        train_batch: int = 128, infer_batch: int = 512, forms=FORMS) -> dict:
+        train_batch: int = 128, infer_batch: int = 512, forms=TORCH_FORMS) -> dict:
   """The given forms of the four workloads; ``amp`` = bfloat16 autocast (GPU)."""
   torch.set_num_threads(threads)
   torch.manual_seed(0)
@@ -199,7 +196,7 @@ def main(argv=None):
   p.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPU)")
   p.add_argument("--train_batch", type=int, default=128, help="train-step batch size")
   p.add_argument("--infer_batch", type=int, default=512, help="inference batch size")
-  p.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS),
+  p.add_argument("--forms", nargs="+", choices=TORCH_FORMS, default=list(TORCH_FORMS),
                  help="which PyTorch forms to time (default: all; 'compiled' needs a C++ "
                       "compiler on the CPU and takes a few minutes to compile)")
   args = p.parse_args(argv)
