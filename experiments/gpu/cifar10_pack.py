@@ -233,6 +233,7 @@ def unpack(parts_dir: str, dest: str, require_all: bool) -> list[str]:
   piece_dir = os.path.join(dest, "cifar10", "pieces")  # beside the batch files' folder
   for d in (folder, piece_dir):
     os.makedirs(d, exist_ok=True)
+  complete = set()  # batches verified in this call: hashed once, not once per piece
   for path in sorted(glob.glob(os.path.join(parts_dir, "cifar10_part*.npz"))):
     with np.load(path) as store:
       with open(os.path.join(folder, META_FILE), "wb") as f:
@@ -240,7 +241,10 @@ def unpack(parts_dir: str, dest: str, require_all: bool) -> list[str]:
       for key in (str(k) for k in store["pieces"]):
         batch, count = key.split(".")[0], int(store[f"{key}_pieces"])
         target, want = os.path.join(folder, batch + ".bin"), str(store[f"{key}_sha256"])
+        if batch in complete:
+          continue
         if _verified(target, want):
+          complete.add(batch)
           continue
         _write(os.path.join(piece_dir, key), decode_piece(store, key))
         have = [os.path.join(piece_dir, piece_name(batch, i, count)) for i in range(count)]
@@ -257,6 +261,7 @@ def unpack(parts_dir: str, dest: str, require_all: bool) -> list[str]:
         _write(target, raw)
         for h in have:
           os.remove(h)
+        complete.add(batch)
         print(f"{target}: unpacked from {os.path.basename(path)} (verified)")
   missing = [b for b in BATCHES if not os.path.isfile(os.path.join(folder, b + ".bin"))]
   if missing and require_all:
