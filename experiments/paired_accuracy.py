@@ -37,8 +37,10 @@ clean rows: images only A, only B classifies), and
 
 Both row sets must hold the same images with the same labels, each once (an error
 otherwise): the pairing is the point. ``--common`` pairs the images both hold instead
-(say, a 1,000-image evaluation against a 500-image one), and says how many. Reads rows
-only; computes nothing about the models.
+(say, a 1,000-image evaluation against a 500-image one), and says how many.
+``--clean_right`` keeps only the images both models' defense classifies correctly
+before the attack (``pred_avg`` = label), so that a difference in clean accuracy does not
+pass for one in robustness. Reads rows only; computes nothing about the models.
 """
 from __future__ import annotations
 
@@ -116,13 +118,14 @@ def sign_flip_p(differences: Sequence[int]) -> float:
   return float(min(1.0, p))
 
 
-def pair(rows_a: Sequence[dict], rows_b: Sequence[dict],
-         common: bool = False) -> tuple[list[dict], list[dict]]:
-  """The rows of A and B on the same images, by ``index`` ascending.
+def pair(rows_a: Sequence[dict], rows_b: Sequence[dict], common: bool = False,
+         clean_right: bool = False) -> tuple[list[dict], list[dict]]:
+  """The rows of A and B on the same images, by ``index`` ascending; with
+  ``clean_right`` only those both defenses classify correctly unattacked.
 
   Raises:
     ValueError: an index held twice in one set; different images (unless ``common``;
-      then: no image in common); one image with two labels.
+      then: no image in common); one image with two labels; no image left.
   """
   by = []
   for name, rows in (("A", rows_a), ("B", rows_b)):
@@ -140,13 +143,17 @@ def pair(rows_a: Sequence[dict], rows_b: Sequence[dict],
   for i in shared:
     if by[0][i]["label"] != by[1][i]["label"]:
       raise ValueError(f"image {i}: label {by[0][i]['label']} in A, {by[1][i]['label']} in B")
+  if clean_right:
+    shared = [i for i in shared if all(correct(b[i], "avg") for b in by)]
+    if not shared:
+      raise ValueError("no image that both models' defense classifies correctly")
   return [by[0][i] for i in shared], [by[1][i] for i in shared]
 
 
 def compare(rows_a: Sequence[dict], rows_b: Sequence[dict], metric: str,
-            common: bool = False) -> dict:
+            common: bool = False, clean_right: bool = False) -> dict:
   """The paired comparison of one metric (see the module docstring)."""
-  rows_a, rows_b = pair(rows_a, rows_b, common)
+  rows_a, rows_b = pair(rows_a, rows_b, common, clean_right)
   if is_attacked(rows_a) != is_attacked(rows_b):
     raise ValueError("one row set is a clean setting's, the other an attacked one's")
   (ka, da), (kb, db) = scores(rows_a, metric), scores(rows_b, metric)
@@ -200,13 +207,17 @@ def main(argv=None) -> int:
   parser.add_argument("--common", action="store_true",
                       help="pair the images both models' rows hold (default: they must "
                       "hold the same images)")
+  parser.add_argument("--clean_right", action="store_true",
+                      help="pair only the images both models' 10-mask defense classifies "
+                      "correctly before the attack (robustness apart from clean accuracy)")
   parser.add_argument("--out", required=True, help="JSON-lines file for the rows "
                       "(replaced)")
   args = parser.parse_args(argv)
   rows_a, rows_b = read_rows(args.a, args.setting), read_rows(args.b, args.setting)
   metrics = worst_case.METRICS if is_attacked(rows_a) else PREDICTIONS
   out = [{"a": args.a, "b": args.b, "settings": args.setting, "common": args.common,
-          **compare(rows_a, rows_b, m, args.common)} for m in metrics]
+          "clean_right": args.clean_right,
+          **compare(rows_a, rows_b, m, args.common, args.clean_right)} for m in metrics]
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   files.write_jsonl(args.out, out)
   print(f"{out[0]['scores']} accuracy, {' + '.join(args.setting)}\n"

@@ -201,3 +201,12 @@ def test_common_pairs_the_shared_images_and_duplicates_are_an_error():
   far[0]["index"] = 99
   with pytest.raises(ValueError, match="no image in common"):
     pa.compare(a, far, "avg", common=True)
+
+
+def test_clean_right_keeps_the_images_both_defenses_classify():
+  a = _rows([1, 2, 3, 4], [1, 2, 0, 4])  # A wrong on image 2
+  b = _rows([1, 2, 3, 4], [1, 0, 3, 4])  # B wrong on image 1
+  r = pa.compare(a, b, "plain", clean_right=True)
+  assert (r["n"], r["accuracy_a"], r["accuracy_b"]) == (2, 1.0, 1.0)
+  with pytest.raises(ValueError, match="no image that both"):
+    pa.compare(_rows([1], [0]), _rows([1], [1]), "plain", clean_right=True)
