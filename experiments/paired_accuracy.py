@@ -79,9 +79,11 @@ def scores(rows: Sequence[dict], metric: str) -> tuple[np.ndarray, int]:
   draws for attacked ones), so that differences stay exact integers."""
   if not is_attacked(rows):
     return np.array([correct(r, metric) for r in rows], np.int64), 1
+  counts = {len(r[f"adv_broken_{metric}"]) for r in rows}
+  if len(counts) != 1:
+    raise ValueError(f"metric {metric!r}: the rows hold unequal numbers of scoring draws "
+                     f"({sorted(counts)})")
   draws = np.array([r[f"adv_broken_{metric}"] for r in rows], bool)  # (n, R)
-  if draws.ndim != 2:
-    raise ValueError(f"metric {metric!r}: the rows hold unequal numbers of scoring draws")
   return draws.shape[1] - draws.sum(axis=1), draws.shape[1]
 
 

@@ -210,3 +210,9 @@ def test_clean_right_keeps_the_images_both_defenses_classify():
   assert (r["n"], r["accuracy_a"], r["accuracy_b"]) == (2, 1.0, 1.0)
   with pytest.raises(ValueError, match="no image that both"):
     pa.compare(_rows([1], [0]), _rows([1], [1]), "plain", clean_right=True)
+
+
+def test_unequal_numbers_of_draws_are_an_error():
+  a = _attacked([1, 2], [[0] * 5, [0] * 3])
+  with pytest.raises(ValueError, match="unequal numbers of scoring draws"):
+    pa.compare(a, a, "avg")
