@@ -56,11 +56,10 @@ def draw(comparisons: list[tuple[str, list[dict]]], metrics=METRICS):
   ax.set_yticks(range(len(comparisons)))
   ax.set_yticklabels([label for label, _ in reversed(comparisons)])
   first = comparisons[0][1][0]
-  ax.set_xlabel(f"A - B, accuracy points ({first['scores']} scores; 95% interval; "
-                f"n = {first['n']} images)" if all(r[0]['n'] == first['n'] for _, r in
-                                                  comparisons) else
-                f"A - B, accuracy points ({first['scores']} scores; 95% interval)")
-  models = {(r[0]["a"], r[0]["b"]) for _, r in comparisons}
+  sizes = {rows[0]["n"] for _, rows in comparisons}
+  images = f"; n = {first['n']} images" if len(sizes) == 1 else ""
+  ax.set_xlabel(f"A - B, accuracy points ({first['scores']} scores; 95% interval{images})")
+  models = {(rows[0]["a"], rows[0]["b"]) for _, rows in comparisons}
   ax.set_title(f"A = {first['a']}\nB = {first['b']}" if len(models) == 1 else
                "A - B of each comparison's two models", fontsize=7)
   ax.legend(fontsize=8)
