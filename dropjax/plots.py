@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import sys
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -307,8 +308,8 @@ def render(paths: list[str], out_dir: str, figures: tuple = FIGURES) -> list[str
     written += plot_robust_vs_rate(rows, out_dir)
   if "certified" in figures:
     written += plot_certified_accuracy(certification_curves(paths), out_dir)
-  if "table" in figures:
-    table = os.path.join(out_dir, "table.md")
+  if "table" in figures and any(r.get("norm") != "none" for r in rows):
+    table = os.path.join(out_dir, "table.md")  # attacked rows only: no empty table
     files.write_atomic(table, markdown_table(rows))
     written.append(table)
   return written
@@ -329,8 +330,11 @@ class PlotsConfig:
 
 def run(cfg: PlotsConfig) -> int:
   inputs = files.expand(cfg.inputs)
-  for path in render(inputs, cfg.out, tuple(cfg.figures)):
+  written = render(inputs, cfg.out, tuple(cfg.figures))
+  for path in written:
     print(path)
+  if not written:  # e.g. a resumed run whose first setting has not finished yet
+    print(f"nothing to draw: no rows for {list(cfg.figures)} in {inputs}", file=sys.stderr)
   return 0
 
 

@@ -29,4 +29,4 @@ for r in $RATES; do
 done
 # Figures and table from every committed summary (the strong column's rows too), as for
 # GTSRB.
-python -m dropjax.plots "$RES"/eval_summary*.jsonl --out "$RES"
+plot_summaries "$RES" "$RES"/eval_summary*.jsonl

@@ -38,6 +38,6 @@ if [ "$NORMAL_TOO" = 1 ] && [ -d "$NORMAL_WD" ]; then
     evaluate_kept "$OUT_NORMAL" "$RES_NORMAL" eval_summary.jsonl --workdir "$NORMAL_WD" \
       --norm "$norm" --num_examples "$N"
   done
-  python -m dropjax.plots "$RES_NORMAL"/eval_summary*.jsonl --out "$RES_NORMAL"
+  plot_summaries "$RES_NORMAL" "$RES_NORMAL"/eval_summary*.jsonl
 fi
-python -m dropjax.plots "$RES"/eval_summary*.jsonl --out "$RES"
+plot_summaries "$RES" "$RES"/eval_summary*.jsonl

@@ -28,4 +28,4 @@ for norm in linf l2 l0; do
   evaluate_kept "runs/$name-eval" "$RES" eval_summary.jsonl --workdir "pretrained/$name" \
     --norm "$norm" --num_examples "$N"
 done
-python -m dropjax.plots "$RES/eval_summary.jsonl" --out "$RES"
+plot_summaries "$RES" "$RES/eval_summary.jsonl"

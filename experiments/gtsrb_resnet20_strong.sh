@@ -57,4 +57,4 @@ python -m dropjax.evaluation.combine "$RES"/eval_summary*.jsonl --allow_empty \
   --out "$RES/eval_summary_worst.jsonl"
 python -m dropjax.evaluation.combine "$RES"/eval_summary*.jsonl --exclude sparse_rs \
   --allow_empty --out "$RES/eval_summary_worst.jsonl"
-python -m dropjax.plots "$RES"/eval_summary*.jsonl --out "$RES"
+plot_summaries "$RES" "$RES"/eval_summary*.jsonl

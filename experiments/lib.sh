@@ -102,10 +102,25 @@ save_summary() {
 import os, sys
 from dropjax import files
 from dropjax.evaluation import store
-new = files.read_jsonl(sys.argv[1]) if os.path.exists(sys.argv[1]) else []  # none finished
-old = files.read_jsonl(sys.argv[2]) if os.path.exists(sys.argv[2]) else []
-files.write_jsonl(sys.argv[2], store.replace_summaries(old, new))
+new = files.read_jsonl(sys.argv[1]) if os.path.exists(sys.argv[1]) else []
+if new:  # none finished: RES_FILE stays as it was (or absent), never an empty file
+  old = files.read_jsonl(sys.argv[2]) if os.path.exists(sys.argv[2]) else []
+  files.write_jsonl(sys.argv[2], store.replace_summaries(old, new))
 PY
+}
+
+# plot_summaries RES FILE...: dropjax.plots' figures and table into RES from those of the
+# summary files FILE... (unexpanded globs ok) that exist; none yet (a run stopped before
+# its first setting finished) draws nothing instead of failing on a missing file.
+plot_summaries() {
+  local res=$1 f; shift
+  local have=()
+  for f in "$@"; do [ -f "$f" ] && have+=("$f"); done
+  if [ ${#have[@]} -eq 0 ]; then
+    echo "$res: no summary rows yet, nothing drawn" >&2
+    return 0
+  fi
+  python -m dropjax.plots "${have[@]}" --out "$res"
 }
 
 # evaluate_kept OUT RES SUMMARY ARGS...: evaluate.py ARGS writing to OUT, taking up the

@@ -896,6 +896,22 @@ def test_plots_draw_only_the_figures_asked_for(tmp_path):
     plots.render([str(tmp_path / "ev")], str(tmp_path / "c"), ("clean", "fig9"))
 
 
+def test_plots_of_no_rows_draw_nothing_and_say_so(tmp_path, capsys):
+  """An empty summary file (a resumed run before its first setting finished) gives no
+  figure and no header-only table; clean rows alone give Fig. 2 but no table."""
+  from dropjax import plots
+  (tmp_path / "empty.jsonl").write_text("")
+  assert plots.main([str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "a")]) == 0
+  assert os.listdir(tmp_path / "a") == []
+  assert "nothing to draw" in capsys.readouterr().err
+  clean = {"setting": "none_0.5", "dataset": "gtsrb", "depth": 20, "train_drop": "random",
+           "train_drop_rate": 0.9, "norm": "none", "eps": 0.0, "drop_rate": 0.5,
+           "clean_accuracy_avg": 0.9, "clean_accuracy_single": 0.8}
+  (tmp_path / "clean.jsonl").write_text(json.dumps(clean) + "\n")
+  assert plots.main([str(tmp_path / "clean.jsonl"), "--out", str(tmp_path / "b")]) == 0
+  assert sorted(os.listdir(tmp_path / "b")) == ["clean_vs_drop_rate.png", "clean_vs_drop_rate.svg"]
+
+
 def test_sanity_report_l0_runs_the_paired_search(tiny_workdir, tmp_path, capsys):
   """L0's black-box check is Sparse-RS with the paired comparison (the stronger search
   against the randomized defense), and says so."""

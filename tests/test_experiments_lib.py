@@ -69,6 +69,35 @@ def test_save_summary_keeps_the_kept_rows_when_no_setting_finished(tmp_path):
   assert [json.loads(l)["setting"] for l in kept.read_text().splitlines()] == ["a", "b"]
 
 
+def test_save_summary_writes_no_empty_file_and_plot_summaries_skips_what_is_missing(tmp_path):
+  """No setting finished and no kept rows: no summary file appears (an empty one would
+  read as a result); plot_summaries draws from the files that exist, and with none
+  draws nothing and succeeds, so a script stopped early still ends cleanly."""
+  root = os.path.dirname(os.path.dirname(LIB))
+  (tmp_path / "out").mkdir()
+  kept = tmp_path / "res" / "eval_summary.jsonl"
+  (tmp_path / "res").mkdir()
+  _lib_env(f'save_summary "{tmp_path / "out"}" "{kept}"', root, PYTHONPATH=root)
+  assert not kept.exists()
+  res = tmp_path / "res"
+  done = subprocess.run(["bash", "-c", f'set -euo pipefail; source "{LIB}"; '
+                         f'plot_summaries "{res}" "{res}"/eval_summary*.jsonl'],
+                        cwd=root, capture_output=True, text=True,
+                        env={**os.environ, "PYTHONPATH": root})
+  assert done.returncode == 0 and "nothing drawn" in done.stderr
+  assert os.listdir(res) == []
+  row = {"setting": "linf_0.5", "dataset": "gtsrb", "depth": 20, "train_drop": "random",
+         "train_drop_rate": 0.9, "norm": "linf", "eps": 0.1, "drop_rate": 0.5,
+         "clean_accuracy_avg": 0.9, "clean_accuracy_single": 0.8, "robust_accuracy_avg": 0.3,
+         "robust_accuracy_avg_with_rejection": 0.4, "adv_rejection_rate_avg": 0.1}
+  (tmp_path / "out" / "summary.jsonl").write_text(json.dumps(row) + "\n")
+  _lib_env(f'save_summary "{tmp_path / "out"}" "{kept}"', root, PYTHONPATH=root)
+  _lib_env(f'plot_summaries "{res}" "{res}"/eval_summary*.jsonl "{res}/absent.jsonl"', root,
+           PYTHONPATH=root)
+  assert {"eval_summary.jsonl", "table.md", "robust_vs_drop_rate_linf.png"} <= set(
+      os.listdir(res))
+
+
 def test_save_summary_replaces_a_row_in_place(tmp_path):
   """A re-run leaves the kept file as it was (no reordering); new settings follow."""
   root = os.path.dirname(os.path.dirname(LIB))
