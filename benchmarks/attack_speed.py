@@ -70,6 +70,7 @@ def main(argv=None):
                  "image_steps_per_s": n * steps / r["median_s"]}
   base = res["pgd_eot"]["image_steps_per_s"]
   out = {"benchmark": "attack_speed", "depth": args.depth, "eot": args.eot,
+         "loop_unroll": str(unroll),
          "machine": machine(), "backend": backend.describe(), "jax": jax.__version__,
          "results": res,
          "ratio_vs_pgd_eot": {k: v["image_steps_per_s"] / base for k, v in res.items()}}

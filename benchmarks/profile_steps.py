@@ -5,12 +5,14 @@
 
 Three views, all with compile time excluded:
 
-1. ``jax.profiler`` trace of the jitted train step (batch 128) and of one EOT
-   gradient (100 images x 10 masks), aggregated per XLA op kind (transposes,
-   reductions, elementwise fusions, copies, ...).  On XLA:CPU convolutions run
-   asynchronously on the intra-op pool, so their trace events only show the
-   dispatch; their cost is the step time minus everything else, and view 3
-   measures it directly.
+1. ``jax.profiler`` trace of the jitted train step (batch 128), of one EOT
+   gradient (100 images x 10 masks) and of an inference forward (batch 512, the
+   ``infer`` workload of ``run.py``), aggregated per XLA op kind (transposes,
+   reductions, elementwise fusions, copies, the native kernels' FFI calls, ...).
+   On XLA:CPU its own convolutions run asynchronously on the intra-op pool, so
+   their trace events only show the dispatch; their cost is the step time minus
+   everything else, and view 3 measures it directly.  The native kernels run
+   synchronously: their events hold their time.
 2. A decomposition: forward, forward + backward, full step; forward, input
    gradient, EOT gradient in three forms; EOT-PGD steps rolled vs unrolled.
 3. Each convolution shape of ResNet-20 alone (forward, input gradient,
@@ -55,6 +57,7 @@ KINDS = (
     ("transposes (layouts for conv weight gradients)", r"^transpose"),
     ("reductions (batch-norm statistics, sums)", r"reduce"),
     ("convolution dispatch (async; cost is in 'unattributed')", r"^conv"),
+    ("native kernels (dropjax.xla_cpu.native: convolutions, BN moments)", r"^ffi_call"),
     ("copies", r"^copy"),
     ("control flow (while / conditional)", r"^(while|conditional|cond)"),
     ("elementwise fusions (BN apply, ReLU, adds, masks, SGD)", r"fusion|^wrapped|^multiply|^add"),
@@ -135,6 +138,8 @@ def main(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--name", default="local", help="machine name for the output file")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
+  p.add_argument("--infer_batch", type=int, default=512,
+                 help="images per inference forward of the trace view (run.py's infer: 512)")
   p.add_argument("--only_conv_shapes", action="store_true",
                  help="print view 3 (per-shape convolution speed) as JSON and stop")
   p.add_argument("--out", default=None,
@@ -183,6 +188,8 @@ def main(argv=None):
     return bench.eot_grad_fn(logits_fn, k, impl, key)
 
   out["eot_trace"] = trace_ops(eot("vmap"), (v, x, y))
+  x_infer = bench.images(args.infer_batch)
+  out["infer_trace"] = trace_ops(jax.jit(logits_fn), (v, x_infer))
   eot_stages = {
       "forward (inference), 100 images": jax.jit(lambda v, x, y: logits_fn(v, x)),
       "input gradient, 100 images": jax.jit(
@@ -217,7 +224,8 @@ def main(argv=None):
       HERE, "results", f"{datetime.date.today().isoformat()}-{args.name}-profile.json")
   with open(path, "w") as f:
     json.dump(out, f, indent=1)
-  json.dump({kk: out[kk] for kk in ("train_trace", "train_ms", "eot_trace", "eot_ms")},
+  json.dump({kk: out[kk] for kk in ("train_trace", "train_ms", "eot_trace", "eot_ms",
+                                     "infer_trace")},
             sys.stdout, indent=1)
   print(f"\nwrote {path}")
 

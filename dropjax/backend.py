@@ -24,8 +24,10 @@ backend and import nothing from here.  Whoever owns the devices (``train.py``,
     batch-norm/ReLU/residual chain inside the weight-gradient transposes and
     every other consumer);
   - batch norm with wide per-channel reductions and native one-pass moments;
-  - attack loops fully unrolled (a rolled ``while`` loop around convolutions
-    runs ~5x slower on XLA:CPU).
+  - attack loops fully unrolled where XLA:CPU's own convolutions run in them
+    (a rolled ``while`` loop around those runs ~5x slower, jax-ml/jax#12868);
+    around the native kernels a rolled loop runs as fast and compiles sooner,
+    so with them the loops stay rolled.
 
 This module is the only place that reads the performance switches:
 
@@ -41,7 +43,7 @@ This module is the only place that reads the performance switches:
 ``DROPJAX_POLYPHASE=0``        XLA's input gradient of strided convolutions
 ``DROPJAX_CONV_BARRIER=0|1``   barrier on convolution inputs (training; default: CPU)
 ``DROPJAX_BLOCK_BARRIER=0|1``  barrier on block inputs (default: as the conv barrier)
-``DROPJAX_LOOP_UNROLL=N|full`` attack-loop unroll (default: full on CPU, 1 elsewhere)
+``DROPJAX_LOOP_UNROLL=N|full`` attack-loop unroll (default: full with XLA:CPU's convolutions, else 1)
 ``DROPJAX_EOT_IMPL=vmap|batch|scan``  default EOT form (vmap)
 ``DROPJAX_CACHE_DIR=DIR``      where the native kernels are compiled to
 =============================  ===================================================
@@ -71,6 +73,10 @@ class Backend:
   Attributes:
     platform: ``jax.default_backend()`` at resolution ("cpu", "gpu", "tpu").
     train_layers / eval_layers: the model's layers in training / inference mode.
+    unroll_loops: whether on-device loops around the model are unrolled by
+      default: XLA:CPU's own convolutions lose their fast path inside a rolled
+      ``while`` loop (jax-ml/jax#12868), the native kernels and GPU/TPU
+      convolutions do not.
     unroll_override: ``DROPJAX_LOOP_UNROLL`` (``True`` = full), else ``None``.
     eot_impl: default EOT form for attacks (``vmap``, ``batch`` or ``scan``).
     choices: what was chosen and why, for logs and benchmark records.
@@ -78,6 +84,7 @@ class Backend:
   platform: str
   train_layers: ModelLayers
   eval_layers: ModelLayers
+  unroll_loops: bool = False
   unroll_override: int | bool | None = None
   eot_impl: str = "vmap"
   choices: tuple[tuple[str, Any], ...] = ()
@@ -87,11 +94,11 @@ class Backend:
 
   def loop_unroll(self, num_steps: int) -> int | bool:
     """Unroll of an on-device loop of ``num_steps`` steps around the model
-    (``lax.fori_loop(..., unroll=)``): full on CPU (partial past 200 steps),
-    rolled elsewhere."""
+    (``lax.fori_loop(..., unroll=)``): full where ``unroll_loops`` (partial
+    past 200 steps), else rolled."""
     if self.unroll_override is not None:
       return self.unroll_override
-    if self.platform == "cpu":
+    if self.unroll_loops:
       return True if num_steps <= _FULL_UNROLL_MAX_STEPS else _PARTIAL_UNROLL
     return 1
 
@@ -171,11 +178,17 @@ def _resolve(platform: str, num_devices: int, env_items: tuple[tuple[str, str], 
   eot_impl = env.get("DROPJAX_EOT_IMPL") or "vmap"  # checked by AttackConfig.validate
   if platform == "cpu":
     train, infer, choices = _cpu_layers(env, num_devices)
+    # The attacks' loops hold forward and input-gradient convolutions: the native
+    # kernels' where native_forward, else XLA's (benchmarks/README.md).
+    unroll_loops = not choices["native_forward"]
   else:
     train = infer = ModelLayers()
     choices = {"layers": "flax.linen.Conv + flax.linen.BatchNorm"}
+    unroll_loops = False
+  choices["unroll_loops"] = unroll_loops
   backend = Backend(platform=platform, train_layers=train, eval_layers=infer,
-                    unroll_override=_unroll_override(env), eot_impl=eot_impl,
+                    unroll_loops=unroll_loops, unroll_override=_unroll_override(env),
+                    eot_impl=eot_impl,
                     choices=tuple(sorted(choices.items())))
   log.info("dropjax backend: %s", backend.describe())
   return backend

@@ -182,6 +182,26 @@ def test_native_kernels_need_one_device_unless_forced():
     backend.resolve("cpu", 1, env={"DROPJAX_CPU_CONV": "yes"})
 
 
+def test_attack_loops_unroll_only_around_xlas_own_convolutions():
+  """XLA:CPU's convolutions lose their fast path in a rolled loop: the attack
+  loops are unrolled where they run (fully up to 200 steps, by 10 past), rolled
+  around the native kernels and on GPU/TPU; DROPJAX_LOOP_UNROLL decides over both."""
+  xla = backend.resolve("cpu", 1, env={"DROPJAX_NATIVE_FORWARD": "0"})
+  assert xla.loop_unroll(20) is True and xla.loop_unroll(201) == 10
+  assert xla.describe()["unroll_loops"]
+  assert backend.resolve("cpu", 2, env={}).loop_unroll(20) is True  # two devices: XLA's
+  assert backend.resolve("gpu", 1, env={}).loop_unroll(20) == 1
+  with_native = backend.resolve("cpu", 1, env={})
+  assert with_native.loop_unroll(20) == (1 if native.load() else True)
+  assert with_native.describe()["unroll_loops"] == (not native.load())
+  for env, want in (({"DROPJAX_LOOP_UNROLL": "full"}, True), ({"DROPJAX_LOOP_UNROLL": "4"}, 4)):
+    for b in (backend.resolve("cpu", 1, env=env), backend.resolve("cpu", 1, env={
+        **env, "DROPJAX_NATIVE_FORWARD": "0"}), backend.resolve("gpu", 1, env=env)):
+      assert b.loop_unroll(20) == want
+  with pytest.raises(ValueError, match="DROPJAX_LOOP_UNROLL must be"):
+    backend.resolve("cpu", 1, env={"DROPJAX_LOOP_UNROLL": "lots"})
+
+
 def _input_grad_reference(dy, w, strides, pads, x_shape):
   """Scatter form in NumPy: every output position adds w @ dy to its window."""
   dy, w = np.asarray(dy, np.float64), np.asarray(w, np.float64)
