@@ -160,7 +160,7 @@ def test_train_run_passes_the_deadline_and_tells_finished_from_stopped(tmp_path)
   fake.write_text('#!/usr/bin/env bash\necho "args: $*" >&2\necho "step=3 finished=$FINISHED"\n'
                   'exit "${STATUS:-0}"\n')
   fake.chmod(0o755)
-  env = {**os.environ, "STOP_AT": "2026-12-04T12:05"}
+  env = {**os.environ, "STOP_AT": "2099-12-04T12:05"}
 
   def run(**kw):
     return subprocess.run(
@@ -170,10 +170,20 @@ def test_train_run_passes_the_deadline_and_tells_finished_from_stopped(tmp_path)
 
   ok = run(FINISHED="True")
   assert ok.returncode == 0 and ok.stdout.split() == ["step=3", "finished=True", "done"]
-  assert "args: --workdir WD --stop_at 2026-12-04T12:05" in ok.stderr
+  assert "args: --workdir WD --stop_at 2099-12-04T12:05" in ok.stderr
   stopped = run(FINISHED="False")
   assert stopped.returncode == 0 and stopped.stdout.split()[-1] == "stopped"
-  assert "WD: stopped before its last step (STOP_AT 2026-12-04T12:05)" in stopped.stderr
+  assert "WD: stopped before its last step (STOP_AT 2099-12-04T12:05)" in stopped.stderr
+  # Too close to STOP_AT: an unfinished run is not started; a finished one still answers.
+  soon = subprocess.run(["date", "-d", "+5 min", "-Iseconds"], capture_output=True,
+                        text=True, check=True).stdout.strip()
+  late = run(FINISHED="True", STOP_AT=soon)
+  assert late.returncode == 0 and late.stdout.split() == ["stopped"]
+  assert "args:" not in late.stderr and "WD: not started, less than 20 min" in late.stderr
+  assert run(FINISHED="True", STOP_AT=soon, TRAIN_MIN_MINUTES="4").stdout.split()[-1] == "done"
+  (tmp_path / "WD").mkdir()
+  (tmp_path / "WD" / "final_eval.json").write_text("{}")
+  assert run(FINISHED="True", STOP_AT=soon).stdout.split()[-1] == "done"
   failed = run(FINISHED="False", STATUS="3")
   assert failed.returncode == 3 and "done" not in failed.stdout and "stopped" not in failed.stdout
   assert "training in WD failed (exit status 3)" in failed.stderr
