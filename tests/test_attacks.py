@@ -264,3 +264,24 @@ def test_rejection_aware_attack_lowers_the_entropy_it_leaves():
   rej = run(base.replace(loss="rejection", entropy_weight=2.0), x, y)
   assert accuracy(rej, y) < 0.5  # still fooled
   assert entropy(rej) < entropy(ce)
+
+
+@pytest.mark.parametrize("norm,eot", [("linf", 3), ("l2", 0), ("l0", 3)])
+def test_the_loops_unroll_changes_nothing(norm, eot):
+  """The backend picks the step loop's unroll for speed (dropjax.backend.loop_unroll):
+  rolled, fully unrolled or by 2, the attack is the same under a key (APGD too)."""
+  from dropjax.attacks import apgd
+  x, y = data(6)
+  v = linear_model()
+  cfg = AttackConfig(norm=norm, eps=3.0 if norm == "l0" else 0.2, step_size=0.05,
+                     num_steps=5, eot_samples=eot, drop=DropSpec.fixed(0.5))
+  outs = [jax.jit(make_pgd(linear_logits, cfg, unroll=u))(KEY, v, x, y) for u in (1, True, 2)]
+  for o in outs[1:]:
+    np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0]), rtol=0, atol=1e-6)
+  if norm != "l0":
+    acfg = apgd.APGDConfig(norm=norm, eps=0.2, num_steps=5, loss="ce", eot_samples=eot,
+                           drop=DropSpec.fixed(0.5))
+    outs = [jax.jit(apgd.make_apgd(linear_logits, acfg, unroll=u))(KEY, v, x, y)
+            for u in (1, True, 2)]
+    for o in outs[1:]:
+      np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0]), rtol=0, atol=1e-6)
