@@ -21,7 +21,7 @@
 # 2026-12-05), then the CIFAR-10 fixed r and random r models at the presets' 180 epochs
 # (both done 2026-12-06),
 # certificates on 500 images (done 2026-12-06), the 180-epoch random-r model under the
-# paper's attack and the strong column (r = 0.9 done 2026-12-06; r = 0.5 left), the
+# paper's attack and the strong column (done 2026-12-06), the
 # ResNet-56 Table-1 row at 180 epochs (sessions of it), then what goes beyond the
 # reproduction issue -- the paired Sparse-RS at r = 0.3/0.7, the 4-draw Sparse-RS on 500
 # images, Figs. 5/6 of the GTSRB random-r model trained with weight decay 5e-4 -- then the
@@ -197,8 +197,8 @@ for step in $STEPS; do
         # model at the presets' 180 epochs (done 2026-12-06) under the paper's protocol
         # at r = 0.9, then 0.5, 500 images (~7-10 min per setting here), beside the
         # 30-epoch model's Figs. 5/6; then the strong column at r = 0.9 (its gradient
-        # part, ~30 min, and the paired Sparse-RS, ~75 min, for the worst case; all
-        # done 2026-12-06), then at r = 0.5 (~1.5 h, not run yet).
+        # part, ~30 min, and the paired Sparse-RS, ~75 min, for the worst case), then
+        # at r = 0.5 (~1 h; all done 2026-12-06).
       r180_res=experiments/results/cifar10_resnet20_random_180ep
       if [ "$SAVE" = 1 ]; then
         save_rows runs/cifar10-resnet20-random-180ep-figs56 "$r180_res"
