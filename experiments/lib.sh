@@ -117,9 +117,12 @@ if new:  # none finished: RES_FILE stays as it was (or absent), never an empty f
 PY
 }
 
-# plot_summaries RES FILE...: dropjax.plots' figures and table into RES from those of the
-# summary files FILE... (unexpanded globs ok) that exist; none yet (a run stopped before
-# its first setting finished) draws nothing instead of failing on a missing file.
+# plot_summaries RES FILE...: the robust-accuracy figures (Figs. 5/6) and table of
+# dropjax.plots into RES from those of the attacked-summary files FILE... (unexpanded
+# globs ok) that exist; none yet (a run stopped before its first setting finished) draws
+# nothing instead of failing on a missing file.  Fig. 2 (clean accuracy vs r) is not
+# drawn here: these rows hold only the attacked rates, and RES's Fig. 2 comes from a
+# clean sweep (clean_summary.jsonl).
 plot_summaries() {
   local res=$1 f; shift
   local have=()
@@ -128,7 +131,7 @@ plot_summaries() {
     echo "$res: no summary rows yet, nothing drawn" >&2
     return 0
   fi
-  python -m dropjax.plots "${have[@]}" --out "$res"
+  python -m dropjax.plots "${have[@]}" --figures robust table --out "$res"
 }
 
 # evaluate_kept OUT RES SUMMARY ARGS...: evaluate.py ARGS writing to OUT, taking up the

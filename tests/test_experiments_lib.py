@@ -96,6 +96,7 @@ def test_save_summary_writes_no_empty_file_and_plot_summaries_skips_what_is_miss
            PYTHONPATH=root)
   assert {"eval_summary.jsonl", "table.md", "robust_vs_drop_rate_linf.png"} <= set(
       os.listdir(res))
+  assert "clean_vs_drop_rate.png" not in os.listdir(res)  # Fig. 2 is a clean sweep's
 
 
 def test_save_summary_replaces_a_row_in_place(tmp_path):
