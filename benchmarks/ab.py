@@ -11,9 +11,10 @@ matters on a VM whose speed drifts by +-20-30% between minutes.  Prints JSON
 rows, one per measurement, then the per-variant median and the ratio of
 each variant to the first; ``--out`` also writes the rows (JSON lines).
 
-``--inprocess`` (the train step, or ``--workload eot_grad``: one EOT gradient
-of 100 images x 10 masks) compiles every variant in one process and then
-alternates them call by call: much less noisy, but only for the switches
+``--inprocess`` (the train step, ``--workload infer``: one batch of 512, or
+``--workload eot_grad``: one EOT gradient of 100 images x 10 masks) compiles
+every variant in one process and then alternates them call by call: much less
+noisy, but only for the switches
 ``dropjax.backend.resolve`` reads (``DROPJAX_CPU_CONV``, ``DROPJAX_NATIVE_CONV``,
 ``DROPJAX_NATIVE_FORWARD``, ``DROPJAX_POLYPHASE``, ``DROPJAX_CONV_BARRIER``,
 ``DROPJAX_BLOCK_BARRIER``, ...), not for ``XLA_FLAGS``, which a process reads once.
@@ -56,6 +57,12 @@ PRESETS = {
         "native_forward (default)": {},
     },
     # The native forward kernel's AVX-512 tiles against its AVX2 tiles (same values).
+    # Inference: conv, batch norm, residual and ReLU in one native pass (conv_norm.py)
+    # against the native convolution followed by XLA's elementwise loop.
+    "fused_conv_norm": {
+        "separate_ops": {"DROPJAX_FUSED_CONV_NORM": "0"},
+        "fused (default)": {},
+    },
     "native_avx512": {
         "avx2_tiles": {"DROPJAX_NATIVE_AVX512": "0"},
         "avx512_tiles (default with AVX-512F)": {"DROPJAX_NATIVE_AVX512": "1"},
@@ -105,6 +112,9 @@ def _inprocess_workload(workload: str):
       cfg, model, tx, _, _ = bench.setup(20)
       return jax.jit(step_lib.make_train_step(cfg, model, tx))
     return make_train, (state, batch, key), 128
+  if workload == "infer":  # one inference batch of 512 images
+    x512 = bench.images(512)
+    return (lambda: jax.jit(bench.setup(20)[4]), (state.variables, x512), 512)
   # eot_grad: one EOT gradient, 100 images x 10 masks (the body of an EOT-PGD step)
   x, y = bench.images(100), jnp.zeros((100,), jnp.int32)
   return (lambda: bench.eot_grad_fn(bench.setup(20)[4], 10, "vmap", key),
@@ -163,7 +173,8 @@ def main(argv=None):
   p.add_argument("--eot_form", default="vmap:full", help="eot_pgd: the bench.py EOT form")
   p.add_argument("--out", help="also write the rows here (JSON lines)")
   p.add_argument("--inprocess", action="store_true",
-                 help="train or eot_grad: compile all variants in one process, alternate them")
+                 help="train, infer or eot_grad: compile all variants in one process, "
+                 "alternate them")
   p.add_argument("--steps", type=int, default=3, help="--inprocess: steps per measurement")
   args = p.parse_args(argv)
   variants = dict(PRESETS.get(args.preset, {}))
@@ -179,8 +190,8 @@ def main(argv=None):
     p.error("give --preset, --variant or --checkout")
   if args.inprocess and checkouts:
     p.error("--checkout variants run in fresh processes (no --inprocess)")
-  if args.inprocess and args.workload not in ("train", "eot_grad"):
-    p.error("--inprocess runs the train or eot_grad workload")
+  if args.inprocess and args.workload not in ("train", "infer", "eot_grad"):
+    p.error("--inprocess runs the train, infer or eot_grad workload")
   if args.workload == "eot_grad" and not args.inprocess:
     p.error("--workload eot_grad needs --inprocess")
   rows = inprocess(variants, args.rounds, args.steps, args.workload) if args.inprocess else []

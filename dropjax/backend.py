@@ -9,7 +9,7 @@ backend and import nothing from here.  Whoever owns the devices (``train.py``,
   (:mod:`dropjax.xla_cpu.process`).  ``import dropjax`` changes nothing in the
   process; a library user calls it or not.
 * :func:`resolve` once: a :class:`Backend` with the model's layers for
-  training and for inference (``conv``, ``norm``, ``block_input``, given to
+  training and for inference (``conv``, ``norm``, ``conv_norm_act``, ``block_input``, given to
   :class:`dropjax.models.CifarResNet`), the attack loops' unroll and the EOT
   form.  On GPU/TPU the layers are plain ``flax.linen.Conv`` and
   ``flax.linen.BatchNorm`` and attack loops stay rolled.  On CPU they are the
@@ -24,6 +24,9 @@ backend and import nothing from here.  Whoever owns the devices (``train.py``,
     batch-norm/ReLU/residual chain inside the weight-gradient transposes and
     every other consumer);
   - batch norm with wide per-channel reductions and native one-pass moments;
+  - in inference, each convolution, its batch norm, residual and ReLU in one
+    native pass (:mod:`dropjax.xla_cpu.conv_norm`; the activation is written
+    once, not once more by an elementwise loop);
   - attack loops fully unrolled where XLA:CPU's own convolutions run in them
     (a rolled ``while`` loop around those runs ~5x slower, jax-ml/jax#12868);
     around the native kernels a rolled loop runs as fast and compiles sooner,
@@ -40,6 +43,7 @@ This module is the only place that reads the performance switches:
 ``DROPJAX_NATIVE_FORWARD=0``   XLA's forward and input-gradient convolutions
 ``DROPJAX_NATIVE_AVX512=0|1``  AVX-512 tiles of the native kernels (default: if the CPU has them)
 ``DROPJAX_NATIVE_MOMENTS=0``   XLA's batch-norm sums instead of the native pass
+``DROPJAX_FUSED_CONV_NORM=0``  inference: conv, norm, residual, ReLU as separate ops
 ``DROPJAX_POLYPHASE=0``        XLA's input gradient of strided convolutions
 ``DROPJAX_CONV_BARRIER=0|1``   barrier on convolution inputs (training; default: CPU)
 ``DROPJAX_BLOCK_BARRIER=0|1``  barrier on block inputs (default: as the conv barrier)
@@ -58,6 +62,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 
+from dropjax import models
 from dropjax.models import ModelLayers
 
 log = logging.getLogger("dropjax.backend")
@@ -130,7 +135,7 @@ def _unroll_override(env: Mapping[str, str]) -> int | bool | None:
 def _cpu_layers(env: Mapping[str, str], num_devices: int) -> tuple[ModelLayers, ModelLayers, dict]:
   """The XLA:CPU training and inference layers, and the choices made."""
   # pylint: disable-next=g-import-not-at-top
-  from dropjax.xla_cpu import batch_norm, conv, fusion, native
+  from dropjax.xla_cpu import batch_norm, conv, conv_norm, fusion, native
 
   cpu_conv = _switch(env, "DROPJAX_CPU_CONV", True)
   conv_barrier = _switch(env, "DROPJAX_CONV_BARRIER", True)
@@ -164,8 +169,12 @@ def _cpu_layers(env: Mapping[str, str], num_devices: int) -> tuple[ModelLayers, 
 
   train = ModelLayers(conv=conv_cls(conv_barrier), norm=norm,
                       block_input=fusion.fusion_barrier if block_barrier else None)
-  infer = ModelLayers(conv=conv_cls(False), norm=norm)
+  fused = native_forward and env.get("DROPJAX_FUSED_CONV_NORM") != "0"
+  infer = ModelLayers(conv=conv_cls(False), norm=norm,
+                      conv_norm_act=(conv_norm.make_conv_norm_act(conv.ConvOptions(**options))
+                                     if fused else models.conv_norm_act))
   choices = {**options, "native_moments": norm.keywords["native_moments"],
+             "fused_conv_norm": fused,
              "native_kernels": bool(kernels), "native_unavailable": None if kernels else reason,
              "conv_barrier": conv_barrier, "block_barrier": block_barrier,
              "num_devices": num_devices}

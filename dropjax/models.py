@@ -19,9 +19,11 @@ built-in preprocessing.  How it sees dropped pixels is its ``input_encoding``:
 mean, :func:`encode_mean`); for the last two the keep-mask is passed as ``keep``.
 
 As in flax's ``examples/imagenet``, the layers are module attributes:
-``conv`` (default ``nn.Conv``), ``norm`` (default ``nn.BatchNorm``) and
-``block_input`` (applied to each residual block's input; default none).  The
-code that owns the devices passes faster equivalents where it has them
+``conv`` (default ``nn.Conv``), ``norm`` (default ``nn.BatchNorm``),
+``conv_norm_act`` (how a convolution, its batch norm, a residual and a ReLU
+are applied together; default :func:`conv_norm_act`, the plain composition)
+and ``block_input`` (applied to each residual block's input; default none).
+The code that owns the devices passes faster equivalents where it has them
 (:func:`dropjax.backend.resolve`); the parameters and their names are the
 same whatever is passed.
 """
@@ -72,6 +74,19 @@ def encode_mean(x, keep, fill):
   return jnp.where(keep.astype(bool), x, jnp.asarray(fill, x.dtype))
 
 
+def conv_norm_act(conv: nn.Module, norm: nn.Module, x, residual=None, relu: bool = True):
+  """``relu(norm(conv(x)) + residual)``: a convolution module, then its batch
+  norm module, plus an optional ``residual`` (the output's shape), then a ReLU
+  if ``relu``.  The model applies every convolution through this function (a
+  module attribute), so a backend can pass one that computes the same values
+  in one pass (:mod:`dropjax.xla_cpu.conv_norm`); the modules own the
+  parameters either way."""
+  y = norm(conv(x))
+  if residual is not None:
+    y = y + residual
+  return nn.relu(y) if relu else y
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelLayers:
   """What :class:`dropjax.models.CifarResNet` is built from.
@@ -79,15 +94,19 @@ class ModelLayers:
   Attributes:
     conv: a ``flax.linen.Conv``-like module class (or partial).
     norm: a ``flax.linen.BatchNorm``-like module class (or partial).
+    conv_norm_act: ``f(conv, norm, x, residual=None, relu=True)`` with the
+      values of :func:`conv_norm_act` (the default).
     block_input: applied to each residual block's input (an identity in
       value); ``None`` for none.
   """
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
+  conv_norm_act: Callable = conv_norm_act
   block_input: Callable | None = None
 
   def as_kwargs(self) -> dict[str, Any]:
-    return {"conv": self.conv, "norm": self.norm, "block_input": self.block_input}
+    return {"conv": self.conv, "norm": self.norm, "conv_norm_act": self.conv_norm_act,
+            "block_input": self.block_input}
 
 
 class BasicBlock(nn.Module):
@@ -96,13 +115,10 @@ class BasicBlock(nn.Module):
   strides: int
   conv: ModuleDef
   norm: ModuleDef
+  conv_norm_act: Callable = conv_norm_act
 
   @nn.compact
   def __call__(self, x):
-    y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)
-    y = nn.relu(self.norm()(y))
-    y = self.conv(self.filters, (3, 3))(y)
-    y = self.norm()(y)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.filters:
       # Option A: subsample by taking every other pixel, pad channels with zeros.
@@ -110,7 +126,11 @@ class BasicBlock(nn.Module):
       extra = self.filters - x.shape[-1]
       shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0),
                                     (extra // 2, extra - extra // 2)))
-    return nn.relu(y + shortcut)
+    # relu(bn(conv(x))), then relu(bn(conv(y)) + shortcut).
+    y = self.conv_norm_act(self.conv(self.filters, (3, 3), (self.strides, self.strides)),
+                           self.norm(), x)
+    return self.conv_norm_act(self.conv(self.filters, (3, 3)), self.norm(), y,
+                              residual=shortcut)
 
 
 class CifarResNet(nn.Module):
@@ -124,6 +144,8 @@ class CifarResNet(nn.Module):
     bn_axis_name: ``pmap`` axis over which batch-norm statistics are averaged.
     conv: convolution module (``nn.Conv`` signature).
     norm: batch-norm module (``nn.BatchNorm`` signature).
+    conv_norm_act: applies a conv, its norm, a residual and a ReLU
+      (:func:`conv_norm_act`, the default, or a fused equivalent).
     block_input: function applied to each residual block's input; it must
       return its argument's values (e.g. a compiler fusion barrier).
     input_encoding: ``"values"`` (``x * keep``; 3-channel stem),
@@ -139,6 +161,7 @@ class CifarResNet(nn.Module):
   bn_axis_name: str | None = None
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
+  conv_norm_act: Callable = conv_norm_act
   block_input: Callable | None = None
   input_encoding: str = "values"
   fill: tuple[float, ...] | None = None
@@ -167,14 +190,13 @@ class CifarResNet(nn.Module):
                              epsilon=1e-5, dtype=self.dtype,
                              axis_name=self.bn_axis_name if train else None)
     x = x.astype(self.dtype)
-    x = conv(self.width, (3, 3), name="stem")(x)
-    x = nn.relu(norm(name="stem_bn")(x))
+    x = self.conv_norm_act(conv(self.width, (3, 3), name="stem"), norm(name="stem_bn"), x)
     for stage in range(3):
       for block in range(n):
         strides = 2 if stage > 0 and block == 0 else 1
         if self.block_input is not None:
           x = self.block_input(x)
-        x = BasicBlock(self.width * 2 ** stage, strides, conv, norm,
+        x = BasicBlock(self.width * 2 ** stage, strides, conv, norm, self.conv_norm_act,
                        name=f"stage{stage + 1}_block{block + 1}")(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, kernel_init=he_normal, dtype=self.dtype, name="head")(x)
@@ -183,11 +205,13 @@ class CifarResNet(nn.Module):
 
 def resnet(depth: int, num_classes: int, *, width: int = 16, half_precision: bool = False,
            bn_axis_name: str | None = None, conv: ModuleDef = nn.Conv,
-           norm: ModuleDef = nn.BatchNorm, block_input: Callable | None = None,
-           input_encoding: str = "values", fill: tuple[float, ...] | None = None) -> CifarResNet:
+           norm: ModuleDef = nn.BatchNorm, conv_norm_act: Callable = conv_norm_act,
+           block_input: Callable | None = None, input_encoding: str = "values",
+           fill: tuple[float, ...] | None = None) -> CifarResNet:
   """Builds a CIFAR ResNet; ``half_precision`` computes in bfloat16."""
   return CifarResNet(depth=depth, num_classes=num_classes, width=width,
                      dtype=jnp.bfloat16 if half_precision else jnp.float32,
-                     bn_axis_name=bn_axis_name, conv=conv, norm=norm, block_input=block_input,
+                     bn_axis_name=bn_axis_name, conv=conv, norm=norm,
+                     conv_norm_act=conv_norm_act, block_input=block_input,
                      input_encoding=input_encoding,
                      fill=None if fill is None else tuple(float(v) for v in fill))

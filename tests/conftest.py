@@ -134,3 +134,20 @@ def train_gradients_per_setting(monkeypatch, env_var: str, width: int):
     results[flag] = fn(variables["params"])
     programs[flag] = fn.lower(variables["params"]).as_text()
   return results, programs
+
+
+def conv_reference(x, w, strides, pads):
+  """Convolution in NumPy (float64): sum over taps of strided, shifted windows."""
+  import numpy as np
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  (pt, pb), (pl, pr) = pads
+  xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  kh, kw = w.shape[:2]
+  (sh, sw) = strides
+  ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+  out = np.zeros((x.shape[0], ho, wo, w.shape[3]))
+  for a in range(kh):
+    for b in range(kw):
+      win = xp[:, a:a + sh * (ho - 1) + 1:sh, b:b + sw * (wo - 1) + 1:sw]
+      out += np.einsum("nhwi,io->nhwo", win, w[a, b])
+  return out

@@ -270,12 +270,14 @@ def _conv_fwd(x, w, strides, pads, precision, opts):
   return out, (w_val, shape_of_x, x_val if w.perturbed else None)
 
 
-def _conv_bwd(strides, pads, precision, opts, residuals, dy):
-  w, shape_of_x, x = residuals
-  if isinstance(dy, SymbolicZero):
-    return None, None
-  dx = (None if shape_of_x is None
-        else _input_grad(dy, w, strides, pads, precision, shape_of_x.shape[1:], opts))
+def conv_vjp(dy: jax.Array, w: jax.Array, x_shape, x: jax.Array | None, strides, pads,
+             opts: ConvOptions, precision=None) -> tuple[jax.Array | None, jax.Array | None]:
+  """The convolution's ``(dx, dw)`` for output gradient ``dy`` (B, Ho, Wo, Co).
+
+  ``dx`` (shape ``x_shape``) when ``x_shape`` is given, ``dw`` (HWIO) when the
+  input ``x`` is; ``None`` for the other.  By the fast paths of ``opts``.
+  """
+  dx = None if x_shape is None else _input_grad(dy, w, strides, pads, precision, x_shape, opts)
   if x is None:
     dw = None
   elif opts.native_weight_grad and w.shape[-1] % 8 == 0:
@@ -283,6 +285,14 @@ def _conv_bwd(strides, pads, precision, opts, residuals, dy):
   else:
     dw = jax.vjp(lambda v: _xla_conv(x, v, strides, pads, precision), w)[1](dy)[0]
   return dx, dw
+
+
+def _conv_bwd(strides, pads, precision, opts, residuals, dy):
+  w, shape_of_x, x = residuals
+  if isinstance(dy, SymbolicZero):
+    return None, None
+  return conv_vjp(dy, w, None if shape_of_x is None else shape_of_x.shape[1:], x, strides,
+                  pads, opts, precision)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from conftest import train_gradients_per_setting
+from conftest import conv_reference, train_gradients_per_setting
 from dropjax import backend, models
 from dropjax.xla_cpu import conv, native
 
@@ -275,22 +275,6 @@ def test_missing_compiler_or_cpu_gives_a_reason(monkeypatch, tmp_path):
   assert "AVX2" in native.unavailable_reason()
 
 
-def _conv_reference(x, w, strides, pads):
-  """Convolution in NumPy (float64): sum over taps of strided, shifted windows."""
-  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-  (pt, pb), (pl, pr) = pads
-  xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  kh, kw = w.shape[:2]
-  (sh, sw) = strides
-  ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
-  out = np.zeros((x.shape[0], ho, wo, w.shape[3]))
-  for a in range(kh):
-    for b in range(kw):
-      win = xp[:, a:a + sh * (ho - 1) + 1:sh, b:b + sw * (wo - 1) + 1:sw]
-      out += np.einsum("nhwi,io->nhwo", win, w[a, b])
-  return out
-
-
 @needs_native
 @pytest.mark.parametrize("x_shape,kernel,strides,pads", [
     ((3, 8, 8, 3), (3, 3), (1, 1), ((1, 1), (1, 1))),     # the stem: 3 input channels
@@ -307,7 +291,7 @@ def test_native_conv_matches_reference(x_shape, kernel, strides, pads, cout):
   x = jax.random.normal(jax.random.PRNGKey(12), x_shape)
   w = jax.random.normal(jax.random.PRNGKey(13), kernel + (x_shape[-1], cout))
   got = jax.jit(conv.native_conv, static_argnums=(2, 3))(x, w, strides, pads)
-  np.testing.assert_allclose(np.asarray(got), _conv_reference(x, w, strides, pads),
+  np.testing.assert_allclose(np.asarray(got), conv_reference(x, w, strides, pads),
                              rtol=1e-5, atol=1e-4)
 
 
@@ -330,7 +314,7 @@ def test_native_conv_avx512_tiles_equal_avx2_bit_for_bit(x_shape, kernel, stride
   f = jax.jit(conv.native_conv, static_argnums=(2, 3), static_argnames="avx512")
   wide = np.asarray(f(x, w, strides, pads, avx512=True))
   np.testing.assert_array_equal(wide, np.asarray(f(x, w, strides, pads, avx512=False)))
-  np.testing.assert_allclose(wide, _conv_reference(x, w, strides, pads), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(wide, conv_reference(x, w, strides, pads), rtol=1e-5, atol=1e-4)
 
 
 @needs_avx512
@@ -397,7 +381,7 @@ def test_native_conv_under_vmap():
   per_example = jax.jit(jax.vmap(f))(x, w)
   for i in range(3):
     np.testing.assert_allclose(np.asarray(per_example[i]),
-                               _conv_reference(x[i], w[i], (1, 1), pads), rtol=1e-5, atol=1e-4)
+                               conv_reference(x[i], w[i], (1, 1), pads), rtol=1e-5, atol=1e-4)
   with pytest.raises(ValueError, match="non-negative"):
     conv.native_conv(x[0], w[0], (1, 1), ((-1, 1), (1, 1)))
 

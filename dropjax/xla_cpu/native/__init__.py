@@ -1,6 +1,6 @@
 """Native CPU kernels, compiled on first use and registered as XLA FFI targets.
 
-Three kernels, used on CPU by :mod:`dropjax.xla_cpu.conv` and
+Three kernels (four targets), used on CPU by :mod:`dropjax.xla_cpu.conv` and
 :mod:`dropjax.xla_cpu.batch_norm` (``benchmarks/README.md`` has the measurements):
 
 * ``conv_weight_grad.cc``: the weight gradient of a convolution, which
@@ -10,7 +10,9 @@ Three kernels, used on CPU by :mod:`dropjax.xla_cpu.conv` and
 * ``conv_forward.cc``: a convolution, faster than XLA:CPU's for the
   CIFAR ResNet shapes and ~6x faster for a 3-channel input; it also serves
   input gradients (target :data:`FORWARD_TARGET`); AVX2 tiles, or AVX-512
-  tiles (compiled by a target attribute) when the call asks for them;
+  tiles (compiled by a target attribute) when the call asks for them; its
+  fused form (target :data:`FUSED_TARGET`) applies inference batch norm, a
+  residual and a ReLU to each tile as it stores it (:mod:`dropjax.xla_cpu.conv_norm`);
 * ``channel_moments.cc``: per-channel sum and sum of squares in one pass, the
   batch-norm statistics (target :data:`MOMENTS_TARGET`).
 
@@ -41,9 +43,10 @@ _SOURCES = tuple(Path(__file__).with_name(f)
 _HEADERS = tuple(Path(__file__).with_name(f) for f in ("work_queue.h", "weight_grad_tile.inc"))
 TARGET = "dropjax_conv_weight_grad"
 FORWARD_TARGET = "dropjax_conv_forward"
+FUSED_TARGET = "dropjax_conv_forward_fused"
 MOMENTS_TARGET = "dropjax_channel_moments"
 _SYMBOLS = {TARGET: "DropjaxConvWeightGrad", FORWARD_TARGET: "DropjaxConvForward",
-            MOMENTS_TARGET: "DropjaxChannelMoments"}
+            FUSED_TARGET: "DropjaxConvForwardFused", MOMENTS_TARGET: "DropjaxChannelMoments"}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -137,7 +140,7 @@ def has_avx512() -> bool:
 
 def load(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> bool:
   """Builds (once per process and cache) and registers the kernels' FFI targets
-  (:data:`TARGET`, :data:`FORWARD_TARGET`, :data:`MOMENTS_TARGET`) on the CPU
+  (:data:`TARGET`, :data:`FORWARD_TARGET`, :data:`FUSED_TARGET`, :data:`MOMENTS_TARGET`) on the CPU
   platform; returns whether they are usable.  Later calls return the first answer."""
   with _lock:
     if "loaded" not in _state:

@@ -23,6 +23,15 @@
 // two blocks of 16 channels are left, 8 positions x 32 channels.  Each output
 // is still the same chain of fused multiply-adds over (kh, kw, ci) in the
 // same order, so both instruction sets give bit-identical results.
+//
+// The fused form (target dropjax_conv_forward_fused) applies an epilogue to
+// each tile as it stores it -- the batch-norm affine map of inference, a
+// residual and a ReLU:
+//   y = max(conv * scale[co] + shift[co] + res[n, oh, ow, co], 0)
+// (residual and ReLU optional), so the activation is written once instead of
+// being read and written again by a separate elementwise pass.  Both tile
+// kinds apply the same operations in the same order (one FMA, one add, one
+// max): bit-identical again.
 
 #include <immintrin.h>
 
@@ -45,6 +54,14 @@ struct Geometry {
   int64_t n, h, w, ci, ho, wo, co, kh, kw, sh, sw, pt, pl, hp, wp;
 };
 
+// What a tile does to its sums before it stores them (see the top).
+struct Epilogue {
+  const float* scale = nullptr;  // (blocks * 16) per output channel, zero past co;
+  const float* shift = nullptr;  // nullptr: the sums are stored as they are
+  const float* res = nullptr;    // this image's residual (ho, wo, co), or nullptr
+  bool relu = false;
+};
+
 // One output position's update: its input value at j times the 16 kernel
 // values (b0, b1) into its two accumulators.
 #define DROPJAX_ROW(xp, lo, hi)                   \
@@ -54,12 +71,34 @@ struct Geometry {
     hi = _mm256_fmadd_ps(a, b1, hi);              \
   } while (0)
 
+// The epilogue on one position's 16 sums (lo, hi) of output channels co0 ..
+// co0 + valid - 1; `at` is their offset in the image's output (and residual).
+inline void Finish(const Epilogue& e, int64_t co0, int64_t at, int64_t valid, __m256& lo,
+                   __m256& hi) {
+  lo = _mm256_fmadd_ps(lo, _mm256_loadu_ps(e.scale + co0), _mm256_loadu_ps(e.shift + co0));
+  hi = _mm256_fmadd_ps(hi, _mm256_loadu_ps(e.scale + co0 + 8),
+                       _mm256_loadu_ps(e.shift + co0 + 8));
+  if (e.res != nullptr && valid == kBlock) {
+    lo = _mm256_add_ps(lo, _mm256_loadu_ps(e.res + at));
+    hi = _mm256_add_ps(hi, _mm256_loadu_ps(e.res + at + 8));
+  } else if (e.res != nullptr) {
+    alignas(32) float r[kBlock] = {};
+    std::memcpy(r, e.res + at, valid * sizeof(float));
+    lo = _mm256_add_ps(lo, _mm256_load_ps(r));
+    hi = _mm256_add_ps(hi, _mm256_load_ps(r + 8));
+  }
+  if (e.relu) {
+    lo = _mm256_max_ps(lo, _mm256_setzero_ps());
+    hi = _mm256_max_ps(hi, _mm256_setzero_ps());
+  }
+}
+
 // Accumulates one 6 x 16 tile.  `pos` are the tile's flattened output
 // positions (a short image repeats its last one: same sums, same values);
 // `wpk` is the packed kernel block (kh, kw * ci, 16).  The twelve
 // accumulators are named variables: GCC keeps an accumulator *array* in memory
 // (a store after every FMA), which halves the speed.
-inline void Tile(const Geometry& g, const float* pad, const float* wpk,
+inline void Tile(const Geometry& g, const Epilogue& e, const float* pad, const float* wpk,
                  const int64_t* pos, float* out, int64_t co0) {
   const int64_t ci = g.ci, len = g.kw * ci, row = g.wp * ci;
   const float* x[kTile];
@@ -81,11 +120,12 @@ inline void Tile(const Geometry& g, const float* pad, const float* wpk,
       DROPJAX_ROW(x5, c50, c51);
     }
   }
-  const __m256 acc[kTile][2] = {{c00, c01}, {c10, c11}, {c20, c21},
-                                {c30, c31}, {c40, c41}, {c50, c51}};
+  __m256 acc[kTile][2] = {{c00, c01}, {c10, c11}, {c20, c21},
+                          {c30, c31}, {c40, c41}, {c50, c51}};
   const int64_t valid = std::min<int64_t>(kBlock, g.co - co0);
   for (int p = 0; p < kTile; ++p) {
     float* o = out + pos[p] * g.co + co0;
+    if (e.scale != nullptr) Finish(e, co0, pos[p] * g.co + co0, valid, acc[p][0], acc[p][1]);
     if (valid == kBlock) {
       _mm256_storeu_ps(o, acc[p][0]);
       _mm256_storeu_ps(o + 8, acc[p][1]);
@@ -115,7 +155,8 @@ inline void CopyPadded(const Geometry& g, const float* x, float* pad) {
                 cols * g.ci * sizeof(float));
 }
 
-void Image(const Geometry& g, const float* x, const float* packed, float* y, float* pad) {
+void Image(const Geometry& g, const Epilogue& e, const float* x, const float* packed, float* y,
+           float* pad) {
   CopyPadded(g, x, pad);
   const int64_t npos = g.ho * g.wo;
   const int64_t block = g.kh * g.kw * g.ci * kBlock;
@@ -127,7 +168,7 @@ void Image(const Geometry& g, const float* x, const float* packed, float* y, flo
       // positions repeats its last position.
       int64_t pos[kTile];
       TilePositions(start, npos, kTile, pos);
-      Tile(g, pad, wpk, pos, y, co0);
+      Tile(g, e, pad, wpk, pos, y, co0);
     }
   }
 }
@@ -152,14 +193,22 @@ void Image(const Geometry& g, const float* x, const float* packed, float* y, flo
     hi = _mm512_fmadd_ps(a, b1, hi);             \
   } while (0)
 
-DROPJAX_AVX512 inline void Store512(const Geometry& g, float* out, const int64_t* pos,
-                                    int p, int64_t co0, __m512 v) {
-  float* o = out + pos[p] * g.co + co0;
+// Stores one position's 16 sums, after the epilogue (the same operations as
+// Finish, so the same values).
+DROPJAX_AVX512 inline void Store512(const Geometry& g, const Epilogue& e, float* out,
+                                    const int64_t* pos, int p, int64_t co0, __m512 v) {
+  const int64_t at = pos[p] * g.co + co0;
   const int64_t valid = std::min<int64_t>(kBlock, g.co - co0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+  if (e.scale != nullptr) {
+    v = _mm512_fmadd_ps(v, _mm512_loadu_ps(e.scale + co0), _mm512_loadu_ps(e.shift + co0));
+    if (e.res != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, e.res + at));
+    if (e.relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+  }
   if (valid == kBlock) {
-    _mm512_storeu_ps(o, v);
+    _mm512_storeu_ps(out + at, v);
   } else {
-    _mm512_mask_storeu_ps(o, static_cast<__mmask16>((1u << valid) - 1u), v);
+    _mm512_mask_storeu_ps(out + at, mask, v);
   }
 }
 
@@ -167,7 +216,8 @@ constexpr int kTileZ1 = 12;  // positions of a 16-channel AVX-512 tile
 constexpr int kTileZ2 = 8;   // positions of a 32-channel AVX-512 tile
 
 // 12 positions x 16 channels, accumulated in 12 zmm registers.
-DROPJAX_AVX512 inline void TileZ1(const Geometry& g, const float* pad, const float* wpk,
+DROPJAX_AVX512 inline void TileZ1(const Geometry& g, const Epilogue& e, const float* pad,
+                                  const float* wpk,
                                   const int64_t* pos, float* out, int64_t co0) {
   const int64_t ci = g.ci, len = g.kw * ci, row = g.wp * ci;
   DROPJAX_POINTERS(kTileZ1)
@@ -186,12 +236,13 @@ DROPJAX_AVX512 inline void TileZ1(const Geometry& g, const float* pad, const flo
     }
   }
   const __m512 acc[kTileZ1] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11};
-  for (int p = 0; p < kTileZ1; ++p) Store512(g, out, pos, p, co0, acc[p]);
+  for (int p = 0; p < kTileZ1; ++p) Store512(g, e, out, pos, p, co0, acc[p]);
 }
 
 // 8 positions x 32 channels (the packed blocks at co0 and co0 + 16), in 16
 // zmm registers: two weight loads serve 16 multiply-adds.
-DROPJAX_AVX512 inline void TileZ2(const Geometry& g, const float* pad, const float* wpk_lo,
+DROPJAX_AVX512 inline void TileZ2(const Geometry& g, const Epilogue& e, const float* pad,
+                                  const float* wpk_lo,
                                   const float* wpk_hi, const int64_t* pos, float* out,
                                   int64_t co0) {
   const int64_t ci = g.ci, len = g.kw * ci, row = g.wp * ci;
@@ -215,8 +266,8 @@ DROPJAX_AVX512 inline void TileZ2(const Geometry& g, const float* pad, const flo
   const __m512 lo[kTileZ2] = {c00, c10, c20, c30, c40, c50, c60, c70};
   const __m512 hi[kTileZ2] = {c01, c11, c21, c31, c41, c51, c61, c71};
   for (int p = 0; p < kTileZ2; ++p) {
-    Store512(g, out, pos, p, co0, lo[p]);
-    Store512(g, out, pos, p, co0 + kBlock, hi[p]);
+    Store512(g, e, out, pos, p, co0, lo[p]);
+    Store512(g, e, out, pos, p, co0 + kBlock, hi[p]);
   }
 }
 #undef DROPJAX_Z1
@@ -225,8 +276,8 @@ DROPJAX_AVX512 inline void TileZ2(const Geometry& g, const float* pad, const flo
 
 // Image with AVX-512 tiles: pairs of 16-channel blocks by TileZ2, a last odd
 // block by TileZ1.
-DROPJAX_AVX512 void Image512(const Geometry& g, const float* x, const float* packed, float* y,
-                             float* pad) {
+DROPJAX_AVX512 void Image512(const Geometry& g, const Epilogue& e, const float* x,
+                             const float* packed, float* y, float* pad) {
   CopyPadded(g, x, pad);
   const int64_t npos = g.ho * g.wo;
   const int64_t block = g.kh * g.kw * g.ci * kBlock;
@@ -236,14 +287,14 @@ DROPJAX_AVX512 void Image512(const Geometry& g, const float* x, const float* pac
     const float* wpk = packed + co0 / kBlock * block;
     for (int64_t start = 0; start < npos; start += kTileZ2) {
       TilePositions(start, npos, kTileZ2, pos);
-      TileZ2(g, pad, wpk, wpk + block, pos, y, co0);
+      TileZ2(g, e, pad, wpk, wpk + block, pos, y, co0);
     }
   }
   for (; co0 < g.co; co0 += kBlock) {
     const float* wpk = packed + co0 / kBlock * block;
     for (int64_t start = 0; start < npos; start += kTileZ1) {
       TilePositions(start, npos, kTileZ1, pos);
-      TileZ1(g, pad, wpk, pos, y, co0);
+      TileZ1(g, e, pad, wpk, pos, y, co0);
     }
   }
 }
@@ -251,10 +302,11 @@ DROPJAX_AVX512 void Image512(const Geometry& g, const float* x, const float* pac
 
 }  // namespace
 
-static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                  ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
-                                  int64_t sh, int64_t sw, int64_t pt, int64_t pl,
-                                  int64_t isa) {
+// The convolution with epilogue `e` (its res pointer: the whole residual,
+// (n, ho, wo, co), or nullptr), shared by both targets.
+static ffi::Error Convolve(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
+                           ffi::Buffer<ffi::F32>& w, ffi::ResultBuffer<ffi::F32>& y, int64_t sh,
+                           int64_t sw, int64_t pt, int64_t pl, int64_t isa, const Epilogue& e) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("conv_forward: operands must have rank 4");
@@ -280,21 +332,66 @@ static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       std::memcpy(&packed[(b * taps + t) * kBlock], wp + t * g.co + b * kBlock,
                   valid * sizeof(float));
   }
+  // The epilogue's scale and shift, zero-padded to whole blocks (full loads).
+  std::vector<float> scale, shift;
+  Epilogue image_e = e;
+  if (e.scale != nullptr) {
+    scale.assign(blocks * kBlock, 0.f);
+    shift.assign(blocks * kBlock, 0.f);
+    std::memcpy(scale.data(), e.scale, g.co * sizeof(float));
+    std::memcpy(shift.data(), e.shift, g.co * sizeof(float));
+    image_e.scale = scale.data();
+    image_e.shift = shift.data();
+  }
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   const int64_t in_image = g.h * g.w * g.ci, out_image = g.ho * g.wo * g.co;
   auto work = [&](dropjax::WorkQueue& queue) {
     std::vector<float> pad(g.hp * g.wp * g.ci, 0.f);  // zero borders for every image
+    Epilogue ie = image_e;
     for (int64_t i; (i = queue.Take()) >= 0;) {
+      if (e.res != nullptr) ie.res = e.res + i * out_image;
       if (isa == 512) {
-        Image512(g, xp + i * in_image, packed.data(), yp + i * out_image, pad.data());
+        Image512(g, ie, xp + i * in_image, packed.data(), yp + i * out_image, pad.data());
       } else {
-        Image(g, xp + i * in_image, packed.data(), yp + i * out_image, pad.data());
+        Image(g, ie, xp + i * in_image, packed.data(), yp + i * out_image, pad.data());
       }
     }
   };
   dropjax::RunOnPool(pool, g.n, pool.num_threads(), work);
   return ffi::Error::Success();
+}
+
+static ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+                                  int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                                  int64_t isa) {
+  return Convolve(pool, x, w, y, sh, sw, pt, pl, isa, Epilogue{});
+}
+
+// y = max(conv(x, w) * scale + shift + res, 0): scale and shift (co,); res
+// y's shape, or empty for none; the max only if relu = 1.
+static ffi::Error ConvForwardFusedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                       ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale,
+                                       ffi::Buffer<ffi::F32> shift, ffi::Buffer<ffi::F32> res,
+                                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw,
+                                       int64_t pt, int64_t pl, int64_t isa, int64_t relu) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 4 || scale.element_count() != static_cast<size_t>(wd[3]) ||
+      shift.element_count() != static_cast<size_t>(wd[3]))
+    return ffi::Error::InvalidArgument("conv_forward_fused: scale and shift need one value "
+                                       "per output channel");
+  if (res.element_count() != 0 && res.element_count() != y->element_count())
+    return ffi::Error::InvalidArgument("conv_forward_fused: the residual must have the "
+                                       "output's shape (or be empty)");
+  if (relu != 0 && relu != 1)
+    return ffi::Error::InvalidArgument("conv_forward_fused: relu must be 0 or 1");
+  Epilogue e;
+  e.scale = scale.typed_data();
+  e.shift = shift.typed_data();
+  e.res = res.element_count() != 0 ? res.typed_data() : nullptr;
+  e.relu = relu == 1;
+  return Convolve(pool, x, w, y, sh, sw, pt, pl, isa, e);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DropjaxConvForward, ConvForwardImpl,
@@ -308,3 +405,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DropjaxConvForward, ConvForwardImpl,
                                   .Attr<int64_t>("pt")
                                   .Attr<int64_t>("pl")
                                   .Attr<int64_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DropjaxConvForwardFused, ConvForwardFusedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("relu"));
