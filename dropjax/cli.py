@@ -106,6 +106,20 @@ def fail(msg: str) -> int:
   return 2
 
 
+# Exit status of a command whose stdout reader went away (as a shell reports SIGPIPE).
+EXIT_STDOUT_CLOSED = 128 + 13
+
+
+def _stdout_closed() -> int:
+  """Stdout's reader went away (a closed pipe: the parent script was killed).
+  What the command saved stays saved; nothing more is written to stdout, and
+  Python's flush at exit is pointed at /dev/null so it raises nothing."""
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, sys.stdout.fileno())
+  os.close(devnull)
+  return EXIT_STDOUT_CLOSED
+
+
 def make_parser(prog: str, description: str | None, cls, *,
                 extra: Callable[[argparse.ArgumentParser], None] | None = None,
                 epilog: str | None = None, exclude=()) -> argparse.ArgumentParser:
@@ -126,20 +140,24 @@ def run_command(prog: str, description: str | None, cls, run: Callable, argv=Non
 
   ``make_config(args, overrides)`` builds the config (default ``cls(**overrides)``,
   validated when ``cls`` has ``validate``).  User errors print one line and
-  return 2.
+  return 2; a closed stdout (its reader gone) returns :data:`EXIT_STDOUT_CLOSED`
+  without a traceback.
   """
-  args = make_parser(prog, description, cls, extra=extra, epilog=epilog,
-                     exclude=exclude).parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
   try:
-    overrides = config_overrides(cls, args)
-    cfg = make_config(args, overrides) if make_config else cls(**overrides)
-    if hasattr(cfg, "validate"):
-      cfg.validate()
-    return run(cfg, args) if extra else run(cfg)
-  except user_errors() as e:
-    return fail(str(e))
+    args = make_parser(prog, description, cls, extra=extra, epilog=epilog,
+                       exclude=exclude).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
+    try:
+      overrides = config_overrides(cls, args)
+      cfg = make_config(args, overrides) if make_config else cls(**overrides)
+      if hasattr(cfg, "validate"):
+        cfg.validate()
+      return run(cfg, args) if extra else run(cfg)
+    except user_errors() as e:
+      return fail(str(e))
+  except BrokenPipeError:
+    return _stdout_closed()
 
 
 # --- train.py ---------------------------------------------------------------

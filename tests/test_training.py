@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from dropjax import deadlines, files
+from dropjax import cli, deadlines, files
 from dropjax.config import from_preset, PRESETS, TrainConfig
 from dropjax.training import checkpoint as ckpt_lib
 from dropjax.training import loop, parallel, state as state_lib, step as step_lib
@@ -250,6 +250,27 @@ def test_train_cli_sigterm_and_stop_at_stop_resumably(tiny_data_dir, tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert f"step={step + 1} " in again.stdout and "--stop_at 2000-01-01T00:00:00" in again.stderr
   assert os.listdir(wd / "checkpoints") == [str(step + 1)]
+
+
+def test_train_with_stdout_closed_saves_its_work_and_exits_quietly(tiny_data_dir, tmp_path):
+  """A run whose stdout reader went away (the parent script killed first) still
+  checkpoints; its final line fails quietly: exit status 141, no traceback."""
+  wd = tmp_path / "w"
+  read_end, write_end = os.pipe()
+  os.close(read_end)  # every write to stdout now fails with EPIPE
+  try:
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--workdir", str(wd), "--dataset",
+         "gtsrb", "--source", "local", "--data_dir", tiny_data_dir, "--val_size", "16",
+         "--depth", "8", "--width", "4", "--epochs", "1", "--batch_size", "16",
+         "--eval_every_epochs", "0", "--no_progress"],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT, stdout=write_end,
+        stderr=subprocess.PIPE, text=True, timeout=600)
+  finally:
+    os.close(write_end)
+  assert out.returncode == cli.EXIT_STDOUT_CLOSED, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr
+  assert os.listdir(wd / "checkpoints")  # the work is saved
 
 
 def test_seed_changes_data_order_and_init():
