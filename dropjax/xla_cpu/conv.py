@@ -325,4 +325,7 @@ def make_conv_general_dilated(opts: ConvOptions) -> Callable:
         feature_group_count=feature_group_count, batch_group_count=batch_group_count,
         precision=precision, preferred_element_type=preferred_element_type)
 
+  # Marks a convolution with lax.conv_general_dilated's values (up to rounding),
+  # which dropjax.xla_cpu.conv_norm's fused layer may compute in its place.
+  conv_general_dilated.same_values_as_lax = True
   return conv_general_dilated

@@ -20,7 +20,9 @@ passes to the model's inference layers (``ModelLayers.conv_norm_act``); it
 reads the convolution's and the norm's variables from the two modules and
 falls back to the plain composition (:func:`dropjax.models.conv_norm_act`)
 wherever the fused form does not apply (initialization, training-mode batch
-norm, non-float32, convolutions the native kernel does not take).  Values
+norm, non-float32, convolutions the native kernel does not take, and modules
+other than ``nn.Conv`` computing ``lax.conv_general_dilated`` and a batch norm:
+a subclass or a user's own convolution is called as it is).  Values
 equal the composition's up to float rounding.  Gradients (an attack's input
 gradient, or any parameter's) come from a custom VJP that forms only the
 cotangents asked for; reverse mode only, like :mod:`dropjax.xla_cpu.conv`.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +42,7 @@ from jax.custom_derivatives import SymbolicZero
 from dropjax import models
 from dropjax.xla_cpu import conv as conv_lib
 from dropjax.xla_cpu import native
-from dropjax.xla_cpu.batch_norm import channel_sum
+from dropjax.xla_cpu.batch_norm import BatchNorm, channel_sum
 
 _NO_RESIDUAL = (0,)  # shape of the empty array that stands for "no residual"
 
@@ -151,9 +154,25 @@ def _as_pair(v) -> tuple[int, int]:
   return tuple(int(a) for a in v)
 
 
+def _plain_modules(conv, norm) -> bool:
+  """Whether ``conv`` is a ``flax.linen.Conv`` computing ``lax.conv_general_dilated``
+  (not a subclass, a masked or a user's own convolution) and ``norm`` a
+  ``flax.linen.BatchNorm`` or dropjax's: the layers whose values the fused
+  kernel reproduces from their variables alone."""
+  # pylint: disable-next=unidiomatic-typecheck
+  if type(conv) is not nn.Conv or type(norm) not in (nn.BatchNorm, BatchNorm):
+    return False
+  fn = conv.conv_general_dilated
+  return (conv.mask is None and conv.conv_general_dilated_cls is None
+          and (fn is None or fn is lax.conv_general_dilated
+               or getattr(fn, "same_values_as_lax", False)))
+
+
 def _fusable(conv, norm, x, residual) -> bool:
   """Whether the modules are a convolution and an inference batch norm the
   fused kernel computes exactly (up to rounding)."""
+  if not _plain_modules(conv, norm):
+    return False
   if conv.is_initializing() or not getattr(norm, "use_running_average", False):
     return False
   if x.dtype != jnp.float32 or x.ndim != 4:

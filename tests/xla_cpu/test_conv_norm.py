@@ -2,6 +2,8 @@
 (dropjax.xla_cpu.conv_norm, the native kernel's epilogue), against independent
 references: NumPy for the kernel, XLA's ops for the gradients, the plain
 module composition for the model."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -205,6 +207,23 @@ def test_fused_layer_falls_back_where_it_does_not_apply():
     variables = unit.init(jax.random.PRNGKey(0), xs)
     fn = jax.jit(lambda x, unit=unit, variables=variables: unit.apply(variables, x))
     assert native.FUSED_TARGET not in fn.lower(xs).as_text()
+
+  # A user's own convolution (a subclass, or another conv_general_dilated) is
+  # called as it is, never replaced by the kernel's plain convolution.
+  class Doubled(nn.Conv):
+    def __call__(self, inputs):
+      return 2 * super().__call__(inputs)
+
+  doubled = lambda *a, **kw: 2 * jax.lax.conv_general_dilated(*a, **kw)
+  for conv_cls in (Doubled, functools.partial(nn.Conv, conv_general_dilated=doubled)):
+    user = models.resnet(8, 10, width=16, conv=conv_cls, norm=nn.BatchNorm,
+                         conv_norm_act=layer)
+    ref = models.resnet(8, 10, width=16, conv=conv_cls, norm=nn.BatchNorm)
+    variables = ref.init(jax.random.PRNGKey(0), x)
+    fn = jax.jit(lambda x, m=user, variables=variables: m.apply(variables, x))
+    assert native.FUSED_TARGET not in fn.lower(x).as_text()
+    np.testing.assert_allclose(np.asarray(fn(x)), np.asarray(ref.apply(variables, x)),
+                               rtol=1e-5, atol=1e-5)
   unit = Unit(nn.BatchNorm)  # flax's own BatchNorm with both parameters: fused
   variables = unit.init(jax.random.PRNGKey(0), xs)
   fn = jax.jit(lambda x: unit.apply(variables, x))
