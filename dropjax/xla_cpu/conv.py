@@ -78,7 +78,8 @@ class ConvOptions:
   native_avx512: bool = False
 
 
-def _pairs(padding, lhs_shape, rhs_shape, strides):
+def padding_pairs(padding, lhs_shape, rhs_shape, strides):
+  """``((top, bottom), (left, right))`` for a ``padding`` string or pairs."""
   if isinstance(padding, str):
     return tuple(lax.padtype_to_pads(lhs_shape[1:3], rhs_shape[:2], strides, padding))
   return tuple((int(lo), int(hi)) for lo, hi in padding)
@@ -104,7 +105,8 @@ def _supported(lhs, rhs, strides, pads, lhs_dilation, rhs_dilation, dimension_nu
   return len(pads) == 2 and all(p >= 0 for pair in pads for p in pair)
 
 
-def _xla_conv(x, w, strides, pads, precision=None):
+def xla_conv(x, w, strides, pads, precision=None):
+  """XLA's NHWC / HWIO convolution with explicit ``pads``."""
   return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC,
                                   precision=precision)
 
@@ -129,7 +131,7 @@ def _native_conv_fn(strides, pads, avx512: bool):
     x_batched, w_batched = in_batched
     if w_batched:  # a kernel per batch element (e.g. per-example weights): XLA's
       x_axis = 0 if x_batched else None
-      return jax.vmap(lambda a, b: _xla_conv(a, b, strides, pads), (x_axis, 0))(x, w), True
+      return jax.vmap(lambda a, b: xla_conv(a, b, strides, pads), (x_axis, 0))(x, w), True
     # One kernel for all: fold the vmapped axis into the images (EOT masks).
     y = fn(x.reshape((-1,) + x.shape[2:]), w)
     return y.reshape((axis_size, x.shape[1]) + y.shape[1:]), True
@@ -156,11 +158,11 @@ def native_conv(x: jax.Array, w: jax.Array, strides, pads, *, avx512: bool = Fal
   return _native_conv_fn(strides, pads, bool(avx512))(x, w)
 
 
-def _forward(x, w, strides, pads, precision, opts: ConvOptions):
+def convolve(x, w, strides, pads, precision, opts: ConvOptions):
   """The convolution: native when ``opts`` say so, else XLA's."""
   if opts.native_forward:
     return native_conv(x, w, strides, pads, avx512=opts.native_avx512)
-  return _xla_conv(x, w, strides, pads, precision)
+  return xla_conv(x, w, strides, pads, precision)
 
 
 def weight_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides, pads, *,
@@ -232,7 +234,7 @@ def input_grad_polyphase(dy: jax.Array, w: jax.Array, strides, pads, x_shape,
       lo_hi = ((-r0, mh - ho + r1), (-c0, mw - wo + c1))
       src = dy[:, max(0, r0):ho - max(0, -lo_hi[0][1]), max(0, c0):wo - max(0, -lo_hi[1][1])]
       conv_pads = tuple((max(0, lo), max(0, hi)) for lo, hi in lo_hi)
-      row.append(_forward(src, k, (1, 1), conv_pads, None, opts))
+      row.append(convolve(src, k, (1, 1), conv_pads, None, opts))
     phases.append(jnp.stack(row))
   out = jnp.stack(phases)  # (sh, sw, B, mh, mw, ci)
   return out.transpose(2, 3, 0, 4, 1, 5).reshape(b, h, wd, ci)
@@ -249,14 +251,14 @@ def _input_grad(dy, w, strides, pads, precision, x_shape, opts: ConvOptions):
                        avx512=opts.native_avx512)
   if opts.polyphase and _polyphase_ok(x_shape, w.shape, strides):
     return input_grad_polyphase(dy, w, strides, pads, x_shape, opts)
-  _, vjp = jax.vjp(lambda v: _xla_conv(v, w, strides, pads, precision),
+  _, vjp = jax.vjp(lambda v: xla_conv(v, w, strides, pads, precision),
                    jnp.zeros(x_shape, dy.dtype))
   return vjp(dy)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, w, strides, pads, precision, opts):
-  return _forward(x, w, strides, pads, precision, opts)
+  return convolve(x, w, strides, pads, precision, opts)
 
 
 def _conv_fwd(x, w, strides, pads, precision, opts):
@@ -265,7 +267,7 @@ def _conv_fwd(x, w, strides, pads, precision, opts):
   # so an attack (gradient w.r.t. x only) never runs the weight-gradient kernel.
   # An empty (0, *x.shape) array carries x's shape when only dx is needed.
   x_val, w_val = x.value, w.value
-  out = _forward(x_val, w_val, strides, pads, precision, opts)
+  out = convolve(x_val, w_val, strides, pads, precision, opts)
   shape_of_x = jnp.zeros((0,) + x_val.shape, x_val.dtype) if x.perturbed else None
   return out, (w_val, shape_of_x, x_val if w.perturbed else None)
 
@@ -283,7 +285,7 @@ def conv_vjp(dy: jax.Array, w: jax.Array, x_shape, x: jax.Array | None, strides,
   elif opts.native_weight_grad and w.shape[-1] % 8 == 0:
     dw = weight_grad(x, dy, w.shape, strides, pads, avx512=opts.native_avx512)
   else:
-    dw = jax.vjp(lambda v: _xla_conv(x, v, strides, pads, precision), w)[1](dy)[0]
+    dw = jax.vjp(lambda v: xla_conv(x, v, strides, pads, precision), w)[1](dy)[0]
   return dx, dw
 
 
@@ -315,7 +317,7 @@ def make_conv_general_dilated(opts: ConvOptions) -> Callable:
     if opts.input_barrier:
       lhs = fusion.fusion_barrier(lhs, rhs)
     strides = tuple(int(s) for s in window_strides)
-    pads = _pairs(padding, lhs.shape, rhs.shape, strides)
+    pads = padding_pairs(padding, lhs.shape, rhs.shape, strides)
     if fast and _supported(lhs, rhs, strides, pads, lhs_dilation, rhs_dilation, dimension_numbers,
                   feature_group_count, batch_group_count, preferred_element_type):
       return _conv(lhs, rhs, strides, pads, precision, opts)

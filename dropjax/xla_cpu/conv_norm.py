@@ -50,7 +50,7 @@ _NO_RESIDUAL = (0,)  # shape of the empty array that stands for "no residual"
 def reference(x, w, scale, shift, residual, strides, pads, relu: bool):
   """The fused layer's values by XLA's ops: ``max(conv(x, w) * scale + shift
   + residual, 0)`` (residual ignored when empty, max only if ``relu``)."""
-  y = conv_lib._xla_conv(x, w, strides, pads) * scale + shift  # pylint: disable=protected-access
+  y = conv_lib.xla_conv(x, w, strides, pads) * scale + shift
   if residual.size:
     y = y + residual
   return jnp.maximum(y, 0) if relu else y
@@ -134,7 +134,7 @@ def _conv_affine_bwd(strides, pads, relu, opts, residuals, dy):
   d_shift = channel_sum(g) if dt_m is not None else None
   d_scale = None
   if ds_m is not None:
-    z = conv_lib._forward(x, w, strides, pads, None, opts)  # pylint: disable=protected-access
+    z = conv_lib.convolve(x, w, strides, pads, None, opts)
     d_scale = channel_sum(g * z)
   dx, dw = None, None
   if shape_of_x is not None or dw_m is not None:
@@ -198,7 +198,7 @@ def _explicit_pads(padding, x_shape, w_shape, strides):
   elif not (isinstance(padding, (tuple, list)) and len(padding) == 2
             and all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in padding)):
     return None
-  pads = conv_lib._pairs(padding, x_shape, w_shape, strides)  # pylint: disable=protected-access
+  pads = conv_lib.padding_pairs(padding, x_shape, w_shape, strides)
   return None if any(p < 0 for pair in pads for p in pair) else pads
 
 
