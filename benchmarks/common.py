@@ -58,6 +58,12 @@ TRAIN_WARMUP = 20
 TORCH_FORMS = ("plain", "best", "compiled")
 
 
+# ResNet-20's convolution shapes (input size, in channels, out channels, stride):
+# the stem, the three stages, the two block entries (3x3 kernels, padding 1).
+RESNET20_CONV_SHAPES = ((32, 3, 16, 1), (32, 16, 16, 1), (16, 32, 32, 1), (8, 64, 64, 1),
+                        (32, 16, 32, 2), (16, 32, 64, 2))
+
+
 def measure(run, sync, repeats: int, warmup: int = 1) -> dict:
   """``run()`` returns something ``sync`` blocks on.  First call = compile + run."""
   t0 = time.perf_counter()

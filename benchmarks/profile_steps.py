@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from benchmarks import bench  # noqa: E402
-from benchmarks.common import machine, measure  # noqa: E402
+from benchmarks.common import RESNET20_CONV_SHAPES, machine, measure  # noqa: E402
 from dropjax.attacks.losses import attack_objective  # noqa: E402
 from dropjax.attacks.pgd import eot_gradient  # noqa: E402
 from dropjax.objectives import cross_entropy  # noqa: E402
@@ -106,9 +106,7 @@ def conv_shapes(batch: int, repeats: int) -> list[dict]:
   dn = ("NHWC", "HWIO", "NHWC")
   pads = ((1, 1), (1, 1))
   rows = []
-  # (input size, in channels, out channels, stride): stem, three stages, two block entries
-  for h, c, o, s in ((32, 3, 16, 1), (32, 16, 16, 1), (16, 32, 32, 1), (8, 64, 64, 1),
-                     (32, 16, 32, 2), (16, 32, 64, 2)):
+  for h, c, o, s in RESNET20_CONV_SHAPES:
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, h, h, c))
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, c, o))
     g = jax.random.normal(jax.random.PRNGKey(2), (batch, h // s, h // s, o))
