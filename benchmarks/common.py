@@ -64,6 +64,19 @@ RESNET20_CONV_SHAPES = ((32, 3, 16, 1), (32, 16, 16, 1), (16, 32, 32, 1), (8, 64
                         (32, 16, 32, 2), (16, 32, 64, 2))
 
 
+def conv_shape_row(h: int, cin: int, cout: int, stride: int, batch: int) -> dict:
+  """The key fields of a per-shape row and its GFLOP per call (3x3 kernel)."""
+  return {"hw": h, "cin": cin, "cout": cout, "stride": stride, "batch": batch,
+          "gflop": 2 * batch * (h // stride) ** 2 * 9 * cin * cout / 1e9}
+
+
+def time_conv(row: dict, key: str, run, sync, repeats: int, warmup: int = 1) -> None:
+  """Adds ``<key>_ms`` and ``<key>_gflops`` (median over ``repeats``) to ``row``."""
+  sec = measure(run, sync, repeats, warmup)["median_s"]
+  row[f"{key}_ms"] = round(1e3 * sec, 2)
+  row[f"{key}_gflops"] = round(row["gflop"] / sec, 1)
+
+
 def measure(run, sync, repeats: int, warmup: int = 1) -> dict:
   """``run()`` returns something ``sync`` blocks on.  First call = compile + run."""
   t0 = time.perf_counter()

@@ -43,7 +43,8 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from benchmarks import bench  # noqa: E402
-from benchmarks.common import RESNET20_CONV_SHAPES, machine, measure  # noqa: E402
+from benchmarks.common import (RESNET20_CONV_SHAPES, conv_shape_row, machine,  # noqa: E402
+                               measure, time_conv)
 from dropjax.attacks.losses import attack_objective  # noqa: E402
 from dropjax.attacks.pgd import eot_gradient  # noqa: E402
 from dropjax.objectives import cross_entropy  # noqa: E402
@@ -119,14 +120,11 @@ def conv_shapes(batch: int, repeats: int) -> list[dict]:
           jax.jit(lambda g, w, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]), (g, w))
       fns["weight_grad" + tag] = (
           jax.jit(lambda g, x, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]), (g, x))
-    gflop = 2 * batch * (h // s) ** 2 * 9 * c * o / 1e9
-    row = {"hw": h, "cin": c, "cout": o, "stride": s, "batch": batch, "gflop": gflop,
+    row = {**conv_shape_row(h, c, o, s, batch),
            "native_forward": bool(choices.get("native_forward")),
            "native_weight_grad": bool(choices.get("native_weight_grad")) and o % 8 == 0}
     for name, (f, a) in fns.items():
-      sec = measure(lambda: f(*a), sync, repeats)["median_s"]
-      row[f"{name}_ms"] = round(1e3 * sec, 2)
-      row[f"{name}_gflops"] = round(gflop / sec, 1)
+      time_conv(row, name, lambda f=f, a=a: f(*a), sync, repeats)
     rows.append(row)
   return rows
 

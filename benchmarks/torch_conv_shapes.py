@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import RESNET20_CONV_SHAPES, machine, measure  # noqa: E402
+from benchmarks.common import (RESNET20_CONV_SHAPES, conv_shape_row, machine,  # noqa: E402
+                               time_conv)
 
 
 def conv_shapes(batch: int, repeats: int) -> list[dict]:
@@ -37,13 +38,10 @@ def conv_shapes(batch: int, repeats: int) -> list[dict]:
         "input_grad": lambda: torch.nn.grad.conv2d_input(x.shape, w, g, stride=s, padding=1),
         "weight_grad": lambda: torch.nn.grad.conv2d_weight(x, w.shape, g, stride=s, padding=1),
     }
-    gflop = 2 * batch * (h // s) ** 2 * 9 * c * o / 1e9
-    row = {"hw": h, "cin": c, "cout": o, "stride": s, "batch": batch, "gflop": gflop}
+    row = conv_shape_row(h, c, o, s, batch)
     with torch.no_grad():
       for name, f in fns.items():
-        sec = measure(f, lambda r: r, repeats, warmup=2)["median_s"]
-        row[f"{name}_torch_ms"] = round(1e3 * sec, 2)
-        row[f"{name}_torch_gflops"] = round(gflop / sec, 1)
+        time_conv(row, f"{name}_torch", f, lambda r: r, repeats, warmup=2)
     rows.append(row)
   return rows
 
