@@ -303,6 +303,13 @@ def test_native_conv_matches_reference(x_shape, kernel, strides, pads, cout):
     ((2, 12, 10, 2), (5, 5), (1, 1), ((2, 2), (0, 4))),   # 5x5 kernel, one-sided pads
     ((2, 8, 8, 16), (3, 3), (2, 2), ((1, 1), (1, 1))),    # the stride-2 block entry
     ((2, 9, 8, 3), (3, 2), (3, 2), ((0, 1), (2, 0))),     # strides 3 x 2
+    # row tiles (a whole output row per tile; input channels and stride compiled in)
+    ((2, 16, 16, 16), (3, 3), (1, 1), ((1, 1), (1, 1))),  # 16 channels, stride 1
+    ((2, 6, 16, 3), (3, 3), (1, 1), ((1, 1), (1, 1))),    # the stem's 3 channels
+    ((2, 4, 16, 32), (3, 3), (1, 1), ((1, 1), (1, 1))),   # 32 channels
+    ((2, 4, 8, 64), (3, 3), (1, 1), ((1, 1), (1, 1))),    # 64 channels
+    ((2, 8, 16, 16), (3, 3), (2, 2), ((1, 1), (1, 1))),   # stride 2 from 16 channels
+    ((2, 8, 16, 32), (3, 3), (2, 2), ((1, 1), (1, 1))),   # stride 2 from 32 channels
 ])
 # one partial block, one block, a pair, a pair + a partial one, a pair + one block
 @pytest.mark.parametrize("cout", [3, 16, 32, 40, 48])
