@@ -16,7 +16,7 @@
 // not depend on thread scheduling (bit-for-bit reproducible runs).
 //
 // With the attribute isa = 512 (an error on a CPU without AVX-512F)
-// the tiles are 6 input channels x 32 or 16 output channels in zmm registers
+// the tiles are 8 input channels x 32 or 16 output channels in zmm registers
 // (blocks of 8 left over, and 16-channel blocks of fewer than 4 input
 // channels, keep the AVX2 tile).  Every dw value is still one
 // chain of multiply-adds over the same windows in the same order, so both
@@ -41,6 +41,10 @@ namespace {
 
 constexpr int64_t kChunkBytes = 8192;  // dy bytes per sweep (with x: fits L1)
 constexpr int kMaxChannelBlock = 6;    // 6 x 2 accumulators + 3 operands = 15 ymm
+// AVX-512: 8 input channels per tile (8 x 2 accumulators + 3 operands of 32 zmm):
+// a 16-channel tile then has 8 independent chains, as many as two FMA units
+// with a latency of 4 need.
+constexpr int kMaxChannelBlock512 = 8;
 
 struct Geometry {
   int64_t n, h, w, ci, ho, wo, co, kh, kw, sh, sw, ph, pw;
@@ -107,8 +111,8 @@ DROPJAX_AVX512 void ChannelBlock512(const Geometry& g, const float* x, const flo
 }
 #undef DROPJAX_AVX512
 
-// One window's channel blocks (CB = 6 and a last, smaller one) with the
-// tiles of ChannelBlock (AVX2) or ChannelBlock512 (AVX-512).
+// One window's channel blocks (CB = 6 for AVX2, 8 for AVX-512, and a last,
+// smaller one) with the tiles of ChannelBlock (AVX2) or ChannelBlock512 (AVX-512).
 template <bool kAvx512, int CB>
 void ChannelBlockOf(const Geometry& g, const float* x, const float* dy, float* dw,
                     const Window& win, int64_t ci0) {
@@ -135,10 +139,13 @@ void AccumulateImage(const Geometry& g, const float* x, const float* dy, float* 
         win.kw = kw;
         ValidRange(kw, g.sw, g.pw, g.w, g.wo, &win.ow0, &win.ow1);
         if (win.ow0 > win.ow1) continue;
+        constexpr int kBlock = kAvx512 ? kMaxChannelBlock512 : kMaxChannelBlock;
         int64_t ci0 = 0;
-        for (; ci0 + kMaxChannelBlock <= g.ci; ci0 += kMaxChannelBlock)
-          ChannelBlockOf<kAvx512, kMaxChannelBlock>(g, x, dy, dw, win, ci0);
+        for (; ci0 + kBlock <= g.ci; ci0 += kBlock)
+          ChannelBlockOf<kAvx512, kBlock>(g, x, dy, dw, win, ci0);
         switch (g.ci - ci0) {
+          case 7: ChannelBlockOf<kAvx512, 7>(g, x, dy, dw, win, ci0); break;
+          case 6: ChannelBlockOf<kAvx512, 6>(g, x, dy, dw, win, ci0); break;
           case 5: ChannelBlockOf<kAvx512, 5>(g, x, dy, dw, win, ci0); break;
           case 4: ChannelBlockOf<kAvx512, 4>(g, x, dy, dw, win, ci0); break;
           case 3: ChannelBlockOf<kAvx512, 3>(g, x, dy, dw, win, ci0); break;
