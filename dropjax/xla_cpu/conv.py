@@ -111,16 +111,21 @@ def xla_conv(x, w, strides, pads, precision=None):
                                   precision=precision)
 
 
+def output_shape(x_shape, w_shape, strides, pads) -> tuple[int, int, int, int]:
+  """(B, Ho, Wo, Co) of the convolution of NHWC ``x_shape`` with HWIO ``w_shape``."""
+  (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
+  return (x_shape[0], (x_shape[1] + pt + pb - w_shape[0]) // sh + 1,
+          (x_shape[2] + pl + pr - w_shape[1]) // sw + 1, w_shape[3])
+
+
 @functools.lru_cache(maxsize=None)
 def _native_conv_fn(strides, pads, avx512: bool):
   """``f(x, w)``: the native convolution with ``strides``, ``pads``, batchable by ``vmap``."""
-  (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
+  (sh, sw), ((pt, _), (pl, _)) = strides, pads
   isa = np.int64(512 if avx512 else 2)
 
   def call(x, w):
-    ho = (x.shape[1] + pt + pb - w.shape[0]) // sh + 1
-    wo = (x.shape[2] + pl + pr - w.shape[1]) // sw + 1
-    out = jax.ShapeDtypeStruct((x.shape[0], ho, wo, w.shape[3]), jnp.float32)
+    out = jax.ShapeDtypeStruct(output_shape(x.shape, w.shape, strides, pads), jnp.float32)
     return jax.ffi.ffi_call(native.FORWARD_TARGET, out, vmap_method="sequential")(
         x, w, sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl), isa=isa)
 

@@ -59,14 +59,13 @@ def reference(x, w, scale, shift, residual, strides, pads, relu: bool):
 @functools.lru_cache(maxsize=None)
 def _fused_fn(strides, pads, relu: bool, avx512: bool):
   """``f(x, w, scale, shift, residual)`` by the native kernel, batchable by ``vmap``."""
-  (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
+  (sh, sw), ((pt, _), (pl, _)) = strides, pads
   attrs = dict(sh=np.int64(sh), sw=np.int64(sw), pt=np.int64(pt), pl=np.int64(pl),
                isa=np.int64(512 if avx512 else 2), relu=np.int64(relu))
 
   def call(x, w, scale, shift, residual):
-    ho = (x.shape[1] + pt + pb - w.shape[0]) // sh + 1
-    wo = (x.shape[2] + pl + pr - w.shape[1]) // sw + 1
-    out = jax.ShapeDtypeStruct((x.shape[0], ho, wo, w.shape[3]), jnp.float32)
+    out = jax.ShapeDtypeStruct(conv_lib.output_shape(x.shape, w.shape, strides, pads),
+                               jnp.float32)
     return jax.ffi.ffi_call(native.FUSED_TARGET, out, vmap_method="sequential")(
         x, w, scale, shift, residual, **attrs)
 
@@ -217,9 +216,8 @@ def make_conv_norm_act(opts: conv_lib.ConvOptions) -> Callable:
     pads = _explicit_pads(conv.padding, x.shape, w.shape, strides)
     if pads is None or w.dtype != jnp.float32:
       return models.conv_norm_act(conv, norm, x, residual, relu)
-    out_shape = (x.shape[0], *((x.shape[1 + i] + sum(pads[i]) - w.shape[i]) // strides[i] + 1
-                               for i in range(2)), w.shape[3])
-    if residual is not None and residual.shape != out_shape:
+    if residual is not None and residual.shape != conv_lib.output_shape(x.shape, w.shape,
+                                                                         strides, pads):
       return models.conv_norm_act(conv, norm, x, residual, relu)
     params, stats = norm.variables["params"], norm.variables["batch_stats"]
     s = params["scale"] * lax.rsqrt(stats["var"] + norm.epsilon)
