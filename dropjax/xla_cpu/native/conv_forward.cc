@@ -280,91 +280,56 @@ DROPJAX_AVX512 inline void TileZ2(const Geometry& g, const Epilogue& e, const fl
 #undef DROPJAX_Z2
 #undef DROPJAX_POINTERS
 
-// P positions of one output row (ow0 .. ow0 + P - 1) x 16 channels, the input's
-// channel count CI and the column stride SW known at compile time: every
-// position's input lies at a constant distance from one pointer, so each
-// multiply-add reads its broadcast operand at base + displacement (no index
-// register).  Each output is the same chain of FMAs as in TileZ1.
-template <int P, int CI, int SW>
-DROPJAX_AVX512 inline void TileRowZ1(const Geometry& g, const Epilogue& e, const float* pad,
-                                     const float* wpk, int64_t oh, int64_t ow0, float* out,
-                                     int64_t co0) {
+// P positions of one output row (ow0 .. ow0 + P - 1) x B blocks of 16 channels
+// (the packed blocks at co0, co0 + 16, ...), the input's channel count CI and
+// the column stride SW known at compile time: every position's input lies at a
+// constant distance from one pointer, so each multiply-add reads its broadcast
+// operand at base + displacement (no index register).  Each output is the same
+// chain of FMAs as in TileZ1 / TileZ2.
+template <int P, int B, int CI, int SW>
+DROPJAX_AVX512 inline void TileRow(const Geometry& g, const Epilogue& e, const float* pad,
+                                   const float* wpk, int64_t block, int64_t oh, int64_t ow0,
+                                   float* out, int64_t co0) {
   constexpr int64_t step = SW * CI;
   const int64_t len = g.kw * CI, row = g.wp * CI;
   const float* base = pad + (oh * g.sh * g.wp + ow0 * SW) * CI;
-  __m512 c[P];
+  __m512 acc[B][P];
 #pragma GCC unroll 32
-  for (int p = 0; p < P; ++p) c[p] = _mm512_setzero_ps();
+  for (int b = 0; b < B; ++b)
+#pragma GCC unroll 32
+    for (int p = 0; p < P; ++p) acc[b][p] = _mm512_setzero_ps();
   for (int64_t kh = 0; kh < g.kh; ++kh) {
-    const float* wr = wpk + kh * len * kBlock;
+    const float* w = wpk + kh * len * kBlock;
     const float* xj = base + kh * row;
-    for (int64_t j = 0; j < len; ++j, ++xj, wr += kBlock) {
-      const __m512 b0 = _mm512_loadu_ps(wr);
-#pragma GCC unroll 32
-      for (int p = 0; p < P; ++p) c[p] = _mm512_fmadd_ps(_mm512_set1_ps(xj[p * step]), b0, c[p]);
-    }
-  }
-  int64_t pos[P];
-  for (int p = 0; p < P; ++p) pos[p] = oh * g.wo + ow0 + p;
-#pragma GCC unroll 32
-  for (int p = 0; p < P; ++p) Store512(g, e, out, pos, p, co0, c[p]);
-}
-
-// The 16-channel block at co0 by row tiles where the shape has one
-// (TileRowZ1); returns false where it does not.
-template <int P, int CI, int SW>
-DROPJAX_AVX512 inline bool RowTilesZ1(const Geometry& g, const Epilogue& e, const float* pad,
-                                      const float* wpk, float* y, int64_t co0) {
-  if (g.ci != CI || g.sw != SW || g.wo % P != 0) return false;
-  for (int64_t oh = 0; oh < g.ho; ++oh)
-    for (int64_t ow0 = 0; ow0 < g.wo; ow0 += P) TileRowZ1<P, CI, SW>(g, e, pad, wpk, oh, ow0, y, co0);
-  return true;
-}
-
-// P positions of one output row x 32 channels (the packed blocks at co0 and
-// co0 + 16), as TileRowZ1 (and TileZ2: the same chains of FMAs).
-template <int P, int CI, int SW>
-DROPJAX_AVX512 inline void TileRowZ2(const Geometry& g, const Epilogue& e, const float* pad,
-                                     const float* wpk_lo, const float* wpk_hi, int64_t oh,
-                                     int64_t ow0, float* out, int64_t co0) {
-  constexpr int64_t step = SW * CI;
-  const int64_t len = g.kw * CI, row = g.wp * CI;
-  const float* base = pad + (oh * g.sh * g.wp + ow0 * SW) * CI;
-  __m512 lo[P], hi[P];
-#pragma GCC unroll 32
-  for (int p = 0; p < P; ++p) lo[p] = hi[p] = _mm512_setzero_ps();
-  for (int64_t kh = 0; kh < g.kh; ++kh) {
-    const float* wl = wpk_lo + kh * len * kBlock;
-    const float* wh = wpk_hi + kh * len * kBlock;
-    const float* xj = base + kh * row;
-    for (int64_t j = 0; j < len; ++j, ++xj, wl += kBlock, wh += kBlock) {
-      const __m512 b0 = _mm512_loadu_ps(wl), b1 = _mm512_loadu_ps(wh);
+    for (int64_t j = 0; j < len; ++j, ++xj, w += kBlock) {
+      __m512 wv[B];
+#pragma GCC unroll 4
+      for (int b = 0; b < B; ++b) wv[b] = _mm512_loadu_ps(w + b * block);
 #pragma GCC unroll 32
       for (int p = 0; p < P; ++p) {
         const __m512 a = _mm512_set1_ps(xj[p * step]);
-        lo[p] = _mm512_fmadd_ps(a, b0, lo[p]);
-        hi[p] = _mm512_fmadd_ps(a, b1, hi[p]);
+#pragma GCC unroll 4
+        for (int b = 0; b < B; ++b) acc[b][p] = _mm512_fmadd_ps(a, wv[b], acc[b][p]);
       }
     }
   }
   int64_t pos[P];
   for (int p = 0; p < P; ++p) pos[p] = oh * g.wo + ow0 + p;
 #pragma GCC unroll 32
-  for (int p = 0; p < P; ++p) {
-    Store512(g, e, out, pos, p, co0, lo[p]);
-    Store512(g, e, out, pos, p, co0 + kBlock, hi[p]);
-  }
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int b = 0; b < B; ++b) Store512(g, e, out, pos, p, co0 + b * kBlock, acc[b][p]);
 }
 
-// The 32 channels at co0 by row tiles where the shape has one (TileRowZ2);
-// returns false where it does not.
-template <int P, int CI, int SW>
-DROPJAX_AVX512 inline bool RowTilesZ2(const Geometry& g, const Epilogue& e, const float* pad,
-                                      const float* wpk, int64_t block, float* y, int64_t co0) {
+// The B blocks of 16 channels at co0 by row tiles where the shape has one
+// (TileRow); returns false where it does not.
+template <int P, int B, int CI, int SW>
+DROPJAX_AVX512 inline bool RowTiles(const Geometry& g, const Epilogue& e, const float* pad,
+                                    const float* wpk, int64_t block, float* y, int64_t co0) {
   if (g.ci != CI || g.sw != SW || g.wo % P != 0) return false;
   for (int64_t oh = 0; oh < g.ho; ++oh)
     for (int64_t ow0 = 0; ow0 < g.wo; ow0 += P)
-      TileRowZ2<P, CI, SW>(g, e, pad, wpk, wpk + block, oh, ow0, y, co0);
+      TileRow<P, B, CI, SW>(g, e, pad, wpk, block, oh, ow0, y, co0);
   return true;
 }
 
@@ -380,11 +345,11 @@ DROPJAX_AVX512 void Image512(const Geometry& g, const Epilogue& e, const float* 
   int64_t co0 = 0;
   for (; co0 + 2 * kBlock <= g.co; co0 += 2 * kBlock) {
     const float* wpk = packed + co0 / kBlock * block;
-    if (RowTilesZ2<8, 32, 1>(g, e, pad, wpk, block, y, co0) ||
-        RowTilesZ2<8, 64, 1>(g, e, pad, wpk, block, y, co0) ||
-        RowTilesZ2<8, 16, 1>(g, e, pad, wpk, block, y, co0) ||
-        RowTilesZ2<8, 16, 2>(g, e, pad, wpk, block, y, co0) ||
-        RowTilesZ2<8, 32, 2>(g, e, pad, wpk, block, y, co0))
+    if (RowTiles<8, 2, 32, 1>(g, e, pad, wpk, block, y, co0) ||
+        RowTiles<8, 2, 64, 1>(g, e, pad, wpk, block, y, co0) ||
+        RowTiles<8, 2, 16, 1>(g, e, pad, wpk, block, y, co0) ||
+        RowTiles<8, 2, 16, 2>(g, e, pad, wpk, block, y, co0) ||
+        RowTiles<8, 2, 32, 2>(g, e, pad, wpk, block, y, co0))
       continue;
     for (int64_t start = 0; start < npos; start += kTileZ2) {
       TilePositions(start, npos, kTileZ2, pos);
@@ -393,10 +358,10 @@ DROPJAX_AVX512 void Image512(const Geometry& g, const Epilogue& e, const float* 
   }
   for (; co0 < g.co; co0 += kBlock) {
     const float* wpk = packed + co0 / kBlock * block;
-    if (RowTilesZ1<16, 16, 1>(g, e, pad, wpk, y, co0) ||
-        RowTilesZ1<16, 32, 1>(g, e, pad, wpk, y, co0) ||
-        RowTilesZ1<16, 64, 1>(g, e, pad, wpk, y, co0) ||
-        RowTilesZ1<16, 3, 1>(g, e, pad, wpk, y, co0))
+    if (RowTiles<16, 1, 16, 1>(g, e, pad, wpk, block, y, co0) ||
+        RowTiles<16, 1, 32, 1>(g, e, pad, wpk, block, y, co0) ||
+        RowTiles<16, 1, 64, 1>(g, e, pad, wpk, block, y, co0) ||
+        RowTiles<16, 1, 3, 1>(g, e, pad, wpk, block, y, co0))
       continue;
     for (int64_t start = 0; start < npos; start += kTileZ1) {
       TilePositions(start, npos, kTileZ1, pos);
