@@ -63,6 +63,10 @@ PRESETS = {
         "separate_ops": {"DROPJAX_FUSED_CONV_NORM": "0"},
         "fused (default)": {},
     },
+    "native_norm_grad": {
+        "xla_norm_grad": {"DROPJAX_NATIVE_NORM_GRAD": "0"},
+        "native_norm_grad (default)": {},
+    },
     "native_avx512": {
         "avx2_tiles": {"DROPJAX_NATIVE_AVX512": "0"},
         "avx512_tiles (default with AVX-512F)": {"DROPJAX_NATIVE_AVX512": "1"},

@@ -24,6 +24,8 @@ backend and import nothing from here.  Whoever owns the devices (``train.py``,
     batch-norm/ReLU/residual chain inside the weight-gradient transposes and
     every other consumer);
   - batch norm with wide per-channel reductions and native one-pass moments;
+    in training it adds the block's residual and applies the ReLU itself, the
+    backward pass of the three one native pass;
   - in inference, each convolution, its batch norm, residual and ReLU in one
     native pass (:mod:`dropjax.xla_cpu.conv_norm`; the activation is written
     once, not once more by an elementwise loop);
@@ -43,6 +45,7 @@ This module is the only place that reads the performance switches:
 ``DROPJAX_NATIVE_FORWARD=0``   XLA's forward and input-gradient convolutions
 ``DROPJAX_NATIVE_AVX512=0|1``  AVX-512 tiles of the native kernels (default: if the CPU has them)
 ``DROPJAX_NATIVE_MOMENTS=0``   XLA's batch-norm sums instead of the native pass
+``DROPJAX_NATIVE_NORM_GRAD=0`` training: XLA's backward pass of norm, residual, ReLU
 ``DROPJAX_FUSED_CONV_NORM=0``  inference: conv, norm, residual, ReLU as separate ops
 ``DROPJAX_POLYPHASE=0``        XLA's input gradient of strided convolutions
 ``DROPJAX_CONV_BARRIER=0|1``   barrier on convolution inputs (training; default: CPU)
@@ -159,7 +162,8 @@ def _cpu_layers(env: Mapping[str, str], num_devices: int) -> tuple[ModelLayers, 
                  polyphase=cpu_conv and env.get("DROPJAX_POLYPHASE") != "0",
                  native_avx512=native_ok and avx512)
   norm = functools.partial(
-      batch_norm.BatchNorm, native_moments=native_ok and env.get("DROPJAX_NATIVE_MOMENTS") != "0")
+      batch_norm.BatchNorm, native_moments=native_ok and env.get("DROPJAX_NATIVE_MOMENTS") != "0",
+      native_backward=native_ok and env.get("DROPJAX_NATIVE_NORM_GRAD") != "0")
 
   def conv_cls(input_barrier: bool):
     opts = conv.ConvOptions(**options, input_barrier=input_barrier)
@@ -168,12 +172,14 @@ def _cpu_layers(env: Mapping[str, str], num_devices: int) -> tuple[ModelLayers, 
     return functools.partial(nn.Conv, conv_general_dilated=conv.make_conv_general_dilated(opts))
 
   train = ModelLayers(conv=conv_cls(conv_barrier), norm=norm,
+                      conv_norm_act=batch_norm.conv_norm_act,
                       block_input=fusion.fusion_barrier if block_barrier else None)
   fused = native_forward and env.get("DROPJAX_FUSED_CONV_NORM") != "0"
   infer = ModelLayers(conv=conv_cls(False), norm=norm,
                       conv_norm_act=(conv_norm.make_conv_norm_act(conv.ConvOptions(**options))
                                      if fused else models.conv_norm_act))
   choices = {**options, "native_moments": norm.keywords["native_moments"],
+             "native_norm_grad": norm.keywords["native_backward"],
              "fused_conv_norm": fused,
              "native_kernels": bool(kernels), "native_unavailable": None if kernels else reason,
              "conv_barrier": conv_barrier, "block_barrier": block_barrier,

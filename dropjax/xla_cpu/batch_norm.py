@@ -14,7 +14,15 @@ of a broadcast produces the slow form again in the backward pass, so the
 affine map and the moments carry custom VJPs whose reductions use the wide
 form too.  With ``native_moments`` the two moments come from one native pass
 over the activations instead (:mod:`dropjax.xla_cpu.native`): XLA:CPU writes
-``x * x`` to memory before summing it.  The custom VJPs make the layer
+``x * x`` to memory before summing it.
+
+The layer can also add a block's residual and apply its ReLU,
+``relu(norm(x) + residual)`` (:func:`conv_norm_act` calls it so in training):
+then, with ``native_backward``, the backward pass of the affine map, the
+residual and the ReLU is one native pass that masks the incoming gradient and
+sums it and its product with ``x`` per channel; composed from XLA's ops it
+writes the masked gradient, writes its product with ``x``, and reads both back
+(``benchmarks/README.md``).  The custom VJPs make the layer
 reverse-mode only: ``jax.jvp`` through a training-mode forward pass is not
 supported.  :func:`dropjax.backend.resolve` passes this layer to the model on
 CPU only; elsewhere the model uses ``flax.linen.BatchNorm`` itself.
@@ -28,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dropjax import models
 from dropjax.xla_cpu import native
 
 # Width (in elements) of the 2-D view a per-channel sum reduces over.
@@ -102,6 +111,58 @@ def _affine_bwd(res, g):
 channel_affine.defvjp(_affine_fwd, _affine_bwd)
 
 
+def native_norm_act_grad(dh: jax.Array, h: jax.Array, x: jax.Array
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``g = where(h > 0, dh, 0)`` and per-channel ``(sum g, sum g * x)`` of
+  float32 ``dh``, ``h``, ``x`` (..., C), in one native pass (float64
+  accumulation); ``g`` has ``dh``'s shape, the sums are (C,) float32.  Needs
+  :func:`dropjax.xla_cpu.native.load`."""
+  # The operands go in unreshaped: a reshape would let XLA recompute ``h`` (an
+  # elementwise fusion) into a new buffer instead of passing the forward's.
+  sums = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
+  return tuple(jax.ffi.ffi_call(
+      native.NORM_ACT_GRAD_TARGET, (jax.ShapeDtypeStruct(dh.shape, jnp.float32), sums, sums),
+      vmap_method="sequential")(dh, h, x))
+
+
+def _affine_act(x, a, b, residual, relu):
+  y = x * a + b
+  if residual is not None:
+    y = y + residual
+  return jnp.maximum(y, 0) if relu else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def channel_affine_act(x: jax.Array, a: jax.Array, b: jax.Array, residual: jax.Array | None,
+                       relu: bool, use_native: bool = False) -> jax.Array:
+  """``max(x * a + b + residual, 0)`` (no max unless ``relu``; no residual if
+  ``None``) with ``a, b`` of shape (C,) broadcast over ``x`` (..., C) and
+  ``residual`` of ``x``'s shape.  ``use_native``: the backward pass of a
+  float32 ReLU form by the native kernel (:func:`native_norm_act_grad`)."""
+  return _affine_act(x, a, b, residual, relu)
+
+
+def _affine_act_fwd(x, a, b, residual, relu, use_native):
+  h = _affine_act(x, a, b, residual, relu)
+  # The ReLU's mask is h > 0 (the output: kept anyway as the next layer's input).
+  has_residual = None if residual is None else jnp.zeros((0,), jnp.float32)
+  return h, (x, a, h if relu else None, has_residual)
+
+
+def _affine_act_bwd(relu, use_native, res, dh):
+  x, a, h, has_residual = res
+  if relu and use_native and x.dtype == dh.dtype == jnp.float32:
+    g, d_b, d_a = native_norm_act_grad(dh, h, x)
+  else:
+    g = jnp.where(h > 0, dh, 0) if relu else dh  # relu' (0 at 0, as jax.nn.relu)
+    d_b, d_a = channel_sum(g), channel_sum(g * x)
+  return ((g * a).astype(x.dtype), d_a.astype(a.dtype), d_b.astype(a.dtype),
+          None if has_residual is None else g)
+
+
+channel_affine_act.defvjp(_affine_act_fwd, _affine_act_bwd)
+
+
 class BatchNorm(nn.Module):
   """Drop-in for ``nn.BatchNorm`` over the last axis (params ``scale``/``bias``,
   statistics ``mean``/``var`` in the ``batch_stats`` collection, float32).
@@ -113,6 +174,8 @@ class BatchNorm(nn.Module):
     dtype: output dtype (statistics are always computed in float32).
     axis_name: ``pmap`` axis over which batch statistics are averaged.
     native_moments: training statistics by the native one-pass kernel.
+    native_backward: the backward pass of a call with ``relu=True`` by the
+      native one-pass kernel.
   """
   use_running_average: bool = False
   momentum: float = 0.9
@@ -120,9 +183,13 @@ class BatchNorm(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None
   native_moments: bool = False
+  native_backward: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, residual: jax.Array | None = None,
+               relu: bool = False) -> jax.Array:
+    """``relu(norm(x) + residual)``: ``x`` (..., C); ``residual`` ``None`` or of
+    ``x``'s shape; the ReLU only if ``relu``.  Returns ``x``'s shape, ``dtype``."""
     c = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
@@ -141,7 +208,22 @@ class BatchNorm(nn.Module):
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
     shift = bias - mean * mul
-    return channel_affine(x.astype(self.dtype), mul.astype(self.dtype), shift.astype(self.dtype))
+    x, mul, shift = x.astype(self.dtype), mul.astype(self.dtype), shift.astype(self.dtype)
+    if residual is None and not relu:
+      return channel_affine(x, mul, shift)
+    return channel_affine_act(x, mul, shift, residual, bool(relu), self.native_backward)
 
 
-__all__ = ["BatchNorm", "channel_sum", "channel_moments", "channel_affine"]
+def conv_norm_act(conv: nn.Module, norm: nn.Module, x: jax.Array,
+                  residual: jax.Array | None = None, relu: bool = True) -> jax.Array:
+  """The values of :func:`dropjax.models.conv_norm_act` (``relu(norm(conv(x)) +
+  residual)``), with this module's :class:`BatchNorm` adding the residual and
+  applying the ReLU itself (its backward pass then one native pass where
+  ``native_backward``); other norm modules compose as there."""
+  if type(norm) is not BatchNorm:  # pylint: disable=unidiomatic-typecheck
+    return models.conv_norm_act(conv, norm, x, residual, relu)
+  return norm(conv(x), residual=residual, relu=relu)
+
+
+__all__ = ["BatchNorm", "channel_sum", "channel_moments", "channel_affine", "channel_affine_act",
+           "conv_norm_act"]

@@ -10,8 +10,10 @@ import pytest
 from conftest import train_gradients_per_setting
 from dropjax import backend
 from dropjax.xla_cpu import native
-from dropjax.xla_cpu.batch_norm import (BatchNorm, channel_affine, channel_moments, channel_sum,
-                                        native_channel_sums)
+from dropjax.xla_cpu import batch_norm
+from dropjax.xla_cpu.batch_norm import (BatchNorm, channel_affine, channel_affine_act,
+                                        channel_moments, channel_sum, native_channel_sums,
+                                        native_norm_act_grad)
 
 
 @pytest.mark.parametrize("shape", [(4, 8, 8, 16), (3, 5, 5, 6), (2, 4, 4, 64), (7, 3)])
@@ -124,3 +126,136 @@ def test_native_moments_in_training_match_xla_and_are_in_the_program(monkeypatch
   assert native.MOMENTS_TARGET not in programs["0"]
   # dropjax's CPU convolutions off: none of the kernels
   assert not backend.resolve("cpu", 1, env={"DROPJAX_CPU_CONV": "0"}).describe()["native_moments"]
+
+
+def _affine_act_case(shape, seed=6):
+  k = jax.random.split(jax.random.PRNGKey(seed), 5)
+  c = shape[-1]
+  x = jax.random.normal(k[0], shape) + 0.5
+  a, b = jax.random.normal(k[1], (c,)), 0.3 * jax.random.normal(k[2], (c,))
+  r = jax.random.normal(k[3], shape)
+  ct = jax.random.normal(k[4], shape)
+  return x, a, b, r, ct
+
+
+@pytest.mark.parametrize("use_residual", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_affine_act_matches_autodiff_of_the_composition(use_residual, relu):
+  """XLA's form of the custom VJP (``use_native=False``) against autodiff of
+  ``relu(x * a + b + r)`` written with jax.nn.relu (mask 0 at 0)."""
+  x, a, b, r, ct = _affine_act_case((3, 5, 5, 8))
+  r = r if use_residual else None
+
+  def plain(x, a, b, r):
+    y = x * a + b + (0 if r is None else r)
+    return jnp.sum((jax.nn.relu(y) if relu else y) * ct)
+
+  ours = lambda x, a, b, r: jnp.sum(channel_affine_act(x, a, b, r, relu, False) * ct)
+  np.testing.assert_array_equal(plain(x, a, b, r), plain(x, a, b, r))
+  np.testing.assert_allclose(ours(x, a, b, r), plain(x, a, b, r), rtol=1e-6)
+  argnums = (0, 1, 2, 3) if use_residual else (0, 1, 2)
+  for u, v in zip(jax.grad(plain, argnums)(x, a, b, r), jax.grad(ours, argnums)(x, a, b, r)):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(4, 8, 8, 16), (3, 6, 6, 32), (2, 4, 4, 64), (5000, 8),
+                                   (3, 5, 7), (9, 1)])
+def test_native_norm_act_grad_matches_float64_and_is_deterministic(shape):
+  """The masked gradient bit for bit (0 where h <= 0, including h == 0), its sums
+  against NumPy in float64 (AVX2 lanes where C % 8 == 0, scalar code else;
+  several parts at 5000 rows); repeated calls agree bit for bit."""
+  x, a, b, r, dh = _affine_act_case(shape, seed=7)
+  h = jnp.maximum(x * a + b + r, 0).at[..., 0].set(0.0)  # exact zeros: masked
+  f = jax.jit(native_norm_act_grad)
+  g, s, sx = f(dh, h, x)
+  g64 = np.where(np.asarray(h) > 0, np.asarray(dh, np.float64), 0.0)
+  np.testing.assert_array_equal(g, g64.astype(np.float32))
+  c = shape[-1]
+  np.testing.assert_allclose(s, g64.reshape(-1, c).sum(0), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(sx, (g64 * np.asarray(x, np.float64)).reshape(-1, c).sum(0),
+                             rtol=1e-5, atol=1e-4)
+  for u, v in zip(f(dh, h, x), (g, s, sx)):
+    np.testing.assert_array_equal(u, v)
+
+
+@needs_native
+def test_native_norm_act_grad_rejects_mismatched_operands():
+  dh = jnp.ones((2, 4, 4, 8))
+  with pytest.raises(Exception, match="same size"):
+    jax.jit(native_norm_act_grad)(dh, jnp.ones((2, 4, 4, 4)), dh)
+
+
+@needs_native
+@pytest.mark.parametrize("use_residual", [False, True])
+def test_affine_act_native_backward_matches_xla(use_residual):
+  x, a, b, r, ct = _affine_act_case((4, 8, 8, 16))
+  r = r if use_residual else None
+  grads = {}
+  for use_native in (False, True):
+    loss = lambda x, a, b, r, n=use_native: jnp.sum(channel_affine_act(x, a, b, r, True, n) * ct)
+    grads[use_native] = jax.jit(jax.grad(loss, (0, 1, 2, 3) if use_residual else (0, 1, 2)))(
+        x, a, b, r)
+  for u, v in zip(grads[False], grads[True]):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("native_backward", [False, True])
+def test_norm_with_residual_and_relu_equals_the_composition(native_backward):
+  """``BatchNorm(x, residual, relu=True)`` (the training layer's call) against
+  ``relu(BatchNorm(x) + residual)``: values, statistics and gradients, and
+  :func:`batch_norm.conv_norm_act` against :func:`dropjax.models.conv_norm_act`,
+  also for flax's norm (passed through to the composition)."""
+  if native_backward and not native.load():
+    pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")
+  from dropjax import models
+  x, _, _, r, ct = _affine_act_case((4, 6, 6, 16), seed=8)
+  bn = BatchNorm(native_moments=False, native_backward=native_backward)
+  v = bn.init(jax.random.PRNGKey(0), x)
+
+  def composed(p, x, r):
+    y, upd = bn.apply({**v, "params": p}, x, mutable=["batch_stats"])
+    return jnp.sum(jax.nn.relu(y + r) * ct), upd
+
+  def fused(p, x, r):
+    y, upd = bn.apply({**v, "params": p}, x, r, True, mutable=["batch_stats"])
+    return jnp.sum(y * ct), upd
+
+  (l1, u1), g1 = jax.value_and_grad(composed, (0, 1, 2), has_aux=True)(v["params"], x, r)
+  (l2, u2), g2 = jax.value_and_grad(fused, (0, 1, 2), has_aux=True)(v["params"], x, r)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  for u, w in zip(jax.tree.leaves((u1, g1)), jax.tree.leaves((u2, g2))):
+    np.testing.assert_allclose(u, w, rtol=1e-5, atol=1e-5)
+
+  class Layer(nn.Module):
+    norm_cls: type
+    fn: object
+
+    @nn.compact
+    def __call__(self, x, r):
+      return self.fn(nn.Conv(16, (3, 3), use_bias=False), self.norm_cls(), x, r)
+
+  for norm_cls in (functools.partial(BatchNorm, native_backward=native_backward),
+                   functools.partial(nn.BatchNorm, use_running_average=False)):
+    plain = Layer(norm_cls, models.conv_norm_act)
+    ours = Layer(norm_cls, batch_norm.conv_norm_act)
+    lv = plain.init(jax.random.PRNGKey(1), x, r)
+    run = lambda m, lv: jax.value_and_grad(
+        lambda p: jnp.sum(m.apply({**lv, "params": p}, x, r, mutable=["batch_stats"])[0] * ct))(
+            lv["params"])
+    for u, w in zip(jax.tree.leaves(run(plain, lv)), jax.tree.leaves(run(ours, lv))):
+      np.testing.assert_allclose(u, w, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_native_norm_grad_in_training_matches_xla_and_is_in_the_program(monkeypatch):
+  monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")  # two test devices: force the kernels
+  results, programs = train_gradients_per_setting(monkeypatch, "DROPJAX_NATIVE_NORM_GRAD",
+                                                  width=8)
+  for a, b in zip(jax.tree.leaves(results["0"]), jax.tree.leaves(results["1"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+  assert programs["1"].count(native.NORM_ACT_GRAD_TARGET) == 7  # every batch norm of depth 8
+  assert native.NORM_ACT_GRAD_TARGET not in programs["0"]
+  described = backend.resolve("cpu", 1, env={"DROPJAX_NATIVE_NORM_GRAD": "0"}).describe()
+  assert not described["native_norm_grad"]
+  assert backend.resolve("cpu", 1, env={}).describe()["native_norm_grad"]

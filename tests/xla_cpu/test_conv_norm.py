@@ -12,7 +12,7 @@ import pytest
 
 from conftest import conv_reference
 from dropjax import backend, models
-from dropjax.xla_cpu import conv, conv_norm, native
+from dropjax.xla_cpu import batch_norm, conv, conv_norm, native
 
 needs_native = pytest.mark.skipif(
     not native.load(), reason=f"native kernel unavailable here: {native.unavailable_reason()}")
@@ -253,7 +253,8 @@ def test_fused_kernel_rejects_bad_operands():
 
 def test_backend_passes_the_fused_layer_to_inference_only():
   on = backend.resolve("cpu", 1, env={})
-  assert on.layers(train=True).conv_norm_act is models.conv_norm_act
+  # training: the norm adds the residual and applies the ReLU (test_batch_norm.py)
+  assert on.layers(train=True).conv_norm_act is batch_norm.conv_norm_act
   assert on.describe()["fused_conv_norm"] == native.load()
   assert (on.layers(train=False).conv_norm_act is not models.conv_norm_act) == native.load()
   for env in ({"DROPJAX_FUSED_CONV_NORM": "0"}, {"DROPJAX_NATIVE_FORWARD": "0"}):

@@ -1,15 +1,25 @@
-// Per-channel sum and sum of squares of a float32 array (..., C), as an XLA
-// FFI handler for the CPU backend: the batch-norm statistics in one pass.
+// Per-channel reductions of float32 arrays (..., C) for training-mode batch
+// norm, as XLA FFI handlers for the CPU backend:
+//
+// * DropjaxChannelMoments: sum x and sum x^2, the statistics, in one pass;
+// * DropjaxNormActGrad: the backward pass of h = max(x * a + b + residual, 0):
+//   g = dh where h > 0, with sum g and sum g * x (the gradients of b and a), in
+//   one pass.
 //
 // XLA:CPU rewrites a long reduction into a tree of reduce-windows, which
 // cannot fuse their producer, so sum(x * x) first writes x * x to memory and
 // reads it back (benchmarks/README.md).  Here each part of the rows is summed
 // in float32 over blocks of 64 rows, the block sums are added in float64, and
 // the parts are combined in a fixed order: one read of x, results that do not
-// depend on the thread schedule, and no float32 drift over long sums.
+// depend on the thread schedule, and no float32 drift over long sums.  Composed
+// from XLA's ops the backward pass writes g, writes g * x, and reads both back
+// for the sums (11 passes over an activation with the next elementwise loop,
+// against 7 here and there; benchmarks/README.md).
 
 #include <algorithm>
 #include <cstdint>
+#include <immintrin.h>
+#include <string>
 #include <vector>
 
 #include "work_queue.h"
@@ -42,38 +52,99 @@ void SumPart(const float* x, int64_t r0, int64_t r1, int64_t c, double* sum, dou
   }
 }
 
+// g = (h > 0 ? dh : 0) for rows [r0, r1), and per channel sum g, sum g * x,
+// summed like SumPart.  AVX2 over 8 channels at a time where C is a multiple of
+// 8 (written out: the compiler does not vectorize the masked loop well).
+void GradPart(const float* __restrict__ dh, const float* __restrict__ h,
+              const float* __restrict__ x, float* __restrict__ g, int64_t r0, int64_t r1,
+              int64_t c, double* sum_g, double* sum_gx) {
+  std::vector<float> s(c), q(c);
+  const bool vec = c % 8 == 0;
+  for (int64_t b0 = r0; b0 < r1; b0 += kBlockRows) {
+    std::fill(s.begin(), s.end(), 0.f);
+    std::fill(q.begin(), q.end(), 0.f);
+    const int64_t b1 = std::min(r1, b0 + kBlockRows);
+    if (vec) {
+      const __m256 zero = _mm256_setzero_ps();
+      for (int64_t j = 0; j < c; j += 8) {
+        __m256 sv = zero, qv = zero;
+        for (int64_t r = b0; r < b1; ++r) {
+          const int64_t o = r * c + j;
+          const __m256 keep = _mm256_cmp_ps(_mm256_loadu_ps(h + o), zero, _CMP_GT_OQ);
+          const __m256 v = _mm256_and_ps(keep, _mm256_loadu_ps(dh + o));
+          _mm256_storeu_ps(g + o, v);
+          sv = _mm256_add_ps(sv, v);
+          qv = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + o), qv);
+        }
+        _mm256_storeu_ps(&s[j], sv);
+        _mm256_storeu_ps(&q[j], qv);
+      }
+    } else {
+      for (int64_t r = b0; r < b1; ++r) {
+        const int64_t o = r * c;
+        for (int64_t j = 0; j < c; ++j) {
+          const float v = h[o + j] > 0.f ? dh[o + j] : 0.f;
+          g[o + j] = v;
+          s[j] += v;
+          q[j] += v * x[o + j];
+        }
+      }
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      sum_g[j] += s[j];
+      sum_gx[j] += q[j];
+    }
+  }
+}
+
+// Runs `part(p, acc_a, acc_b)` for every part of `rows` rows on the pool and
+// adds the parts' float64 sums in a fixed order into `out_a`, `out_b` (C each).
+template <typename Part>
+void ReduceParts(ffi::ThreadPool& pool, int64_t rows, int64_t c, Part part, float* out_a,
+                 float* out_b) {
+  const int64_t parts = std::max<int64_t>(1, (rows + kRowsPerPart - 1) / kRowsPerPart);
+  std::vector<double> acc(parts * 2 * c, 0.0);  // per part: C sums a, then C sums b
+  auto work = [&](dropjax::WorkQueue& queue) {
+    for (int64_t p; (p = queue.Take()) >= 0;) {
+      part(p * kRowsPerPart, std::min(rows, (p + 1) * kRowsPerPart), &acc[p * 2 * c],
+           &acc[p * 2 * c + c]);
+    }
+  };
+  dropjax::RunOnPool(pool, parts, pool.num_threads(), work);
+  for (int64_t j = 0; j < c; ++j) {
+    double ta = 0.0, tb = 0.0;
+    for (int64_t p = 0; p < parts; ++p) {  // fixed order
+      ta += acc[p * 2 * c + j];
+      tb += acc[p * 2 * c + c + j];
+    }
+    out_a[j] = static_cast<float>(ta);
+    out_b[j] = static_cast<float>(tb);
+  }
+}
+
+// Channels C (the last dimension) and rows (the rest) of `x`, or an error.
+ffi::Error Rows(const ffi::Buffer<ffi::F32>& x, const char* name, int64_t* c, int64_t* rows) {
+  const auto xd = x.dimensions();
+  if (xd.size() == 0) return ffi::Error::InvalidArgument(std::string(name) + ": rank >= 1 needed");
+  *c = xd[xd.size() - 1];
+  *rows = *c == 0 ? 0 : x.element_count() / *c;
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 static ffi::Error ChannelMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                      ffi::ResultBuffer<ffi::F32> sum,
                                      ffi::ResultBuffer<ffi::F32> sumsq) {
-  const auto xd = x.dimensions();
-  if (xd.size() == 0) return ffi::Error::InvalidArgument("channel_moments: x must have rank >= 1");
-  const int64_t c = xd[xd.size() - 1];
-  const int64_t rows = c == 0 ? 0 : x.element_count() / c;
+  int64_t c, rows;
+  if (auto e = Rows(x, "channel_moments", &c, &rows); e.failure()) return e;
   if (sum->element_count() != c || sumsq->element_count() != c)
     return ffi::Error::InvalidArgument("channel_moments: outputs must have C elements");
-  const int64_t parts = std::max<int64_t>(1, (rows + kRowsPerPart - 1) / kRowsPerPart);
-  std::vector<double> acc(parts * 2 * c, 0.0);  // per part: sums, then sums of squares
   const float* xp = x.typed_data();
-  auto work = [&](dropjax::WorkQueue& queue) {
-    for (int64_t p; (p = queue.Take()) >= 0;) {
-      const int64_t r0 = p * kRowsPerPart, r1 = std::min(rows, r0 + kRowsPerPart);
-      SumPart(xp, r0, r1, c, &acc[p * 2 * c], &acc[p * 2 * c + c]);
-    }
-  };
-  dropjax::RunOnPool(pool, parts, pool.num_threads(), work);
-  float* s = sum->typed_data();
-  float* q = sumsq->typed_data();
-  for (int64_t j = 0; j < c; ++j) {
-    double ts = 0.0, tq = 0.0;
-    for (int64_t p = 0; p < parts; ++p) {  // fixed order
-      ts += acc[p * 2 * c + j];
-      tq += acc[p * 2 * c + c + j];
-    }
-    s[j] = static_cast<float>(ts);
-    q[j] = static_cast<float>(tq);
-  }
+  ReduceParts(
+      pool, rows, c,
+      [&](int64_t r0, int64_t r1, double* s, double* q) { SumPart(xp, r0, r1, c, s, q); },
+      sum->typed_data(), sumsq->typed_data());
   return ffi::Error::Success();
 }
 
@@ -81,5 +152,40 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DropjaxChannelMoments, ChannelMomentsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+static ffi::Error NormActGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dh,
+                                  ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> x,
+                                  ffi::ResultBuffer<ffi::F32> g,
+                                  ffi::ResultBuffer<ffi::F32> sum_g,
+                                  ffi::ResultBuffer<ffi::F32> sum_gx) {
+  int64_t c, rows;
+  if (auto e = Rows(dh, "norm_act_grad", &c, &rows); e.failure()) return e;
+  const int64_t n = dh.element_count();
+  if (h.element_count() != n || x.element_count() != n || g->element_count() != n)
+    return ffi::Error::InvalidArgument("norm_act_grad: dh, h, x and g must have the same size");
+  if (sum_g->element_count() != c || sum_gx->element_count() != c)
+    return ffi::Error::InvalidArgument("norm_act_grad: the sums must have C elements");
+  const float* dhp = dh.typed_data();
+  const float* hp = h.typed_data();
+  const float* xp = x.typed_data();
+  float* gp = g->typed_data();
+  ReduceParts(
+      pool, rows, c,
+      [&](int64_t r0, int64_t r1, double* s, double* q) {
+        GradPart(dhp, hp, xp, gp, r0, r1, c, s, q);
+      },
+      sum_g->typed_data(), sum_gx->typed_data());
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DropjaxNormActGrad, NormActGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
