@@ -17,6 +17,7 @@
 // against 7 here and there; benchmarks/README.md).
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <immintrin.h>
 #include <string>
@@ -32,17 +33,31 @@ namespace {
 constexpr int64_t kBlockRows = 64;    // float32 partial sums over this many rows
 constexpr int64_t kRowsPerPart = 2048;  // rows per work item (fixed: deterministic)
 
-void SumPart(const float* x, int64_t r0, int64_t r1, int64_t c, double* sum, double* sumsq) {
+void SumPart(const float* __restrict__ x, int64_t r0, int64_t r1, int64_t c, double* sum,
+             double* sumsq) {
   std::vector<float> s(c), q(c);
   for (int64_t b0 = r0; b0 < r1; b0 += kBlockRows) {
-    std::fill(s.begin(), s.end(), 0.f);
-    std::fill(q.begin(), q.end(), 0.f);
     const int64_t b1 = std::min(r1, b0 + kBlockRows);
-    for (int64_t r = b0; r < b1; ++r) {
-      const float* row = x + r * c;
-      for (int64_t j = 0; j < c; ++j) {  // vectorized by the compiler
-        s[j] += row[j];
-        q[j] += row[j] * row[j];
+    if (c % 8 == 0) {  // AVX2, 8 channels at a time: the same sums as the loop below
+      for (int64_t j = 0; j < c; j += 8) {
+        __m256 sv = _mm256_setzero_ps(), qv = _mm256_setzero_ps();
+        for (int64_t r = b0; r < b1; ++r) {
+          const __m256 v = _mm256_loadu_ps(x + r * c + j);
+          sv = _mm256_add_ps(sv, v);
+          qv = _mm256_fmadd_ps(v, v, qv);
+        }
+        _mm256_storeu_ps(&s[j], sv);
+        _mm256_storeu_ps(&q[j], qv);
+      }
+    } else {
+      std::fill(s.begin(), s.end(), 0.f);
+      std::fill(q.begin(), q.end(), 0.f);
+      for (int64_t r = b0; r < b1; ++r) {
+        const float* row = x + r * c;
+        for (int64_t j = 0; j < c; ++j) {
+          s[j] += row[j];
+          q[j] = std::fma(row[j], row[j], q[j]);
+        }
       }
     }
     for (int64_t j = 0; j < c; ++j) {
