@@ -101,7 +101,7 @@ void GradPart(const float* __restrict__ dh, const float* __restrict__ h,
           const float v = h[o + j] > 0.f ? dh[o + j] : 0.f;
           g[o + j] = v;
           s[j] += v;
-          q[j] += v * x[o + j];
+          q[j] = std::fma(v, x[o + j], q[j]);
         }
       }
     }
@@ -112,8 +112,9 @@ void GradPart(const float* __restrict__ dh, const float* __restrict__ h,
   }
 }
 
-// Runs `part(p, acc_a, acc_b)` for every part of `rows` rows on the pool and
-// adds the parts' float64 sums in a fixed order into `out_a`, `out_b` (C each).
+// Runs `part(r0, r1, acc_a, acc_b)` for every part [r0, r1) of `rows` rows on
+// the pool (each part adds its C sums a and C sums b into its own float64
+// slots) and adds the parts in a fixed order into `out_a`, `out_b` (C each).
 template <typename Part>
 void ReduceParts(ffi::ThreadPool& pool, int64_t rows, int64_t c, Part part, float* out_a,
                  float* out_b) {
