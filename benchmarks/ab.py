@@ -171,8 +171,9 @@ def main(argv=None):
                  "checkout, e.g. the commit before a change); repeatable")
   p.add_argument("--rounds", type=int, default=2, help="A B ... rounds")
   p.add_argument("--workload", default="train",
-                 choices=["train", "infer", "avg10", "eot_pgd", "eot_grad"],
-                 help="eot_grad (one EOT gradient, 100 images x 10 masks): --inprocess only")
+                 choices=["train", "infer", "avg10", "eot_pgd", "eot_grad", "adv_train"],
+                 help="eot_grad (one EOT gradient, 100 images x 10 masks): --inprocess only; "
+                 "adv_train (a PGD adversarial-training step, bench.py's): fresh processes only")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
   p.add_argument("--eot_form", default="vmap:full", help="eot_pgd: the bench.py EOT form")
   p.add_argument("--out", help="also write the rows here (JSON lines)")
