@@ -63,9 +63,9 @@ PRESETS = {
         "separate_ops": {"DROPJAX_FUSED_CONV_NORM": "0"},
         "fused (default)": {},
     },
-    "native_norm_grad": {
-        "xla_norm_grad": {"DROPJAX_NATIVE_NORM_GRAD": "0"},
-        "native_norm_grad (default)": {},
+    "native_norm_act": {
+        "xla_norm_act": {"DROPJAX_NATIVE_NORM_ACT": "0"},
+        "native_norm_act (default)": {},
     },
     "native_avx512": {
         "avx2_tiles": {"DROPJAX_NATIVE_AVX512": "0"},

@@ -25,7 +25,7 @@ backend and import nothing from here.  Whoever owns the devices (``train.py``,
     every other consumer);
   - batch norm with wide per-channel reductions and native one-pass moments;
     in training it adds the block's residual and applies the ReLU itself, the
-    backward pass of the three one native pass;
+    three one native pass and their backward pass another;
   - in inference, each convolution, its batch norm, residual and ReLU in one
     native pass (:mod:`dropjax.xla_cpu.conv_norm`; the activation is written
     once, not once more by an elementwise loop);
@@ -45,7 +45,7 @@ This module is the only place that reads the performance switches:
 ``DROPJAX_NATIVE_FORWARD=0``   XLA's forward and input-gradient convolutions
 ``DROPJAX_NATIVE_AVX512=0|1``  AVX-512 tiles of the native kernels (default: if the CPU has them)
 ``DROPJAX_NATIVE_MOMENTS=0``   XLA's batch-norm sums instead of the native pass
-``DROPJAX_NATIVE_NORM_GRAD=0`` training: XLA's backward pass of norm, residual, ReLU
+``DROPJAX_NATIVE_NORM_ACT=0``  training: XLA's passes for norm + residual + ReLU and their gradient
 ``DROPJAX_FUSED_CONV_NORM=0``  inference: conv, norm, residual, ReLU as separate ops
 ``DROPJAX_POLYPHASE=0``        XLA's input gradient of strided convolutions
 ``DROPJAX_CONV_BARRIER=0|1``   barrier on convolution inputs (training; default: CPU)
@@ -163,7 +163,7 @@ def _cpu_layers(env: Mapping[str, str], num_devices: int) -> tuple[ModelLayers, 
                  native_avx512=native_ok and avx512)
   norm = functools.partial(
       batch_norm.BatchNorm, native_moments=native_ok and env.get("DROPJAX_NATIVE_MOMENTS") != "0",
-      native_backward=native_ok and env.get("DROPJAX_NATIVE_NORM_GRAD") != "0")
+      native_norm_act=native_ok and env.get("DROPJAX_NATIVE_NORM_ACT") != "0")
 
   def conv_cls(input_barrier: bool):
     opts = conv.ConvOptions(**options, input_barrier=input_barrier)
@@ -179,7 +179,7 @@ def _cpu_layers(env: Mapping[str, str], num_devices: int) -> tuple[ModelLayers, 
                       conv_norm_act=(conv_norm.make_conv_norm_act(conv.ConvOptions(**options))
                                      if fused else models.conv_norm_act))
   choices = {**options, "native_moments": norm.keywords["native_moments"],
-             "native_norm_grad": norm.keywords["native_backward"],
+             "native_norm_act": norm.keywords["native_norm_act"],
              "fused_conv_norm": fused,
              "native_kernels": bool(kernels), "native_unavailable": None if kernels else reason,
              "conv_barrier": conv_barrier, "block_barrier": block_barrier,

@@ -18,11 +18,11 @@ over the activations instead (:mod:`dropjax.xla_cpu.native`): XLA:CPU writes
 
 The layer can also add a block's residual and apply its ReLU,
 ``relu(norm(x) + residual)`` (:func:`conv_norm_act` calls it so in training):
-then, with ``native_backward``, the backward pass of the affine map, the
-residual and the ReLU is one native pass that masks the incoming gradient and
-sums it and its product with ``x`` per channel; composed from XLA's ops it
-writes the masked gradient, writes its product with ``x``, and reads both back
-(``benchmarks/README.md``).  The custom VJPs make the layer
+then, with ``native_norm_act``, the affine map, the residual and the ReLU are
+one native pass, and their backward pass one more that masks the incoming
+gradient and sums it and its product with ``x`` per channel; composed from
+XLA's ops the backward pass writes the masked gradient, writes its product with
+``x``, and reads both back (``benchmarks/README.md``).  The custom VJPs make the layer
 reverse-mode only: ``jax.jvp`` through a training-mode forward pass is not
 supported.  :func:`dropjax.backend.resolve` passes this layer to the model on
 CPU only; elsewhere the model uses ``flax.linen.BatchNorm`` itself.
@@ -111,6 +111,16 @@ def _affine_bwd(res, g):
 channel_affine.defvjp(_affine_fwd, _affine_bwd)
 
 
+def native_norm_act_forward(x: jax.Array, a: jax.Array, b: jax.Array,
+                            residual: jax.Array | None) -> jax.Array:
+  """``max(x * a + b + residual, 0)`` of float32 ``x`` (..., C), ``a``, ``b``
+  (C,) and ``residual`` (``x``'s shape, or ``None``) in one native pass
+  (``x * a + b`` one FMA).  Needs :func:`dropjax.xla_cpu.native.load`."""
+  res = jnp.zeros((0,), jnp.float32) if residual is None else residual
+  return jax.ffi.ffi_call(native.NORM_ACT_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                          vmap_method="sequential")(x, a, b, res)
+
+
 def native_norm_act_grad(dh: jax.Array, h: jax.Array, x: jax.Array
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``g = where(h > 0, dh, 0)`` and per-channel ``(sum g, sum g * x)`` of
@@ -125,7 +135,10 @@ def native_norm_act_grad(dh: jax.Array, h: jax.Array, x: jax.Array
       vmap_method="sequential")(dh, h, x))
 
 
-def _affine_act(x, a, b, residual, relu):
+def _affine_act(x, a, b, residual, relu, use_native):
+  if (relu and use_native and x.dtype == a.dtype == b.dtype == jnp.float32
+      and (residual is None or residual.dtype == jnp.float32)):
+    return native_norm_act_forward(x, a, b, residual)
   y = x * a + b
   if residual is not None:
     y = y + residual
@@ -137,13 +150,14 @@ def channel_affine_act(x: jax.Array, a: jax.Array, b: jax.Array, residual: jax.A
                        relu: bool, use_native: bool = False) -> jax.Array:
   """``max(x * a + b + residual, 0)`` (no max unless ``relu``; no residual if
   ``None``) with ``a, b`` of shape (C,) broadcast over ``x`` (..., C) and
-  ``residual`` of ``x``'s shape.  ``use_native``: the backward pass of a
-  float32 ReLU form by the native kernel (:func:`native_norm_act_grad`)."""
-  return _affine_act(x, a, b, residual, relu)
+  ``residual`` of ``x``'s shape.  ``use_native``: a float32 ReLU form and its
+  backward pass by the native kernels (:func:`native_norm_act_forward`,
+  :func:`native_norm_act_grad`; the same values up to float rounding)."""
+  return _affine_act(x, a, b, residual, relu, use_native)
 
 
 def _affine_act_fwd(x, a, b, residual, relu, use_native):
-  h = _affine_act(x, a, b, residual, relu)
+  h = _affine_act(x, a, b, residual, relu, use_native)
   # The ReLU's mask is h > 0 (the output: kept anyway as the next layer's input).
   has_residual = None if residual is None else jnp.zeros((0,), jnp.float32)
   return h, (x, a, h if relu else None, has_residual)
@@ -174,8 +188,8 @@ class BatchNorm(nn.Module):
     dtype: output dtype (statistics are always computed in float32).
     axis_name: ``pmap`` axis over which batch statistics are averaged.
     native_moments: training statistics by the native one-pass kernel.
-    native_backward: the backward pass of a call with ``relu=True`` by the
-      native one-pass kernel.
+    native_norm_act: a call with ``relu=True`` and its backward pass by the
+      native one-pass kernels.
   """
   use_running_average: bool = False
   momentum: float = 0.9
@@ -183,7 +197,7 @@ class BatchNorm(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None
   native_moments: bool = False
-  native_backward: bool = False
+  native_norm_act: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, residual: jax.Array | None = None,
@@ -211,15 +225,15 @@ class BatchNorm(nn.Module):
     x, mul, shift = x.astype(self.dtype), mul.astype(self.dtype), shift.astype(self.dtype)
     if residual is None and not relu:
       return channel_affine(x, mul, shift)
-    return channel_affine_act(x, mul, shift, residual, bool(relu), self.native_backward)
+    return channel_affine_act(x, mul, shift, residual, bool(relu), self.native_norm_act)
 
 
 def conv_norm_act(conv: nn.Module, norm: nn.Module, x: jax.Array,
                   residual: jax.Array | None = None, relu: bool = True) -> jax.Array:
   """The values of :func:`dropjax.models.conv_norm_act` (``relu(norm(conv(x)) +
   residual)``), with this module's :class:`BatchNorm` adding the residual and
-  applying the ReLU itself (its backward pass then one native pass where
-  ``native_backward``); other norm modules compose as there."""
+  applying the ReLU itself (one native pass, and one for its backward pass,
+  where ``native_norm_act``); other norm modules compose as there."""
   if type(norm) is not BatchNorm:  # pylint: disable=unidiomatic-typecheck
     return models.conv_norm_act(conv, norm, x, residual, relu)
   return norm(conv(x), residual=residual, relu=relu)

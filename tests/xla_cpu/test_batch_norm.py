@@ -13,7 +13,7 @@ from dropjax.xla_cpu import native
 from dropjax.xla_cpu import batch_norm
 from dropjax.xla_cpu.batch_norm import (BatchNorm, channel_affine, channel_affine_act,
                                         channel_moments, channel_sum, native_channel_sums,
-                                        native_norm_act_grad)
+                                        native_norm_act_forward, native_norm_act_grad)
 
 
 @pytest.mark.parametrize("shape", [(4, 8, 8, 16), (3, 5, 5, 6), (2, 4, 4, 64), (7, 3)])
@@ -180,15 +180,34 @@ def test_native_norm_act_grad_matches_float64_and_is_deterministic(shape):
 
 
 @needs_native
-def test_native_norm_act_grad_rejects_mismatched_operands():
+@pytest.mark.parametrize("shape", [(4, 8, 8, 16), (2, 4, 4, 64), (3, 5, 5, 128), (3, 5, 7), (0, 8)])
+@pytest.mark.parametrize("use_residual", [False, True])
+def test_native_norm_act_forward_matches_xla(shape, use_residual):
+  """max(x * a + b + r, 0) against XLA's ops: AVX2 lanes with the per-channel
+  values in registers (C % 8 == 0, up to 64), scalar code else, no rows."""
+  x, a, b, r, _ = _affine_act_case(shape, seed=9)
+  r = r if use_residual else None
+  want = jnp.maximum(x * a + b + (0 if r is None else r), 0)
+  got = jax.jit(native_norm_act_forward)(x, a, b, r)
+  assert got.shape == x.shape
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # x * a + b: one FMA here
+  assert bool(jnp.all(got >= 0))
+
+
+@needs_native
+def test_native_kernels_reject_mismatched_operands():
   dh = jnp.ones((2, 4, 4, 8))
   with pytest.raises(Exception, match="same size"):
     jax.jit(native_norm_act_grad)(dh, jnp.ones((2, 4, 4, 4)), dh)
+  with pytest.raises(Exception, match="one value per channel"):
+    jax.jit(native_norm_act_forward)(dh, jnp.ones(4), jnp.ones(8), None)
+  with pytest.raises(Exception, match="residual and h must have"):
+    jax.jit(native_norm_act_forward)(dh, jnp.ones(8), jnp.ones(8), dh[:1])
 
 
 @needs_native
 @pytest.mark.parametrize("use_residual", [False, True])
-def test_affine_act_native_backward_matches_xla(use_residual):
+def test_affine_act_native_norm_act_matches_xla(use_residual):
   x, a, b, r, ct = _affine_act_case((4, 8, 8, 16))
   r = r if use_residual else None
   grads = {}
@@ -200,17 +219,17 @@ def test_affine_act_native_backward_matches_xla(use_residual):
     np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("native_backward", [False, True])
-def test_norm_with_residual_and_relu_equals_the_composition(native_backward):
+@pytest.mark.parametrize("native_norm_act", [False, True])
+def test_norm_with_residual_and_relu_equals_the_composition(native_norm_act):
   """``BatchNorm(x, residual, relu=True)`` (the training layer's call) against
   ``relu(BatchNorm(x) + residual)``: values, statistics and gradients, and
   :func:`batch_norm.conv_norm_act` against :func:`dropjax.models.conv_norm_act`,
   also for flax's norm (passed through to the composition)."""
-  if native_backward and not native.load():
+  if native_norm_act and not native.load():
     pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")
   from dropjax import models
   x, _, _, r, ct = _affine_act_case((4, 6, 6, 16), seed=8)
-  bn = BatchNorm(native_moments=False, native_backward=native_backward)
+  bn = BatchNorm(native_moments=False, native_norm_act=native_norm_act)
   v = bn.init(jax.random.PRNGKey(0), x)
 
   def composed(p, x, r):
@@ -235,7 +254,7 @@ def test_norm_with_residual_and_relu_equals_the_composition(native_backward):
     def __call__(self, x, r):
       return self.fn(nn.Conv(16, (3, 3), use_bias=False), self.norm_cls(), x, r)
 
-  for norm_cls in (functools.partial(BatchNorm, native_backward=native_backward),
+  for norm_cls in (functools.partial(BatchNorm, native_norm_act=native_norm_act),
                    functools.partial(nn.BatchNorm, use_running_average=False)):
     plain = Layer(norm_cls, models.conv_norm_act)
     ours = Layer(norm_cls, batch_norm.conv_norm_act)
@@ -248,14 +267,15 @@ def test_norm_with_residual_and_relu_equals_the_composition(native_backward):
 
 
 @needs_native
-def test_native_norm_grad_in_training_matches_xla_and_is_in_the_program(monkeypatch):
+def test_native_norm_act_in_training_matches_xla_and_is_in_the_program(monkeypatch):
   monkeypatch.setenv("DROPJAX_NATIVE_CONV", "1")  # two test devices: force the kernels
-  results, programs = train_gradients_per_setting(monkeypatch, "DROPJAX_NATIVE_NORM_GRAD",
+  results, programs = train_gradients_per_setting(monkeypatch, "DROPJAX_NATIVE_NORM_ACT",
                                                   width=8)
   for a, b in zip(jax.tree.leaves(results["0"]), jax.tree.leaves(results["1"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
-  assert programs["1"].count(native.NORM_ACT_GRAD_TARGET) == 7  # every batch norm of depth 8
-  assert native.NORM_ACT_GRAD_TARGET not in programs["0"]
-  described = backend.resolve("cpu", 1, env={"DROPJAX_NATIVE_NORM_GRAD": "0"}).describe()
-  assert not described["native_norm_grad"]
-  assert backend.resolve("cpu", 1, env={}).describe()["native_norm_grad"]
+  for target in (native.NORM_ACT_TARGET, native.NORM_ACT_GRAD_TARGET):
+    assert programs["1"].count(f"@{target}(") == 7, target  # every batch norm of depth 8
+    assert target not in programs["0"]
+  described = backend.resolve("cpu", 1, env={"DROPJAX_NATIVE_NORM_ACT": "0"}).describe()
+  assert not described["native_norm_act"]
+  assert backend.resolve("cpu", 1, env={}).describe()["native_norm_act"]

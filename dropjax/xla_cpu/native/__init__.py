@@ -1,6 +1,6 @@
 """Native CPU kernels, compiled on first use and registered as XLA FFI targets.
 
-Three sources (five targets), used on CPU by :mod:`dropjax.xla_cpu.conv` and
+Three sources (six targets), used on CPU by :mod:`dropjax.xla_cpu.conv` and
 :mod:`dropjax.xla_cpu.batch_norm` (``benchmarks/README.md`` has the measurements):
 
 * ``conv_weight_grad.cc``: the weight gradient of a convolution, which
@@ -13,11 +13,11 @@ Three sources (five targets), used on CPU by :mod:`dropjax.xla_cpu.conv` and
   tiles (compiled by a target attribute) when the call asks for them; its
   fused form (target :data:`FUSED_TARGET`) applies inference batch norm, a
   residual and a ReLU to each tile as it stores it (:mod:`dropjax.xla_cpu.conv_norm`);
-* ``channel_moments.cc``: per-channel sum and sum of squares in one pass, the
-  batch-norm statistics (target :data:`MOMENTS_TARGET`), and the backward pass
-  of a training batch norm's affine map with its residual and ReLU (the masked
-  gradient and its two per-channel sums in one pass; target
-  :data:`NORM_ACT_GRAD_TARGET`).
+* ``batch_norm.cc``: training-mode batch norm: per-channel sum and sum of
+  squares in one pass, the statistics (target :data:`MOMENTS_TARGET`); the
+  normalization's affine map with the block's residual and ReLU (target
+  :data:`NORM_ACT_TARGET`) and its backward pass (the masked gradient and its
+  two per-channel sums in one pass; target :data:`NORM_ACT_GRAD_TARGET`).
 
 The sources are compiled once per (sources, jaxlib, compiler) into one library in
 the ``cache_dir`` given to :func:`load` (:mod:`dropjax.backend` passes
@@ -42,16 +42,17 @@ import threading
 from pathlib import Path
 
 _SOURCES = tuple(Path(__file__).with_name(f)
-                 for f in ("conv_weight_grad.cc", "conv_forward.cc", "channel_moments.cc"))
+                 for f in ("conv_weight_grad.cc", "conv_forward.cc", "batch_norm.cc"))
 _HEADERS = tuple(Path(__file__).with_name(f) for f in ("work_queue.h", "weight_grad_tile.inc"))
 TARGET = "dropjax_conv_weight_grad"
 FORWARD_TARGET = "dropjax_conv_forward"
 FUSED_TARGET = "dropjax_conv_forward_fused"
 MOMENTS_TARGET = "dropjax_channel_moments"
+NORM_ACT_TARGET = "dropjax_norm_act"
 NORM_ACT_GRAD_TARGET = "dropjax_norm_act_grad"
 _SYMBOLS = {TARGET: "DropjaxConvWeightGrad", FORWARD_TARGET: "DropjaxConvForward",
             FUSED_TARGET: "DropjaxConvForwardFused", MOMENTS_TARGET: "DropjaxChannelMoments",
-            NORM_ACT_GRAD_TARGET: "DropjaxNormActGrad"}
+            NORM_ACT_TARGET: "DropjaxNormAct", NORM_ACT_GRAD_TARGET: "DropjaxNormActGrad"}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -146,7 +147,7 @@ def has_avx512() -> bool:
 def load(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> bool:
   """Builds (once per process and cache) and registers the kernels' FFI targets
   (:data:`TARGET`, :data:`FORWARD_TARGET`, :data:`FUSED_TARGET`, :data:`MOMENTS_TARGET`,
-  :data:`NORM_ACT_GRAD_TARGET`) on the CPU
+  :data:`NORM_ACT_TARGET`, :data:`NORM_ACT_GRAD_TARGET`) on the CPU
   platform; returns whether they are usable.  Later calls return the first answer."""
   with _lock:
     if "loaded" not in _state:

@@ -1,10 +1,11 @@
-// Per-channel reductions of float32 arrays (..., C) for training-mode batch
-// norm, as XLA FFI handlers for the CPU backend:
+// Training-mode batch norm over float32 arrays (..., C), as XLA FFI handlers
+// for the CPU backend:
 //
 // * DropjaxChannelMoments: sum x and sum x^2, the statistics, in one pass;
-// * DropjaxNormActGrad: the backward pass of h = max(x * a + b + residual, 0):
-//   g = dh where h > 0, with sum g and sum g * x (the gradients of b and a), in
-//   one pass.
+// * DropjaxNormAct: h = max(x * a + b + residual, 0) (a, b per channel; the
+//   residual optional), the normalization with the block's residual and ReLU;
+// * DropjaxNormActGrad: its backward pass: g = dh where h > 0, with sum g and
+//   sum g * x (the gradients of b and a), in one pass.
 //
 // XLA:CPU rewrites a long reduction into a tree of reduce-windows, which
 // cannot fuse their producer, so sum(x * x) first writes x * x to memory and
@@ -14,7 +15,9 @@
 // depend on the thread schedule, and no float32 drift over long sums.  Composed
 // from XLA's ops the backward pass writes g, writes g * x, and reads both back
 // for the sums (11 passes over an activation with the next elementwise loop,
-// against 7 here and there; benchmarks/README.md).
+// against 7 here and there; benchmarks/README.md).  XLA's loop for the forward
+// map walks the 16-32 channels of each position with the broadcast scale and
+// shift; here they stay in registers.
 
 #include <algorithm>
 #include <cmath>
@@ -112,6 +115,40 @@ void GradPart(const float* __restrict__ dh, const float* __restrict__ h,
   }
 }
 
+// h = max(x * a + b + res, 0) for rows [r0, r1) (res null: no residual); AVX2
+// with a and b in registers where C is a multiple of 8 up to kMaxRegChannels.
+constexpr int64_t kMaxRegChannels = 64;
+
+void ActPart(const float* __restrict__ x, const float* __restrict__ a,
+             const float* __restrict__ b, const float* __restrict__ res, float* __restrict__ h,
+             int64_t r0, int64_t r1, int64_t c) {
+  if (c % 8 == 0 && c <= kMaxRegChannels) {
+    __m256 av[kMaxRegChannels / 8], bv[kMaxRegChannels / 8];
+    for (int64_t j = 0; j < c; j += 8) {
+      av[j / 8] = _mm256_loadu_ps(a + j);
+      bv[j / 8] = _mm256_loadu_ps(b + j);
+    }
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t j = 0; j < c; j += 8) {
+        const int64_t o = r * c + j;
+        __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(x + o), av[j / 8], bv[j / 8]);
+        if (res != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(res + o));
+        _mm256_storeu_ps(h + o, _mm256_max_ps(v, zero));
+      }
+    }
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t j = 0; j < c; ++j) {
+      const int64_t o = r * c + j;
+      float v = std::fma(x[o], a[j], b[j]);
+      if (res != nullptr) v += res[o];
+      h[o] = v > 0.f ? v : 0.f;
+    }
+  }
+}
+
 // Runs `part(r0, r1, acc_a, acc_b)` for every part [r0, r1) of `rows` rows on
 // the pool (each part adds its C sums a and C sums b into its own float64
 // slots) and adds the parts in a fixed order into `out_a`, `out_b` (C each).
@@ -204,4 +241,39 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DropjaxNormActGrad, NormActGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// h = max(x * a + b + res, 0): a and b (C,), res x's shape or empty for none.
+static ffi::Error NormActImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                             ffi::Buffer<ffi::F32> res, ffi::ResultBuffer<ffi::F32> h) {
+  int64_t c, rows;
+  if (auto e = Rows(x, "norm_act", &c, &rows); e.failure()) return e;
+  const int64_t n = x.element_count();
+  if (a.element_count() != c || b.element_count() != c)
+    return ffi::Error::InvalidArgument("norm_act: a and b need one value per channel");
+  if ((res.element_count() != n && res.element_count() != 0) || h->element_count() != n)
+    return ffi::Error::InvalidArgument("norm_act: the residual and h must have x's size "
+                                       "(or the residual be empty)");
+  const float* xp = x.typed_data();
+  const float* ap = a.typed_data();
+  const float* bp = b.typed_data();
+  const float* rp = res.element_count() != 0 ? res.typed_data() : nullptr;
+  float* hp = h->typed_data();
+  const int64_t parts = (rows + kRowsPerPart - 1) / kRowsPerPart;
+  auto work = [&](dropjax::WorkQueue& queue) {
+    for (int64_t p; (p = queue.Take()) >= 0;)
+      ActPart(xp, ap, bp, rp, hp, p * kRowsPerPart, std::min(rows, (p + 1) * kRowsPerPart), c);
+  };
+  if (parts > 0) dropjax::RunOnPool(pool, parts, pool.num_threads(), work);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DropjaxNormAct, NormActImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
