@@ -93,24 +93,6 @@ def _moments_bwd(use_native, x, cts):
 channel_moments.defvjp(_moments_fwd, _moments_bwd)
 
 
-@jax.custom_vjp
-def channel_affine(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-  """``x * a + b`` with ``a, b`` of shape (C,) broadcast over ``x`` (..., C)."""
-  return x * a + b
-
-
-def _affine_fwd(x, a, b):
-  return channel_affine(x, a, b), (x, a)
-
-
-def _affine_bwd(res, g):
-  x, a = res
-  return (g * a).astype(x.dtype), channel_sum(g * x).astype(a.dtype), channel_sum(g).astype(a.dtype)
-
-
-channel_affine.defvjp(_affine_fwd, _affine_bwd)
-
-
 def native_norm_act_forward(x: jax.Array, a: jax.Array, b: jax.Array,
                             residual: jax.Array | None) -> jax.Array:
   """``max(x * a + b + residual, 0)`` of float32 ``x`` (..., C), ``a``, ``b``
@@ -135,9 +117,13 @@ def native_norm_act_grad(dh: jax.Array, h: jax.Array, x: jax.Array
       vmap_method="sequential")(dh, h, x))
 
 
+def _native(relu, use_native, *arrays) -> bool:
+  """Whether the native kernels compute the ReLU form (all operands float32)."""
+  return relu and use_native and all(v is None or v.dtype == jnp.float32 for v in arrays)
+
+
 def _affine_act(x, a, b, residual, relu, use_native):
-  if (relu and use_native and x.dtype == a.dtype == b.dtype == jnp.float32
-      and (residual is None or residual.dtype == jnp.float32)):
+  if _native(relu, use_native, x, a, b, residual):
     return native_norm_act_forward(x, a, b, residual)
   y = x * a + b
   if residual is not None:
@@ -165,7 +151,7 @@ def _affine_act_fwd(x, a, b, residual, relu, use_native):
 
 def _affine_act_bwd(relu, use_native, res, dh):
   x, a, h, has_residual = res
-  if relu and use_native and x.dtype == dh.dtype == jnp.float32:
+  if _native(relu, use_native, x, dh):
     g, d_b, d_a = native_norm_act_grad(dh, h, x)
   else:
     g = jnp.where(h > 0, dh, 0) if relu else dh  # relu' (0 at 0, as jax.nn.relu)
@@ -175,6 +161,12 @@ def _affine_act_bwd(relu, use_native, res, dh):
 
 
 channel_affine_act.defvjp(_affine_act_fwd, _affine_act_bwd)
+
+
+def channel_affine(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """``x * a + b`` with ``a, b`` of shape (C,) broadcast over ``x`` (..., C)
+  (:func:`channel_affine_act` without residual and ReLU)."""
+  return channel_affine_act(x, a, b, None, False)
 
 
 class BatchNorm(nn.Module):
@@ -222,10 +214,8 @@ class BatchNorm(nn.Module):
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
     shift = bias - mean * mul
-    x, mul, shift = x.astype(self.dtype), mul.astype(self.dtype), shift.astype(self.dtype)
-    if residual is None and not relu:
-      return channel_affine(x, mul, shift)
-    return channel_affine_act(x, mul, shift, residual, bool(relu), self.native_norm_act)
+    return channel_affine_act(x.astype(self.dtype), mul.astype(self.dtype),
+                              shift.astype(self.dtype), residual, bool(relu), self.native_norm_act)
 
 
 def conv_norm_act(conv: nn.Module, norm: nn.Module, x: jax.Array,
