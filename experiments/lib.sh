@@ -43,9 +43,12 @@ train_run() {
 # UNFINISHED/<name of WD> -- its config, metrics and last checkpoint, the checkpoint as
 # a tar file split into parts of KEEP_PART_KB KiB at most (default 1536: no committed
 # file over 2 MB; ~2.2 MB in two parts for a ResNet-20, ~7 MB for a ResNet-56, ~14 MB
-# for a ResNet-110), committed with the results -- replacing the copy before; a
-# finished run's copy is removed.  take_up_training WD puts a kept run back into a WD
-# that holds no checkpoint, where train.py resumes it (exactly, on the same CPU).
+# for a ResNet-110) listed with their SHA-256 sums in checkpoint.sha256, committed with
+# the results -- replacing the copy before; a finished run's copy is removed.
+# take_up_training WD puts a kept run back into a WD that holds no checkpoint, where
+# train.py resumes it (exactly, on the same CPU), once every part is there and matches
+# its sum: a part lost or damaged is an error, never a fresh start (tar alone may read a
+# stream with a part missing as a shorter archive and succeed).
 UNFINISHED=${UNFINISHED:-experiments/unfinished}
 KEEP_PART_KB=${KEEP_PART_KB:-1536}
 keep_training() {
@@ -61,6 +64,7 @@ keep_training() {
       split -b "${KEEP_PART_KB}k" -d -a 3 - "$keep.tmp/checkpoint.tar.part"; then
     rm -rf "$keep.tmp"; echo "could not keep $wd (step $last): run it again" >&2; return 0
   fi
+  (cd "$keep.tmp" && sha256sum checkpoint.tar.part* > checkpoint.sha256)
   for f in config.json metrics.jsonl; do
     if [ -f "$wd/$f" ]; then cp "$wd/$f" "$keep.tmp/"; fi
   done
@@ -71,8 +75,18 @@ take_up_training() {
   local wd=$1 keep f
   local -; set -o pipefail
   keep="$UNFINISHED/$(basename "$wd")"
-  if [ ! -f "$keep/checkpoint.tar.part000" ] || [ -n "$(ls "$wd/checkpoints" 2>/dev/null)" ]; then
+  if [ -z "$(ls "$keep" 2>/dev/null | grep -E '^checkpoint\.(tar\.part|sha256)')" ] || \
+     [ -n "$(ls "$wd/checkpoints" 2>/dev/null)" ]; then
     return 0
+  fi
+  if [ -f "$keep/checkpoint.sha256" ]; then
+    if ! (cd "$keep" && sha256sum --quiet --strict -c checkpoint.sha256) || \
+       [ "$(ls "$keep" | grep -c '^checkpoint\.tar\.part')" != "$(wc -l < "$keep/checkpoint.sha256")" ]; then
+      echo "the run kept in $keep is incomplete: its parts do not match checkpoint.sha256" >&2
+      return 1
+    fi
+  else  # kept before the sums were written
+    echo "the run kept in $keep has no checkpoint.sha256: its parts are not checked" >&2
   fi
   mkdir -p "$wd/checkpoints"
   if ! cat "$keep"/checkpoint.tar.part* | tar -C "$wd/checkpoints" -xf -; then

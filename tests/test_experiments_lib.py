@@ -197,7 +197,8 @@ def test_an_unfinished_training_run_outlives_the_checkout_and_resumes_exactly(
   take_up_training puts them into the new checkout's empty workdir, where the run
   finishes bit for bit as if never stopped; the finished run's copy is removed, a
   workdir with checkpoints of its own is left alone, and a kept run with a part
-  missing is an error, not a fresh start."""
+  missing or damaged (whichever part: the first, a middle or the last) is an error,
+  not a fresh start."""
   import jax
   import numpy as np
   from conftest import tiny_config
@@ -211,7 +212,8 @@ def test_an_unfinished_training_run_outlives_the_checkout_and_resumes_exactly(
   _lib_env(f'keep_training "{old}"', root, **env)
   kept = tmp_path / "kept" / "run"
   parts = sorted(f for f in os.listdir(kept) if f.startswith("checkpoint.tar.part"))
-  assert sorted(os.listdir(kept)) == sorted(parts + ["config.json", "metrics.jsonl"])
+  assert sorted(os.listdir(kept)) == sorted(
+      parts + ["checkpoint.sha256", "config.json", "metrics.jsonl"])
   assert len(parts) > 2 and all(os.path.getsize(kept / f) <= 8 * 1024 for f in parts)
   with tarfile.open(fileobj=io.BytesIO(b"".join((kept / f).read_bytes() for f in parts))) as t:
     assert {n.split("/")[0] for n in t.getnames()} == {"4"}  # the last checkpoint only
@@ -230,13 +232,28 @@ def test_an_unfinished_training_run_outlives_the_checkout_and_resumes_exactly(
   assert not kept.exists()
   _lib_env(f'keep_training "{tmp_path / "none"}"', root, **env)
   assert not (tmp_path / "kept" / "none").exists()
-  # A part lost on the way: an error, and no half-unpacked checkpoint to resume from.
-  _lib_env(f'keep_training "{old}"', root, **env)
-  (kept / parts[1]).unlink()
+  # A part lost or damaged on the way: an error, and no half-unpacked checkpoint to
+  # resume from.
+  def lose(part):
+    (kept / part).unlink()
+
+  def damage(part):
+    data = bytearray((kept / part).read_bytes())
+    data[len(data) // 2] ^= 1
+    (kept / part).write_bytes(bytes(data))
+
   broken = tmp_path / "broken" / "run"
-  with pytest.raises(subprocess.CalledProcessError):
-    _lib_env(f'take_up_training "{broken}"', root, **env)
-  assert not (broken / "checkpoints").exists()
+  for spoil in (lose, damage):
+    for part in (parts[0], parts[1], parts[-1]):
+      _lib_env(f'keep_training "{old}"', root, **env)
+      spoil(part)
+      with pytest.raises(subprocess.CalledProcessError):
+        _lib_env(f'take_up_training "{broken}"', root, **env)
+      assert not (broken / "checkpoints").exists(), (spoil.__name__, part)
+  # The kept copy intact again: taken up.
+  _lib_env(f'keep_training "{old}"', root, **env)
+  _lib_env(f'take_up_training "{broken}"', root, **env)
+  assert sorted(os.listdir(broken / "checkpoints")) == ["4"]
 
 
 def test_evaluate_kept_keeps_summaries_and_rows_that_a_new_out_takes_up(tiny_workdir,
