@@ -254,6 +254,11 @@ def test_an_unfinished_training_run_outlives_the_checkout_and_resumes_exactly(
   _lib_env(f'keep_training "{old}"', root, **env)
   _lib_env(f'take_up_training "{broken}"', root, **env)
   assert sorted(os.listdir(broken / "checkpoints")) == ["4"]
+  # A copy kept before the sums were written (no checkpoint.sha256): taken up, unchecked.
+  (kept / "checkpoint.sha256").unlink()
+  legacy = tmp_path / "legacy" / "run"
+  _lib_env(f'take_up_training "{legacy}"', root, **env)
+  assert sorted(os.listdir(legacy / "checkpoints")) == ["4"]
 
 
 def test_evaluate_kept_keeps_summaries_and_rows_that_a_new_out_takes_up(tiny_workdir,
