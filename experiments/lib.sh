@@ -75,8 +75,7 @@ take_up_training() {
   local wd=$1 keep f
   local -; set -o pipefail
   keep="$UNFINISHED/$(basename "$wd")"
-  if [ -z "$(ls "$keep" 2>/dev/null | grep -E '^checkpoint\.(tar\.part|sha256)')" ] || \
-     [ -n "$(ls "$wd/checkpoints" 2>/dev/null)" ]; then
+  if [ ! -d "$keep" ] || [ -n "$(ls "$wd/checkpoints" 2>/dev/null)" ]; then
     return 0
   fi
   if [ -f "$keep/checkpoint.sha256" ]; then
