@@ -198,6 +198,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                  "command resumes it exactly.  SIGTERM or SIGINT (Ctrl-C) does the same at "
                  "any time (exit status 128 + signal; a second signal stops at once)")
   p.add_argument("--no_progress", action="store_true", help="disable the progress bar")
+  p.add_argument("--skip_if_packaged", action="store_true",
+                 help="do not train when a packaged model under pretrained/ already followed "
+                 "this run's recipe (every setting but where and how it runs): print its "
+                 "directory and exit 0 (the GPU script uses it to spend no lease on a row "
+                 "the CPU finished)")
 
 
 def init_distributed(cfg) -> None:
@@ -210,6 +215,12 @@ def init_distributed(cfg) -> None:
 
 
 def _run_train(cfg, args) -> int:
+  if args.skip_if_packaged:
+    from dropjax import pretrained  # pylint: disable=g-import-not-at-top
+    packaged = pretrained.trained_with(cfg)
+    if packaged:
+      print(f"not trained: packaged already as {', '.join(packaged)} (--skip_if_packaged)")
+      return 0
   if cfg.distributed:
     init_distributed(cfg)
   from dropjax import deadlines  # pylint: disable=g-import-not-at-top

@@ -190,6 +190,10 @@ class TrainConfig:
       d["lr_boundaries"] = tuple(d["lr_boundaries"])
     return cls(**d)
 
+  def recipe(self) -> dict[str, Any]:
+    """What the run trains: :meth:`to_dict` without :data:`EXECUTION_FIELDS`."""
+    return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
@@ -231,6 +235,11 @@ class TrainConfig:
 # Fields that define the model and its checkpoint layout; a workdir's saved
 # config must agree on them to resume or evaluate.
 ARCHITECTURE_FIELDS = ("dataset", "depth", "width", "input_encoding")
+# Fields that say where and how a run executes (data location, devices, bookkeeping),
+# not what it trains: two configs that differ only in these follow the same recipe.
+EXECUTION_FIELDS = ("source", "data_dir", "parallel", "distributed", "coordinator_address",
+                    "num_processes", "process_id", "checkpoint_every", "keep_checkpoints",
+                    "log_every", "eval_batch_size", "eval_every_epochs", "tensorboard")
 
 _DROP_PRESETS = {"normal": dict(drop="none"),
                  "fixed": dict(drop="fixed", drop_rate=0.9),

@@ -86,6 +86,24 @@ def resolve(name_or_path: str) -> str:
                           f"{known} under {REPO_DIR})")
 
 
+def trained_with(cfg: TrainConfig, root: str | None = None) -> list[str]:
+  """The packaged models under ``root`` (default: the repository's ``pretrained/``),
+  as sorted paths, whose run followed the recipe of ``cfg``
+  (:meth:`dropjax.config.TrainConfig.recipe`: equal but for where and how it ran),
+  e.g. to skip training a preset that is packaged already.  A packaged model is a
+  finished run; a directory whose ``config.json`` cannot be read is passed over."""
+  found = []
+  for path in sorted(glob.glob(os.path.join(root or REPO_DIR, "*", MANIFEST_FILE))):
+    workdir = os.path.dirname(path)
+    try:
+      packaged = ckpt_lib.load_config(workdir)
+    except (OSError, ckpt_lib.CheckpointError):
+      continue
+    if packaged.recipe() == cfg.recipe():
+      found.append(workdir)
+  return found
+
+
 def read_manifest(workdir: str) -> dict:
   """The ``MANIFEST.json`` of the packaged model in ``workdir`` (``CheckpointError``
   if there is none)."""

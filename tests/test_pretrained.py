@@ -104,6 +104,52 @@ def test_large_variables_are_written_in_parts_and_load_the_same(packaged, tiny_w
   assert "part001 not found" in capsys.readouterr().err
 
 
+def _fake_packaged(root, name: str, cfg) -> str:
+  """A directory that passes for a packaged model of ``cfg`` as far as its recipe goes."""
+  out = root / name
+  out.mkdir(parents=True)
+  (out / ckpt_lib.CONFIG_FILE).write_text(cfg.to_json())
+  (out / pretrained.MANIFEST_FILE).write_text(json.dumps({"name": name}))
+  return str(out)
+
+
+def test_packaged_models_are_found_by_their_recipe(tmp_path):
+  from dropjax import config
+  preset = config.from_preset("cifar10-resnet56-fixed")
+  same = _fake_packaged(tmp_path, "b-same", preset.replace(
+      data_dir="/elsewhere", source="local", eval_batch_size=250, keep_checkpoints=1,
+      parallel="pmap", checkpoint_every=100, log_every=7))
+  _fake_packaged(tmp_path, "c-other-wd", preset.replace(weight_decay=5e-4))
+  _fake_packaged(tmp_path, "d-other-epochs", preset.replace(epochs=30))
+  _fake_packaged(tmp_path, "e-random", config.from_preset("cifar10-resnet56-random"))
+  broken = tmp_path / "a-broken"
+  broken.mkdir()
+  (broken / ckpt_lib.CONFIG_FILE).write_text("{not json")
+  (broken / pretrained.MANIFEST_FILE).write_text("{}")
+  (tmp_path / "f-no-manifest").mkdir()  # not a packaged model: no MANIFEST.json
+  (tmp_path / "f-no-manifest" / ckpt_lib.CONFIG_FILE).write_text(preset.to_json())
+  assert pretrained.trained_with(preset, str(tmp_path)) == [same]
+  assert pretrained.trained_with(preset.replace(seed=1), str(tmp_path)) == []
+  assert set(preset.to_dict()) - set(preset.recipe()) == set(config.EXECUTION_FIELDS)
+
+
+def test_train_skips_a_recipe_that_is_packaged_already(tmp_path, monkeypatch, capsys):
+  from dropjax import config
+  monkeypatch.setattr(pretrained, "REPO_DIR", str(tmp_path / "pretrained"))
+  found = _fake_packaged(tmp_path / "pretrained", "gtsrb-resnet20-fixed-copy",
+                         config.from_preset("gtsrb-resnet20-fixed"))
+  workdir = tmp_path / "run"
+  assert cli.train_main(["--preset", "gtsrb-resnet20-fixed", "--workdir", str(workdir),
+                         "--data_dir", str(tmp_path / "no-data"), "--skip_if_packaged"]) == 0
+  assert f"packaged already as {found}" in capsys.readouterr().out
+  assert not workdir.exists()  # nothing trained, nothing written
+  # Another recipe is trained as asked (here: fails at once on the missing data).
+  assert cli.train_main(["--preset", "gtsrb-resnet20-fixed", "--workdir", str(workdir),
+                         "--data_dir", str(tmp_path / "no-data"), "--skip_if_packaged",
+                         "--epochs", "29"]) == 2
+  assert "packaged already" not in capsys.readouterr().out
+
+
 def test_committed_models_exist():
   assert COMMITTED, f"no packaged models under {pretrained.REPO_DIR}"
 

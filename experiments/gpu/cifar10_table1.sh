@@ -5,6 +5,8 @@
 # until the time budget is spent; every run's workdir (latest checkpoint, config,
 # metrics, final_eval.json once finished) comes back as $OUT/<preset>.tar.gz and the
 # log as $OUT/train.log.  Re-running the same calls later resumes where it stopped.
+# A preset whose recipe a model under pretrained/ followed already (e.g. the ResNet-56
+# fixed-r row finished on the CPU) is not trained (train.py --skip_if_packaged).
 #
 # CPU rehearsal with a tiny config (what the README's "Rehearse" line runs):
 #   PRESETS=cifar10-resnet20-fixed EXTRA="--depth 8 --epochs 1 --train_examples 512" \
@@ -45,7 +47,7 @@ for preset in $PRESETS; do
     # kill 30 s after that are backstops for a step or a save that runs long.
     timeout -s INT -k 30 "$((left + 20))" python train.py --preset "$preset" \
       --workdir "$RUNS/$preset" --stop_at "$(date -d "+$left sec" -Iseconds)" \
-      --keep_checkpoints 1 --no_progress $EXTRA >> "$OUT/train.log" 2>&1
+      --keep_checkpoints 1 --no_progress --skip_if_packaged $EXTRA >> "$OUT/train.log" 2>&1
     echo "$preset: exit $? at $(date -u +%H:%M:%S)" | tee -a "$OUT/train.log"
   fi
   if [ -d "$RUNS/$preset" ]; then tar -czf "$OUT/$preset.tar.gz" -C "$RUNS" "$preset"; fi
