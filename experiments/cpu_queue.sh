@@ -213,8 +213,8 @@ for step in $STEPS; do
     18)  # Table 1's ResNet-56 row (fixed r = 0.9) at the presets' 180 epochs on the CPU,
         # since no session has been lent a GPU for it (experiments/gpu/ trains it in
         # minutes when one is): ~225 s per epoch here until 2026-12-06, ~180 s since the
-        # native batch-norm backward pass (~10 h in all, about five sessions of the
-        # queue); packaged as pretrained/cifar10-resnet56-fixed-180ep with the clean sweep
+        # native batch-norm backward pass, ~265 s on an Ice Lake VM (~10-12 h in all,
+        # about six sessions of the queue); packaged as pretrained/cifar10-resnet56-fixed-180ep with the clean sweep
         # on 1,000 images.  Its checkpoint kept between sessions (~7 MB in
         # experiments/unfinished/) leaves a GPU call room for CIFAR-10 pieces, not whole
         # parts (experiments/gpu/README.md).

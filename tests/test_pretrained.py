@@ -108,7 +108,7 @@ def _fake_packaged(root, name: str, cfg) -> str:
   """A directory that passes for a packaged model of ``cfg`` as far as its recipe goes."""
   out = root / name
   out.mkdir(parents=True)
-  (out / ckpt_lib.CONFIG_FILE).write_text(cfg.to_json())
+  ckpt_lib.save_config(str(out), cfg)
   (out / pretrained.MANIFEST_FILE).write_text(json.dumps({"name": name}))
   return str(out)
 
