@@ -51,6 +51,11 @@ WEIGHT_GRAD_CASES = [
     ((2, 9, 7, 7), (3, 3), (1, 1), ((1, 1), (1, 1))),     # 6 + 1 channel blocks, odd sizes
     ((2, 6, 6, 20), (3, 3), (1, 1), ((1, 1), (1, 1))),    # 6 x 3 + 2, or (AVX-512) 8 + 8 + 4
     ((2, 9, 9, 5), (3, 2), (2, 3), ((0, 2), (2, 0))),     # asymmetric everything
+    # AVX-512 tap tiles (stride-1 width, 3 wide): columns where only some taps are valid
+    ((2, 5, 6, 9), (3, 3), (1, 1), ((0, 0), (0, 0))),     # no padding: 8 + 1 channels
+    ((2, 6, 4, 3), (3, 3), (2, 1), ((2, 1), (0, 2))),     # asymmetric pads, row stride 2
+    ((2, 4, 1, 16), (3, 3), (1, 1), ((1, 1), (1, 1))),    # one column: the middle tap only
+    ((1, 3, 2, 5), (3, 3), (1, 1), ((1, 1), (3, 0))),     # a tap valid nowhere
 ]
 
 

@@ -18,18 +18,24 @@
 // With the attribute isa = 512 (an error on a CPU without AVX-512F)
 // the tiles are 8 input channels x 32 or 16 output channels in zmm registers
 // (blocks of 8 left over, and 16-channel blocks of fewer than 4 input
-// channels, keep the AVX2 tile).  Every dw value is still one
-// chain of multiply-adds over the same windows in the same order, so both
-// instruction sets give bit-identical results.
+// channels, keep the AVX2 tile).  A 16-channel block of a stride-1 kernel
+// 3 wide (the 16-channel stage of a CIFAR ResNet) takes the three taps of a
+// kernel row in one tile instead: each input value is broadcast once for the
+// three taps, which read dy at three neighbouring positions, so a broadcast
+// feeds three multiply-adds instead of one (the 16 -> 16 weight gradient
+// ~1.6x faster on an Ice Lake Xeon; benchmarks/README.md).  Every dw value is still one chain of multiply-adds over the same
+// windows in the same order, so both instruction sets give bit-identical
+// results.
 //
-// Build: see dropjax/native/__init__.py (compiled on first use with the
-// system C++ compiler against the FFI headers shipped with jaxlib).
+// Build: see dropjax/xla_cpu/native/__init__.py (compiled on first use with
+// the system C++ compiler against the FFI headers shipped with jaxlib).
 
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "work_queue.h"
@@ -95,14 +101,106 @@ void ChannelBlock(const Geometry& g, const float* x, const float* dy, float* dw,
   for (; co0 + 8 <= g.co; co0 += 8) Tile<CB, 1>(g, x, dy, dw, win, ci0, co0);
 }
 
+// The tap tiles: the three taps kw = 0, 1, 2 of kernel row kh, stride 1, a block
+// of 16 output channels.  Input column iw feeds tap kw at output column
+// ow = iw + pw - kw; TapColumns are the input columns of a row where each tap
+// is valid, and [all0, all1] where all three are.
+constexpr int kTaps = 3;
+
+struct TapColumns {
+  int64_t first, last, all0, all1;  // input columns: any tap valid; all three valid
+  int64_t lo[kTaps], hi[kTaps];     // input columns where tap kw is valid
+};
+
+inline TapColumns TapColumnsOf(const Geometry& g) {
+  TapColumns t{g.w, -1, 0, g.w - 1, {}, {}};
+  for (int kw = 0; kw < kTaps; ++kw) {
+    int64_t ow0, ow1;
+    ValidRange(kw, 1, g.pw, g.w, g.wo, &ow0, &ow1);
+    t.lo[kw] = ow0 + kw - g.pw;
+    t.hi[kw] = ow1 + kw - g.pw;
+    t.all0 = std::max(t.all0, t.lo[kw]);
+    t.all1 = std::min(t.all1, t.hi[kw]);
+    if (ow0 <= ow1) {
+      t.first = std::min(t.first, t.lo[kw]);
+      t.last = std::max(t.last, t.hi[kw]);
+    }
+  }
+  return t;
+}
+
+// One input column: x (CB channels) times dy of each tap Tk that is valid there.
+template <int CB, bool T0, bool T1, bool T2>
+DROPJAX_AVX512 __attribute__((always_inline)) inline void TapStep(
+    __m512 (&acc)[kTaps][CB], const float* xp, const float* dyrow, int64_t ow_mid,
+    int64_t co) {
+  __m512 d0, d1, d2;  // dy at ow_mid + 1 - kw
+  if constexpr (T0) d0 = _mm512_loadu_ps(dyrow + (ow_mid + 1) * co);
+  if constexpr (T1) d1 = _mm512_loadu_ps(dyrow + ow_mid * co);
+  if constexpr (T2) d2 = _mm512_loadu_ps(dyrow + (ow_mid - 1) * co);
+  for (int c = 0; c < CB; ++c) {
+    const __m512 b = _mm512_set1_ps(xp[c]);
+    if constexpr (T0) acc[0][c] = _mm512_fmadd_ps(b, d0, acc[0][c]);
+    if constexpr (T1) acc[1][c] = _mm512_fmadd_ps(b, d1, acc[1][c]);
+    if constexpr (T2) acc[2][c] = _mm512_fmadd_ps(b, d2, acc[2][c]);
+  }
+}
+
+// A (3 taps x CB x 16) tile of dw at (win.kh, ci0, co0) over the window's rows.
+template <int CB>
+DROPJAX_AVX512 void TapTile(const Geometry& g, const float* x, const float* dy, float* dw,
+                            const Window& win, const TapColumns& t, int64_t ci0,
+                            int64_t co0) {
+  __m512 acc[kTaps][CB];
+  float* out = dw + (win.kh * kTaps * g.ci + ci0) * g.co + co0;
+  for (int k = 0; k < kTaps; ++k)
+    for (int c = 0; c < CB; ++c) acc[k][c] = _mm512_loadu_ps(out + (k * g.ci + c) * g.co);
+  for (int64_t oh = win.oh0; oh <= win.oh1; ++oh) {
+    const int64_t ih = oh * g.sh + win.kh - g.ph;
+    const float* xrow = x + ((win.image * g.h + ih) * g.w) * g.ci + ci0;
+    const float* dyrow = dy + ((win.image * g.ho + oh) * g.wo) * g.co + co0;
+    for (int64_t iw = t.first; iw <= t.last; ++iw) {
+      const float* xp = xrow + iw * g.ci;
+      const int64_t ow_mid = iw + g.pw - 1;
+      if (iw == t.all0 && t.all0 <= t.all1) {  // where every tap is valid, in one run
+        for (; iw <= t.all1; ++iw, xp += g.ci)
+          TapStep<CB, true, true, true>(acc, xp, dyrow, iw + g.pw - 1, g.co);
+        --iw;
+        continue;
+      }
+      int mask = 0;
+      for (int k = 0; k < kTaps; ++k) mask |= (t.lo[k] <= iw && iw <= t.hi[k]) << k;
+      switch (mask) {
+        case 1: TapStep<CB, true, false, false>(acc, xp, dyrow, ow_mid, g.co); break;
+        case 2: TapStep<CB, false, true, false>(acc, xp, dyrow, ow_mid, g.co); break;
+        case 3: TapStep<CB, true, true, false>(acc, xp, dyrow, ow_mid, g.co); break;
+        case 4: TapStep<CB, false, false, true>(acc, xp, dyrow, ow_mid, g.co); break;
+        case 5: TapStep<CB, true, false, true>(acc, xp, dyrow, ow_mid, g.co); break;
+        case 6: TapStep<CB, false, true, true>(acc, xp, dyrow, ow_mid, g.co); break;
+        case 7: TapStep<CB, true, true, true>(acc, xp, dyrow, ow_mid, g.co); break;
+        default: break;
+      }
+    }
+  }
+  for (int k = 0; k < kTaps; ++k)
+    for (int c = 0; c < CB; ++c) _mm512_storeu_ps(out + (k * g.ci + c) * g.co, acc[k][c]);
+}
+
+// Whether the 16-channel block at co = 32 * (co / 32) is the tap tiles'.
+inline bool UsesTapTiles(const Geometry& g) {
+  return g.sw == 1 && g.kw == kTaps && g.co % 32 >= 16;
+}
+
 template <int CB>
 DROPJAX_AVX512 void ChannelBlock512(const Geometry& g, const float* x, const float* dy,
                                     float* dw, const Window& win, int64_t ci0) {
   int64_t co0 = 0;
   for (; co0 + 32 <= g.co; co0 += 32) TileZ<CB, 2>(g, x, dy, dw, win, ci0, co0);
-  // A 16-channel block: CB zmm accumulators; under 4 (the stem's 3 input
-  // channels) too few chains to hide the FMA latency, where the AVX2 tile has 2 CB.
-  if constexpr (CB >= 4) {
+  if (UsesTapTiles(g)) {
+    co0 += 16;  // TapTile's
+  } else if constexpr (CB >= 4) {
+    // A 16-channel block: CB zmm accumulators; under 4 (the stem's 3 input
+    // channels) too few chains to hide the FMA latency, where the AVX2 tile has 2 CB.
     for (; co0 + 16 <= g.co; co0 += 16) TileZ<CB, 1>(g, x, dy, dw, win, ci0, co0);
   } else {
     for (; co0 + 16 <= g.co; co0 += 16) Tile<CB, 2>(g, x, dy, dw, win, ci0, co0);
@@ -111,21 +209,33 @@ DROPJAX_AVX512 void ChannelBlock512(const Geometry& g, const float* x, const flo
 }
 #undef DROPJAX_AVX512
 
-// One window's channel blocks (CB = 6 for AVX2, 8 for AVX-512, and a last,
-// smaller one) with the tiles of ChannelBlock (AVX2) or ChannelBlock512 (AVX-512).
-template <bool kAvx512, int CB>
-void ChannelBlockOf(const Geometry& g, const float* x, const float* dy, float* dw,
-                    const Window& win, int64_t ci0) {
-  if constexpr (kAvx512) {
-    ChannelBlock512<CB>(g, x, dy, dw, win, ci0);
-  } else {
-    ChannelBlock<CB>(g, x, dy, dw, win, ci0);
+// f(std::integral_constant<int, CB>(), ci0) for each block of kBlock input channels
+// and a last, smaller one.
+template <int kBlock, class F>
+void ForChannelBlocks(int64_t ci, F&& f) {
+  int64_t ci0 = 0;
+  for (; ci0 + kBlock <= ci; ci0 += kBlock) f(std::integral_constant<int, kBlock>(), ci0);
+  switch (ci - ci0) {
+    case 7: f(std::integral_constant<int, 7>(), ci0); break;
+    case 6: f(std::integral_constant<int, 6>(), ci0); break;
+    case 5: f(std::integral_constant<int, 5>(), ci0); break;
+    case 4: f(std::integral_constant<int, 4>(), ci0); break;
+    case 3: f(std::integral_constant<int, 3>(), ci0); break;
+    case 2: f(std::integral_constant<int, 2>(), ci0); break;
+    case 1: f(std::integral_constant<int, 1>(), ci0); break;
+    default: break;
   }
 }
 
+// One image's contribution to dw, in slices of rows; per slice and kernel row, the
+// tiles of ChannelBlock (AVX2) or ChannelBlock512 and TapTile (AVX-512) over
+// blocks of CB = 6 (AVX2) or 8 (AVX-512) input channels and a last, smaller one.
 template <bool kAvx512>
 void AccumulateImage(const Geometry& g, const float* x, const float* dy, float* dw,
                      int64_t image) {
+  constexpr int kBlock = kAvx512 ? kMaxChannelBlock512 : kMaxChannelBlock;
+  const bool tap_tiles = UsesTapTiles(g);
+  const TapColumns taps = TapColumnsOf(g);
   const int64_t rows = std::max<int64_t>(1, kChunkBytes / (g.wo * g.co * 4));
   for (int64_t r0 = 0; r0 < g.ho; r0 += rows) {
     const int64_t r1 = std::min(g.ho, r0 + rows) - 1;
@@ -139,19 +249,19 @@ void AccumulateImage(const Geometry& g, const float* x, const float* dy, float* 
         win.kw = kw;
         ValidRange(kw, g.sw, g.pw, g.w, g.wo, &win.ow0, &win.ow1);
         if (win.ow0 > win.ow1) continue;
-        constexpr int kBlock = kAvx512 ? kMaxChannelBlock512 : kMaxChannelBlock;
-        int64_t ci0 = 0;
-        for (; ci0 + kBlock <= g.ci; ci0 += kBlock)
-          ChannelBlockOf<kAvx512, kBlock>(g, x, dy, dw, win, ci0);
-        switch (g.ci - ci0) {
-          case 7: ChannelBlockOf<kAvx512, 7>(g, x, dy, dw, win, ci0); break;
-          case 6: ChannelBlockOf<kAvx512, 6>(g, x, dy, dw, win, ci0); break;
-          case 5: ChannelBlockOf<kAvx512, 5>(g, x, dy, dw, win, ci0); break;
-          case 4: ChannelBlockOf<kAvx512, 4>(g, x, dy, dw, win, ci0); break;
-          case 3: ChannelBlockOf<kAvx512, 3>(g, x, dy, dw, win, ci0); break;
-          case 2: ChannelBlockOf<kAvx512, 2>(g, x, dy, dw, win, ci0); break;
-          case 1: ChannelBlockOf<kAvx512, 1>(g, x, dy, dw, win, ci0); break;
-          default: break;
+        ForChannelBlocks<kBlock>(g.ci, [&](auto cb, int64_t ci0) {
+          if constexpr (kAvx512) {
+            ChannelBlock512<decltype(cb)::value>(g, x, dy, dw, win, ci0);
+          } else {
+            ChannelBlock<decltype(cb)::value>(g, x, dy, dw, win, ci0);
+          }
+        });
+      }
+      if constexpr (kAvx512) {
+        if (tap_tiles) {
+          ForChannelBlocks<kBlock>(g.ci, [&](auto cb, int64_t ci0) {
+            TapTile<decltype(cb)::value>(g, x, dy, dw, win, taps, ci0, g.co / 32 * 32);
+          });
         }
       }
     }
