@@ -318,6 +318,7 @@ def test_native_conv_matches_reference(x_shape, kernel, strides, pads, cout):
     ((2, 4, 8, 64), (3, 3), (1, 1), ((1, 1), (1, 1))),    # 64 channels
     ((2, 8, 16, 16), (3, 3), (2, 2), ((1, 1), (1, 1))),   # stride 2 from 16 channels
     ((2, 8, 16, 32), (3, 3), (2, 2), ((1, 1), (1, 1))),   # stride 2 from 32 channels
+    ((2, 6, 16, 16), (5, 5), (1, 1), ((2, 2), (2, 2))),   # 16 channels, no tap sharing
 ])
 # one partial block, one block, a pair, a pair + a partial one, a pair + one block
 @pytest.mark.parametrize("cout", [3, 16, 32, 40, 48])
