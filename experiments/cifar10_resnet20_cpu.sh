@@ -27,19 +27,31 @@ for mode in $MODES; do
   WD=runs/$name-${EPOCHS}ep
   RES=experiments/results/cifar10_resnet${DEPTH}_${mode//-/_}_${EPOCHS}ep
   cmd="python train.py --preset $name --epochs $EPOCHS --workdir $WD --keep_checkpoints 1 --no_progress"
-  mkdir -p "$WD"
-  train_run "$WD" $cmd || exit 0
   PKG=pretrained/$name$SUFFIX
-  if [ ! -f "$PKG/MANIFEST.json" ]; then
-    # Training time from the logged throughput: a 180-epoch run spans sessions, and
-    # the gaps between them are not training time.
-    python -m dropjax.pretrained --workdir "$WD" --out "$PKG" --command "$cmd" \
-      --hardware "$HARDWARE" --wall_time "$(training_minutes "$WD") min of training steps and validations (logged)"
+  if [ -f "$PKG/MANIFEST.json" ] && [ ! -f "$WD/final_eval.json" ]; then
+    # Packaged by a checkout whose runs/ this one lacks: its training record is in $RES
+    # already, and training it again would take hours.
+    echo "$PKG is packaged and $WD is absent: not trained again" >&2
+  else
+    mkdir -p "$WD"
+    train_run "$WD" $cmd || exit 0
+    if [ ! -f "$PKG/MANIFEST.json" ]; then
+      # Training time from the logged throughput: a 180-epoch run spans sessions, and
+      # the gaps between them are not training time.
+      python -m dropjax.pretrained --workdir "$WD" --out "$PKG" --command "$cmd" \
+        --hardware "$HARDWARE" --wall_time "$(training_minutes "$WD") min of training steps and validations (logged)"
+    fi
+    save_run "$WD" "$RES"
   fi
-  save_run "$WD" "$RES"
-  python evaluate.py --workdir "$PKG" --out "runs/$name-${EPOCHS}ep-eval" --norm none \
-    --num_examples 1000 --drop_rates $RATES --no_progress
-  cp "runs/$name-${EPOCHS}ep-eval/summary.jsonl" "$RES/clean_summary.jsonl"
+  # The Fig. 2 sweep, one summary row per rate, under STOP_AT: a sweep it stops keeps
+  # the rates it finished in $RES and resumes from its rows in runs/; a complete one is
+  # not redone.
+  swept=0; [ -f "$RES/clean_summary.jsonl" ] && swept=$(wc -l < "$RES/clean_summary.jsonl")
+  if [ "$swept" -lt "$(wc -w <<< "$RATES")" ]; then
+    python evaluate.py --workdir "$PKG" --out "runs/$name-${EPOCHS}ep-eval" --norm none \
+      --num_examples 1000 --drop_rates $RATES --no_progress "${stop_at_args[@]}"
+    save_summary "runs/$name-${EPOCHS}ep-eval" "$RES/clean_summary.jsonl"
+  fi
 done
 
 # Fig. 2 of the three models together, and the interpretability figures (Figs. 3/4) with

@@ -22,7 +22,7 @@
 # (both done 2026-12-06),
 # certificates on 500 images (done 2026-12-06), the 180-epoch random-r model under the
 # paper's attack and the strong column (done 2026-12-06), the
-# ResNet-56 Table-1 row at 180 epochs (sessions of it), then what goes beyond the
+# ResNet-56 Table-1 row at 180 epochs (seven sessions; done 2026-12-07), then what goes beyond the
 # reproduction issue -- the paired Sparse-RS at r = 0.3/0.7, the 4-draw Sparse-RS on 500
 # images, Figs. 5/6 of the GTSRB random-r model trained with weight decay 5e-4 -- then the
 # re-checks of the steps done: the ResNet-56
@@ -212,12 +212,11 @@ for step in $STEPS; do
       fi ;;
     18)  # Table 1's ResNet-56 row (fixed r = 0.9) at the presets' 180 epochs on the CPU,
         # since no session has been lent a GPU for it (experiments/gpu/ trains it in
-        # minutes when one is): ~225 s per epoch here until 2026-12-06, ~180 s since the
-        # native batch-norm backward pass, ~265 s on an Ice Lake VM (~10-12 h in all,
-        # about six sessions of the queue); packaged as pretrained/cifar10-resnet56-fixed-180ep with the clean sweep
-        # on 1,000 images.  Its checkpoint kept between sessions (~7 MB in
-        # experiments/unfinished/) leaves a GPU call room for CIFAR-10 pieces, not whole
-        # parts (experiments/gpu/README.md).
+        # minutes when one is): 3-5 min per epoch on the 2-core Xeon VMs, 1,036 min of
+        # training steps over seven sessions (2026-12-06 to 07, done); packaged as
+        # pretrained/cifar10-resnet56-fixed-180ep with the clean sweep on 1,000 images.
+        # Re-run once packaged, it trains nothing again, even in a checkout without its
+        # runs/ (experiments/cifar10_resnet20_cpu.sh), and finishes the sweep.
       if [ "$SAVE" != 1 ]; then  # (SAVE keeps unfinished training above)
         DEPTH=56 EPOCHS=180 MODES=fixed bash experiments/cifar10_resnet20_cpu.sh
       fi ;;
