@@ -28,21 +28,7 @@ for mode in $MODES; do
   RES=experiments/results/cifar10_resnet${DEPTH}_${mode//-/_}_${EPOCHS}ep
   cmd="python train.py --preset $name --epochs $EPOCHS --workdir $WD --keep_checkpoints 1 --no_progress"
   PKG=pretrained/$name$SUFFIX
-  if [ -f "$PKG/MANIFEST.json" ] && [ ! -f "$WD/final_eval.json" ]; then
-    # Packaged by a checkout whose runs/ this one lacks: its training record is in $RES
-    # already, and training it again would take hours.
-    echo "$PKG is packaged and $WD is absent: not trained again" >&2
-  else
-    mkdir -p "$WD"
-    train_run "$WD" $cmd || exit 0
-    if [ ! -f "$PKG/MANIFEST.json" ]; then
-      # Training time from the logged throughput: a 180-epoch run spans sessions, and
-      # the gaps between them are not training time.
-      python -m dropjax.pretrained --workdir "$WD" --out "$PKG" --command "$cmd" \
-        --hardware "$HARDWARE" --wall_time "$(training_minutes "$WD") min of training steps and validations (logged)"
-    fi
-    save_run "$WD" "$RES"
-  fi
+  train_packaged "$WD" "$RES" "$PKG" "$HARDWARE" $cmd || exit 0
   # The Fig. 2 sweep, one summary row per rate, under STOP_AT: a sweep it stops keeps
   # the rates it finished in $RES and resumes from its rows in runs/; a complete one is
   # not redone.

@@ -15,14 +15,7 @@ WD=runs/$name
 RES=experiments/results/cifar10_resnet20_normal_180ep
 HARDWARE=${HARDWARE:-"$(hardware_line)"}
 cmd="python train.py --preset cifar10-resnet20-normal --workdir $WD --keep_checkpoints 1 --no_progress"
-if [ ! -f "pretrained/$name/MANIFEST.json" ]; then  # packaged: trained, nothing to redo
-  train_run "$WD" $cmd || exit 0
-  # Training time from the logged throughput (the run spans sessions; their gaps are not time).
-  minutes=$(training_minutes "$WD")
-  python -m dropjax.pretrained --workdir "$WD" --out "pretrained/$name" --command "$cmd" \
-    --hardware "$HARDWARE" --wall_time "$minutes min of training steps and validations (logged), over several sessions"
-  save_run "$WD" "$RES"
-fi
+train_packaged "$WD" "$RES" "pretrained/$name" "$HARDWARE" $cmd || exit 0
 python evaluate.py --workdir "pretrained/$name" --out "runs/$name-eval" --norm none \
   --num_examples 1000 --drop_rates 0 0.5 0.9 --no_progress
 cp "runs/$name-eval/summary.jsonl" "$RES/clean_summary.jsonl"

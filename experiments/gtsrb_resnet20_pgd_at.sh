@@ -18,12 +18,7 @@ WD=${WD:-runs/$name}
 RES=experiments/results/gtsrb_resnet20_pgd_at_${EPOCHS}ep
 HARDWARE=${HARDWARE:-"$(hardware_line)"}
 cmd="python train.py --preset gtsrb-resnet20-pgd-at --epochs $EPOCHS --workdir $WD --keep_checkpoints 1 --no_progress"
-if [ ! -f "pretrained/$name/MANIFEST.json" ]; then  # packaged: trained, nothing to redo
-  train_run "$WD" $cmd || exit 0
-  python -m dropjax.pretrained --workdir "$WD" --out "pretrained/$name" --command "$cmd" \
-    --hardware "$HARDWARE" --wall_time "$(training_minutes "$WD") min of training steps and validations (logged)"
-  save_run "$WD" "$RES"
-fi
+train_packaged "$WD" "$RES" "pretrained/$name" "$HARDWARE" $cmd || exit 0
 for norm in linf l2 l0; do
   evaluate_kept "runs/$name-eval" "$RES" eval_summary.jsonl --workdir "pretrained/$name" \
     --norm "$norm" --num_examples "$N"

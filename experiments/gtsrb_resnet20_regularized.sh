@@ -26,13 +26,7 @@ WD=runs/gtsrb-resnet20-$MODE-wd$WEIGHT_DECAY-30ep
 RES=experiments/results/gtsrb_resnet20_${MODE}_wd${WEIGHT_DECAY}_30ep
 PKG=pretrained/gtsrb-resnet20-$MODE-wd$WEIGHT_DECAY
 cmd="python train.py --preset gtsrb-resnet20-$MODE --weight_decay $WEIGHT_DECAY --workdir $WD --keep_checkpoints 1 --no_progress"
-mkdir -p "$WD"
-train_run "$WD" $cmd || exit 0
-if [ ! -f "$PKG/MANIFEST.json" ]; then
-  python -m dropjax.pretrained --workdir "$WD" --out "$PKG" --command "$cmd" \
-    --hardware "$(hardware_line)" --wall_time "$(training_minutes "$WD") min of training steps and validations (logged)"
-fi
-save_run "$WD" "$RES"
+train_packaged "$WD" "$RES" "$PKG" "$(hardware_line)" $cmd || exit 0
 python evaluate.py --workdir "$PKG" --out "$WD-eval" --norm none --num_examples 1000 \
   --drop_rates $RATES --no_progress
 cp "$WD-eval/summary.jsonl" "$RES/clean_summary.jsonl"

@@ -160,6 +160,25 @@ evaluate_kept() {
   save_rows "$out" "$res"
 }
 
+# train_packaged WD RES PKG HARDWARE CMD...: the training command CMD (whose --workdir is
+# WD) through train_run, then the finished run packaged as PKG (`python -m
+# dropjax.pretrained`, HARDWARE its hardware line) and its record kept in RES (save_run).
+# A model packaged already is not trained again -- also in a checkout whose runs/ lacks
+# WD, where CMD would start from step 0 (hours of training).  Returns 1 as train_run
+# does when STOP_AT stopped the run; any other failure ends the script.
+train_packaged() {
+  local wd=$1 res=$2 pkg=$3 hardware=$4; shift 4
+  if [ -f "$pkg/MANIFEST.json" ]; then return 0; fi
+  mkdir -p "$wd"
+  train_run "$wd" "$@" || return 1
+  # Training time from the logged throughput: a run spanning sessions does not count
+  # their gaps.
+  python -m dropjax.pretrained --workdir "$wd" --out "$pkg" --command "$*" \
+    --hardware "$hardware" \
+    --wall_time "$(training_minutes "$wd") min of training steps and validations (logged)" || exit
+  save_run "$wd" "$res" || exit
+}
+
 # save_run WD RES: a finished training run's config, metrics and final test numbers.
 save_run() {
   mkdir -p "$2"
