@@ -287,3 +287,37 @@ def test_evaluate_kept_keeps_summaries_and_rows_that_a_new_out_takes_up(tiny_wor
   rows_b = [json.loads(line) for line in (tmp_path / "b" / setting / "rows.jsonl").open()]
   assert rows_b == [{**r, "marked": True} for r in kept]
   assert (second / "rows" / f"{setting}.rows.jsonl.gz").exists()
+
+
+def test_train_packaged_never_trains_a_packaged_model_and_packages_only_a_finished_run(
+    tmp_path):
+  """train_packaged: a packaged target runs no training (also with its workdir absent,
+  where training would start from step 0); a run the deadline stopped is neither
+  packaged nor recorded (status 1); a finished run that cannot be packaged ends the
+  script with an error, recording nothing."""
+  fake = tmp_path / "fake_train"
+  fake.write_text('#!/usr/bin/env bash\necho ran >> "$CALLS"\necho "step=3 finished=$FINISHED"\n')
+  fake.chmod(0o755)
+  calls = tmp_path / "calls"
+
+  def run(pkg, finished):
+    return subprocess.run(
+        ["bash", "-c", f'set -euo pipefail; source "{LIB}"; '
+         f'if train_packaged WD RES {pkg} "test machine" "{fake}" --workdir WD; '
+         'then echo done; else echo "stopped $?"; fi'],
+        cwd=str(tmp_path), capture_output=True, text=True,
+        env={**os.environ, "CALLS": str(calls), "FINISHED": finished})
+
+  (tmp_path / "PKG").mkdir()
+  (tmp_path / "PKG" / "MANIFEST.json").write_text("{}")
+  packaged = run("PKG", "True")
+  assert packaged.returncode == 0 and packaged.stdout.split() == ["done"]
+  assert not calls.exists() and not (tmp_path / "WD").exists()
+  stopped = run("NEW", "False")
+  assert stopped.returncode == 0 and stopped.stdout.split()[-1] == "1"
+  assert calls.read_text().split() == ["ran"]
+  assert not (tmp_path / "NEW").exists() and not (tmp_path / "RES").exists()
+  # Finished, but WD holds no model (the fake trained nothing): packaging fails.
+  broken = run("NEW", "True")
+  assert broken.returncode != 0 and "done" not in broken.stdout
+  assert "stopped" not in broken.stdout and not (tmp_path / "RES").exists()
